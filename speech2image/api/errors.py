@@ -1,0 +1,81 @@
+"""One JSON error shape for every error, produced here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from flask import Flask, g, jsonify
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from ..errors import ServiceError
+
+__all__ = ["error_response", "register_error_handlers"]
+
+log = logging.getLogger("speech2image.api")
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable_entity",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str | None = None,
+    details: dict[str, Any] | None = None,
+    retry_after: float | None = None,
+) -> ResponseReturnValue:
+    """``{"error": {"status", "code", "message", "request_id", ...details}}`` with ``status``."""
+    body: dict[str, Any] = {
+        "status": status,
+        "code": code or _CODES.get(status, "error"),
+        "message": message,
+        "request_id": getattr(g, "request_id", None),
+    }
+    if details:
+        body["details"] = details
+    response = jsonify(error=body)
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
+
+
+def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+    status = exc.code or 500
+    if isinstance(exc, ServiceError):
+        return error_response(
+            status, exc.description or "", exc.error, exc.details, exc.retry_after
+        )
+    message = exc.description or exc.name
+    if status == 429:
+        message = f"rate limit exceeded: {exc.description}"
+    response = error_response(status, message)
+    if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+        response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined,union-attr]
+    return response
+
+
+def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
+    original = exc.original_exception if isinstance(exc, InternalServerError) else exc
+    log.error("unhandled error", exc_info=original)
+    return error_response(500, "internal server error; see the log for this request id")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every HTTP error and every unexpected exception to the JSON shape."""
+    app.register_error_handler(HTTPException, _handle_http)
+    app.register_error_handler(Exception, _handle_unexpected)

@@ -1,0 +1,98 @@
+"""Operators' endpoints: liveness, readiness and resource status."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
+
+from .. import __version__
+from ..model_loader import get_model_loader
+from ..speech_service import get_speech_service
+
+__all__ = ["bp"]
+
+bp = Blueprint("system", __name__)
+
+
+@bp.get("/health")
+def health() -> ResponseReturnValue:
+    """Liveness: the process answers. Touches no model and takes no lock a model holds."""
+    started = current_app.config["S2I_STARTED_AT"]
+    return jsonify(status="ok", version=__version__, uptime_seconds=round(time.time() - started, 1))
+
+
+@bp.get("/ready")
+def ready() -> ResponseReturnValue:
+    """Readiness: every configured model can be had (loaded, or loadable offline)."""
+    loader = get_model_loader(current_app)
+    models = []
+    for row in loader.status():
+        info = loader.factory(row["name"]).describe()
+        models.append(
+            {"name": row["name"], "loaded": row["loaded"], "available": info["available"]}
+        )
+    ok = all(m["loaded"] or m["available"] for m in models)
+    return jsonify(ready=ok, models=models), 200 if ok else 503
+
+
+@bp.get("/status")
+def status() -> ResponseReturnValue:
+    """Resources, resident models and request counts."""
+    loader = get_model_loader(current_app)
+    settings = current_app.config["S2I_SETTINGS"]
+    return jsonify(
+        version=__version__,
+        uptime_seconds=round(time.time() - current_app.config["S2I_STARTED_AT"], 1),
+        system=_system_resources(settings.upload_dir),
+        gpu=_gpu_memory(),
+        models=loader.status(),
+        memory_budgets=loader.budgets,
+        transcription={"active": get_speech_service(current_app).active},
+        requests=current_app.extensions["request_stats"].snapshot(),
+    )
+
+
+def _system_resources(upload_dir: os.PathLike[str]) -> dict[str, Any]:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    disk_path = os.fspath(upload_dir) if os.path.isdir(upload_dir) else os.getcwd()
+    disk = psutil.disk_usage(disk_path)
+    process = psutil.Process()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": psutil.cpu_count(),
+        "memory": {"total": memory.total, "available": memory.available, "percent": memory.percent},
+        "process_rss": process.memory_info().rss,
+        "disk": {
+            "path": disk_path,
+            "total": disk.total,
+            "free": disk.free,
+            "percent": disk.percent,
+        },
+    }
+
+
+def _gpu_memory() -> list[dict[str, Any]] | None:
+    """GPU memory per device, when torch is already loaded and sees CUDA (never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        devices.append(
+            {
+                "index": index,
+                "name": torch.cuda.get_device_name(index),
+                "total": total,
+                "free": free,
+                "allocated_by_torch": torch.cuda.memory_allocated(index),
+            }
+        )
+    return devices

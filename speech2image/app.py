@@ -1,0 +1,167 @@
+"""create_app(settings): the Flask app factory."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from flask import Flask, g, request
+from flask_limiter import Limiter
+
+from .api import errors, identity, speech, system
+from .config import Settings, load_settings
+from .logging_setup import configure_logging
+from .model_loader import ModelLoader
+from .speech_service import SpeechService
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("speech2image.requests")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small text fields
+
+
+class RequestStats:
+    """Counts of requests served, by endpoint and status, and requests in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, int]] = Counter()
+        self.in_flight = 0
+
+    def started(self) -> None:
+        """A request began."""
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self, endpoint: str, status: int) -> None:
+        """A request ended with ``status``."""
+        with self._lock:
+            self.in_flight -= 1
+            self._counts[(endpoint, status)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Totals for /status."""
+        with self._lock:
+            by_endpoint: dict[str, dict[str, int]] = {}
+            for (endpoint, status), n in sorted(self._counts.items()):
+                by_endpoint.setdefault(endpoint, {})[str(status)] = n
+            return {
+                "total": sum(self._counts.values()),
+                "in_flight": self.in_flight,
+                "by_endpoint": by_endpoint,
+            }
+
+
+def _memory_budgets(settings: Settings) -> dict[str, int]:
+    import psutil
+
+    budgets = {"cpu": int(settings.cpu_memory_budget) or int(psutil.virtual_memory().total * 0.6)}
+    # The GPU budget is resolved lazily by the engines that use CUDA; 0 means "85% of the card".
+    budgets["cuda"] = int(settings.gpu_memory_budget)
+    return budgets
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app: settings, logging, services, rate limits, blueprints, error handlers."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(
+        S2I_SETTINGS=settings,
+        S2I_STARTED_AT=time.time(),
+        MAX_CONTENT_LENGTH=int(settings.max_upload_bytes) + FORM_OVERHEAD,
+        DEBUG=settings.debug,
+        JSON_SORT_KEYS=False,
+    )
+    configure_logging(
+        settings.log_dir, settings.log_level, int(settings.log_max_bytes), settings.log_backup_count
+    )
+
+    loader = ModelLoader(
+        budgets=_memory_budgets(settings),
+        max_models=settings.max_models_in_memory,
+        idle_seconds=settings.model_idle_seconds,
+    )
+    loader.init_app(app)
+    SpeechService(settings, loader).init_app(app)
+    app.extensions["request_stats"] = RequestStats()
+
+    limiter = Limiter(
+        identity.rate_limit_key,
+        default_limits=[settings.ratelimit_default],
+        storage_uri=settings.ratelimit_storage_uri,
+        headers_enabled=True,
+        enabled=settings.ratelimit_enabled,
+        key_prefix="s2i",
+    )
+    limiter.limit(settings.ratelimit_transcribe)(speech.bp)
+    limiter.exempt(system.health)
+    # Order of before-request hooks: request id and timing, then identity, then limits.
+    _register_request_logging(app)
+    identity.register_identity(app)
+    limiter.init_app(app)
+    app.extensions["s2i_limiter"] = limiter
+
+    app.register_blueprint(system.bp)
+    app.register_blueprint(speech.bp)
+    errors.register_error_handlers(app)
+
+    if settings.model_idle_seconds > 0:
+        app.extensions["model_idle_reaper"] = loader.start_idle_reaper()
+    if settings.preload_models:
+        loader.preload(_preload_names(loader, settings.preload_models))
+    return app
+
+
+def _preload_names(loader: ModelLoader, wanted: list[str]) -> list[str]:
+    """Map preload entries ('whisper', 'whisper:base', ...) onto registered model names."""
+    names = []
+    for item in wanted:
+        matches = [n for n in loader.names() if n == item or n.split(":", 1)[0] == item]
+        if not matches:
+            raise ValueError(f"S2I_PRELOAD_MODELS names {item!r}, which is not configured")
+        names.extend(matches)
+    return names
+
+
+def _register_request_logging(app: Flask) -> None:
+    stats: RequestStats = app.extensions["request_stats"]
+
+    @app.before_request
+    def _start() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.started = time.perf_counter()
+        stats.started()
+
+    @app.after_request
+    def _finish(response):  # type: ignore[no-untyped-def]
+        response.headers["X-Request-ID"] = g.get("request_id", "-")
+        return response
+
+    @app.teardown_request
+    def _log(exc: BaseException | None) -> None:
+        if "started" not in g:
+            return
+        status = getattr(g, "response_status", None)
+        duration_ms = (time.perf_counter() - g.started) * 1000
+        stats.finished(request.endpoint or "unknown", status or 500)
+        log.info(
+            "%s %s %s %.1fms client=%s",
+            request.method,
+            request.path,
+            status or 500,
+            duration_ms,
+            request.remote_addr,
+        )
+
+    @app.after_request
+    def _remember_status(response):  # type: ignore[no-untyped-def]
+        g.response_status = response.status_code
+        return response

@@ -1,0 +1,165 @@
+"""Typed settings read from the environment, validated once at start-up.
+
+Every field reads ``S2I_<FIELD>`` (upper case) except the classic ``HOST``, ``PORT`` and
+``DEBUG``. This module imports nothing heavy: never torch, never a model library.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "SettingsError", "env_name", "load_settings"]
+
+ENV_PREFIX = "S2I_"
+CLASSIC_NAMES = {"host": "HOST", "port": "PORT", "debug": "DEBUG"}
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the environment variable."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return CLASSIC_NAMES.get(field, ENV_PREFIX + field.upper())
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "speech2image"
+
+
+class Settings(BaseSettings):
+    """All configuration of the service. See the README's table for each variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    # --- server -------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", validation_alias="HOST", description="Address to bind.")
+    port: int = Field(5000, ge=1, le=65535, validation_alias="PORT", description="TCP port.")
+    debug: bool = Field(False, validation_alias="DEBUG", description="Flask debug mode.")
+    threads: int = Field(8, ge=1, le=256, description="Request threads (gunicorn / run.py).")
+
+    # --- files and logs -----------------------------------------------------------------
+    log_dir: Path = Field(Path("logs"), description="Folder of app.log.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_max_bytes: ByteSize = Field(ByteSize(10 * 1024**2), description="Rotate app.log past this.")
+    log_backup_count: int = Field(5, ge=0, le=1000)
+    upload_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "speech2image-uploads",
+        description="Where uploads wait while they are decoded; emptied after each request.",
+    )
+    model_cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where bundled models are assembled and hub downloads are kept.",
+    )
+
+    # --- request limits -----------------------------------------------------------------
+    max_upload_bytes: ByteSize = Field(ByteSize(25 * 1024**2), description="Largest upload.")
+    max_audio_seconds: float = Field(600.0, gt=0, le=24 * 3600, description="Decoded-audio cap.")
+
+    # --- speech recognition -------------------------------------------------------------
+    whisper_model: str = Field(
+        "base",
+        description="faster-whisper model: bundled name (base, tiny.en), hub name or local path.",
+    )
+    whisper_device: Device = "auto"
+    whisper_compute_type: str = Field(
+        "auto", description="CTranslate2 compute type; auto: float16 on CUDA, int8 on CPU."
+    )
+    whisper_cpu_threads: int = Field(0, ge=0, le=256, description="0: let CTranslate2 choose.")
+    whisper_beam_size: int = Field(5, ge=1, le=10)
+    whisper_vad: bool = Field(True, description="Skip non-speech with Silero VAD.")
+    whisper_allow_download: bool = Field(
+        False, description="Let faster-whisper fetch hub models not found locally."
+    )
+
+    # --- model residency ----------------------------------------------------------------
+    max_models_in_memory: int = Field(4, ge=1, le=64)
+    cpu_memory_budget: ByteSize = Field(
+        ByteSize(0), description="Bytes of RAM for resident models; 0: 60% of system RAM."
+    )
+    gpu_memory_budget: ByteSize = Field(
+        ByteSize(0), description="Bytes of GPU memory for resident models; 0: 85% of the card."
+    )
+    model_idle_seconds: float = Field(
+        1800.0, ge=0, description="Unload a model unused this long; 0 keeps models resident."
+    )
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated models to load at start-up."
+    )
+
+    # --- identity and rate limits -------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; empty turns auth off (one local identity).",
+    )
+    ratelimit_enabled: bool = True
+    ratelimit_storage_uri: str = Field("memory://", description="memory:// or redis://host:port")
+    ratelimit_default: str = Field("300/minute", description="Limit on every endpoint.")
+    ratelimit_transcribe: str = Field("30/minute", description="Limit on POST /transcribe-audio.")
+
+    @field_validator("preload_models", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("ratelimit_default", "ratelimit_transcribe")
+    @classmethod
+    def _check_limit(cls, value: str) -> str:
+        from limits import parse_many  # light: pure Python
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '10/minute': {value!r}") from exc
+        return value
+
+    @field_validator("ratelimit_storage_uri")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        if not value.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
+            raise ValueError("must start with memory:// or redis://")
+        return value
+
+    @model_validator(mode="after")
+    def _check_upload_vs_limits(self) -> Settings:
+        if self.max_upload_bytes < 1024:
+            raise ValueError("S2I_MAX_UPLOAD_BYTES must be at least 1 KiB")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):  # type: ignore[no-untyped-def]
+        # Only explicit arguments and the environment: no .env file, no secrets dir.
+        return (init_settings, env_settings)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (plus ``overrides``); raise SettingsError on bad input."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = error.get("loc") or ("settings",)
+            field = str(loc[0])
+            name = env_name(field) if field in Settings.model_fields else field
+            value = error.get("input")
+            shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+            problems.append(f"{name}: {error['msg']}{shown}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

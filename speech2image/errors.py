@@ -1,0 +1,90 @@
+"""Domain errors. Each subclasses a werkzeug HTTP exception so one handler formats them all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    UnprocessableEntity,
+    UnsupportedMediaType,
+)
+
+__all__ = [
+    "AudioError",
+    "AudioTooLong",
+    "InvalidAudio",
+    "InvalidRequest",
+    "ModelUnavailable",
+    "QueueFull",
+    "ResourceNotFound",
+    "ServiceError",
+    "UnsupportedAudio",
+]
+
+
+class ServiceError(HTTPException):
+    """Base of the service's own errors: an HTTP status, a stable error code and a message."""
+
+    error = "error"
+
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(description)
+        self.details = details or {}
+        self.retry_after = retry_after
+
+
+class InvalidRequest(ServiceError, BadRequest):
+    """A request field is missing or malformed."""
+
+    error = "invalid_request"
+
+
+class ResourceNotFound(ServiceError, NotFound):
+    """The resource does not exist, or does not belong to the caller."""
+
+    error = "not_found"
+
+
+class AudioError(ServiceError):
+    """Base of audio decoding errors."""
+
+
+class UnsupportedAudio(AudioError, UnsupportedMediaType):
+    """The upload is not audio in an accepted container."""
+
+    error = "unsupported_audio"
+
+
+class InvalidAudio(AudioError, UnprocessableEntity):
+    """The upload is audio but cannot be used (absurd sample rate, corrupt stream)."""
+
+    error = "invalid_audio"
+
+
+class AudioTooLong(InvalidAudio):
+    """The decoded audio passed the duration cap."""
+
+    error = "audio_too_long"
+
+
+class ModelUnavailable(ServiceError, ServiceUnavailable):
+    """A model cannot be loaded or has no room; others may still serve."""
+
+    error = "model_unavailable"
+
+
+class QueueFull(ServiceError, TooManyRequests):
+    """Too much work is waiting; retry later."""
+
+    error = "queue_full"

@@ -1,0 +1,50 @@
+"""Logging: ``logs/app.log`` with rotation, every record tagged with the request id."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+from flask import g, has_request_context
+
+__all__ = ["configure_logging"]
+
+FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record: the current request's, or '-'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = (
+            getattr(g, "request_id", "-")
+            if has_request_context()
+            else getattr(record, "request_id", "-")
+        )
+        return True
+
+
+def configure_logging(log_dir: Path, level: str, max_bytes: int, backup_count: int) -> Path:
+    """Send the package's logs to ``log_dir/app.log`` (rotated) and stderr; idempotent."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "app.log"
+    logger = logging.getLogger("speech2image")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_speech2image", False):
+            logger.removeHandler(handler)
+            handler.close()
+    formatter = logging.Formatter(FORMAT)
+    file_handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
+    )
+    stream_handler = logging.StreamHandler(sys.stderr)
+    for handler in (file_handler, stream_handler):
+        handler.setFormatter(formatter)
+        handler.addFilter(RequestIdFilter())
+        handler._speech2image = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return path

@@ -1,0 +1,180 @@
+"""Audio in -> safe decode -> transcript (segments, language, timings). Knows no HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .audio import decode_audio
+from .config import Settings
+from .engines.whisper import Transcript, WhisperFactory, transcribe
+from .errors import InvalidRequest
+from .model_loader import ModelLoader
+
+__all__ = ["SpeechService", "TranscribeOptions", "TranscriptionResult", "get_speech_service"]
+
+log = logging.getLogger(__name__)
+
+TASKS = ("transcribe", "translate")
+WHISPER_LANGUAGES_HINT = "an ISO 639-1 code such as en, de, es"
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeOptions:
+    """Validated options of one transcription."""
+
+    language: str | None = None
+    task: str = "transcribe"
+    word_timestamps: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptionResult:
+    """A transcript plus where the time went."""
+
+    transcript: Transcript
+    model: str
+    timings: dict[str, float]
+
+
+class SpeechService:
+    """Transcribes uploads with the configured Whisper model through the model loader."""
+
+    def __init__(self, settings: Settings, loader: ModelLoader) -> None:
+        self.settings = settings
+        self.loader = loader
+        self.model_name = f"whisper:{settings.whisper_model}"
+        self.upload_dir = Path(settings.upload_dir)
+        self._active = 0
+        self._lock = threading.Lock()
+        loader.register(
+            self.model_name,
+            WhisperFactory(
+                settings.whisper_model,
+                cache_dir=Path(settings.model_cache_dir),
+                device=settings.whisper_device,
+                compute_type=settings.whisper_compute_type,
+                cpu_threads=settings.whisper_cpu_threads,
+                allow_download=settings.whisper_allow_download,
+            ),
+        )
+
+    def init_app(self, app: Any) -> None:
+        """Store the service on a Flask app as ``app.extensions['speech']``."""
+        app.extensions["speech"] = self
+
+    @property
+    def active(self) -> int:
+        """Transcriptions running now."""
+        return self._active
+
+    def validate_options(
+        self, language: str | None, task: str | None, words: Any
+    ) -> TranscribeOptions:
+        """Check the request's options before any decoding or model work."""
+        task = (task or "transcribe").strip().lower()
+        if task not in TASKS:
+            raise InvalidRequest(f"`task` must be one of {', '.join(TASKS)}, not {task!r}")
+        lang = (language or "").strip().lower() or None
+        if lang is not None and (not lang.isalpha() or not 2 <= len(lang) <= 3):
+            raise InvalidRequest(f"`language` must be {WHISPER_LANGUAGES_HINT}, not {language!r}")
+        if lang is not None:
+            from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+            if lang not in _LANGUAGE_CODES:
+                raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
+        return TranscribeOptions(lang, task, _parse_bool("word_timestamps", words))
+
+    @contextlib.contextmanager
+    def stored_upload(self, stream: BinaryIO) -> Iterator[Path]:
+        """Write an upload under a server-made name (no client extension); always removed."""
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        path = self.upload_dir / f"upload-{uuid.uuid4().hex}"
+        try:
+            with open(path, "xb") as out:
+                while chunk := stream.read(1 << 16):
+                    out.write(chunk)
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def transcribe_file(self, path: Path, options: TranscribeOptions) -> TranscriptionResult:
+        """Decode ``path`` safely, then transcribe it with the leased Whisper model."""
+        with self._lock:
+            self._active += 1
+        try:
+            started = time.perf_counter()
+            audio = decode_audio(path, self.settings.max_audio_seconds)
+            decoded = time.perf_counter()
+            with self.loader.lease(self.model_name) as lease:
+                model = lease.model
+                if not model.model.is_multilingual:
+                    _check_english_only(self.settings.whisper_model, options)
+                inference_start = time.perf_counter()
+                transcript = transcribe(
+                    model,
+                    audio.samples,
+                    language=options.language,
+                    task=options.task,
+                    word_timestamps=options.word_timestamps,
+                    beam_size=self.settings.whisper_beam_size,
+                    vad=self.settings.whisper_vad,
+                )
+            done = time.perf_counter()
+            timings = {
+                "decode": decoded - started,
+                "wait": lease.wait_seconds,
+                "load": lease.load_seconds,
+                "inference": done - inference_start,
+                "total": done - started,
+            }
+            log.info(
+                "transcribed %.1fs of %s audio in %.2fs (language %s)",
+                audio.duration,
+                audio.container,
+                timings["total"],
+                transcript.language,
+            )
+            return TranscriptionResult(
+                transcript, self.model_name, {k: round(v, 4) for k, v in timings.items()}
+            )
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
+def _check_english_only(model: str, options: TranscribeOptions) -> None:
+    if options.task == "translate":
+        raise InvalidRequest(
+            f"Whisper model {model!r} is English-only and cannot translate; "
+            "configure a multilingual model such as base"
+        )
+    if options.language not in (None, "en"):
+        raise InvalidRequest(f"Whisper model {model!r} is English-only; `language` must be en")
+
+
+def _parse_bool(field: str, value: Any) -> bool:
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidRequest(f"`{field}` must be true or false, not {value!r}")
+
+
+def get_speech_service(app: Any) -> SpeechService:
+    """The app's speech service."""
+    return app.extensions["speech"]

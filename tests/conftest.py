@@ -1,0 +1,133 @@
+"""Shared fixtures: the real app on tmp_path with test settings; speech made by espeak-ng."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from speech2image.app import create_app
+from speech2image.config import Settings, load_settings
+
+AppFactory = Callable[..., Flask]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see only the settings they pass, never the developer's S2I_* variables."""
+    for name in list(os.environ):
+        if name.startswith("S2I_") or name in ("HOST", "PORT", "DEBUG"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the whole run: Whisper base is assembled into it once."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def _test_settings(root: Path, model_cache: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "log_dir": root / "logs",
+        "upload_dir": root / "uploads",
+        "model_cache_dir": model_cache,
+        "ratelimit_default": "10000/minute",
+        "ratelimit_transcribe": "10000/minute",
+        "model_idle_seconds": 0,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, model_cache: Path) -> AppFactory:
+    """Build a fresh app with test settings plus ``overrides``."""
+
+    def build(**overrides: Any) -> Flask:
+        return create_app(_test_settings(tmp_path, model_cache, **overrides))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Flask:
+    """One app with Whisper base kept resident, for tests that only read its answers."""
+    root = tmp_path_factory.mktemp("shared-app")
+    return create_app(_test_settings(root, model_cache))
+
+
+@pytest.fixture
+def client(shared_app: Flask):  # type: ignore[no-untyped-def]
+    """A test client of the shared app."""
+    return shared_app.test_client()
+
+
+@pytest.fixture
+def live_server() -> Iterator[Callable[[Flask], str]]:
+    """Serve an app on a loopback port in a thread (threaded, like production); yields a starter."""
+    servers = []
+
+    def start(app: Flask) -> str:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+# --- audio ---------------------------------------------------------------------------------
+
+
+def _espeak(path: Path, text: str, voice: str = "en", speed: int = 150) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.fail(
+            "espeak-ng is missing: run `bash scripts/install-system-deps.sh` (make test does)"
+        )
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """WAV files of synthesized speech, made once per run."""
+    root = tmp_path_factory.mktemp("speech")
+    return {
+        "english": _espeak(
+            root / "english.wav",
+            "A red fox jumps over the lazy dog in a quiet green forest at sunrise.",
+        ),
+        "german": _espeak(
+            root / "german.wav", "Ich habe einen kleinen Hund und eine schwarze Katze.", "de"
+        ),
+        "spanish_as_english": _espeak(
+            root / "spanish.wav", "el perro come una manzana roja bajo el sol de la tarde", "en"
+        ),
+        "long": _espeak(
+            root / "long.wav",
+            " ".join(
+                [
+                    "The painter walked along the beach and watched the waves roll in.",
+                    "Seagulls circled above the old lighthouse while the sun went down.",
+                    "Later that evening she painted the harbour in bright orange and blue.",
+                    "The boats rocked gently as the fishermen came home with their nets.",
+                ]
+            ),
+        ),
+    }

@@ -1,0 +1,82 @@
+"""Settings from the environment: typed, defaults documented, bad values named at start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speech2image.config import Settings, SettingsError, env_name, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert (settings.host, settings.port, settings.debug) == ("127.0.0.1", 5000, False)
+    assert settings.whisper_model == "base"
+    assert settings.max_audio_seconds == 600
+    assert settings.ratelimit_storage_uri == "memory://"
+
+
+def test_reads_classic_and_prefixed_variables(monkeypatch) -> None:
+    monkeypatch.setenv("PORT", "8080")
+    monkeypatch.setenv("DEBUG", "true")
+    monkeypatch.setenv("S2I_MAX_UPLOAD_BYTES", "2MiB")
+    monkeypatch.setenv("S2I_PRELOAD_MODELS", "whisper, other ")
+    monkeypatch.setenv("S2I_WHISPER_MODEL", "tiny.en")
+    settings = load_settings()
+    assert settings.port == 8080 and settings.debug is True
+    assert settings.max_upload_bytes == 2 * 1024 * 1024
+    assert settings.preload_models == ["whisper", "other"]
+    assert settings.whisper_model == "tiny.en"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("S2I_MAX_AUDIO_SECONDS", "-5"),
+        ("S2I_MAX_UPLOAD_BYTES", "lots"),
+        ("S2I_WHISPER_DEVICE", "tpu"),
+        ("S2I_RATELIMIT_DEFAULT", "fast"),
+        ("S2I_RATELIMIT_STORAGE_URI", "mongodb://x"),
+        ("S2I_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_invalid_value_names_the_variable(monkeypatch, variable, value) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [env_name(f) for f in Settings.model_fields if f"`{env_name(f)}`" not in readme]
+    assert missing == []
+
+
+def test_importing_the_package_imports_no_torch() -> None:
+    code = (
+        "import sys, speech2image, speech2image.app, speech2image.config, speech2image.cli;"
+        "speech2image.app.create_app;"
+        "assert 'torch' not in sys.modules, 'torch imported';"
+        "assert 'faster_whisper' not in sys.modules, 'faster_whisper imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_server_refuses_to_start_on_bad_setting(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "run.py"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "S2I_MAX_AUDIO_SECONDS": "soon", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "S2I_MAX_AUDIO_SECONDS" in result.stderr

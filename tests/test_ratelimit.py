@@ -1,0 +1,77 @@
+"""Rate limits per client with Flask-Limiter: JSON 429, headers, /health exempt, Redis storage."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+REDIS_URL = os.environ.get("S2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def test_limit_reached_gives_json_429_with_headers(make_app) -> None:
+    client = make_app(ratelimit_default="3/minute").test_client()
+    for remaining in (2, 1, 0):
+        response = client.get("/status")
+        assert response.status_code == 200
+        assert response.headers["X-RateLimit-Limit"] == "3"
+        assert response.headers["X-RateLimit-Remaining"] == str(remaining)
+    limited = client.get("/status")
+    assert limited.status_code == 429
+    assert limited.json["error"]["code"] == "rate_limited"
+    assert "3 per 1 minute" in limited.json["error"]["message"]
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+    assert "X-RateLimit-Reset" in limited.headers
+
+
+def test_transcribe_has_its_own_limit(make_app) -> None:
+    client = make_app(ratelimit_transcribe="1/minute").test_client()
+    first = client.post("/transcribe-audio", data={})
+    assert first.status_code == 400  # counted, refused for the missing file
+    second = client.post("/transcribe-audio", data={})
+    assert second.status_code == 429
+    assert client.get("/status").status_code == 200  # other endpoints unaffected
+
+
+def test_health_is_exempt(make_app) -> None:
+    client = make_app(ratelimit_default="1/minute").test_client()
+    assert all(client.get("/health").status_code == 200 for _ in range(10))
+
+
+def test_limits_are_per_client(make_app) -> None:
+    client = make_app(ratelimit_default="1/minute").test_client()
+    assert client.get("/status", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 200
+    assert client.get("/status", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 429
+    assert client.get("/status", environ_base={"REMOTE_ADDR": "10.0.0.2"}).status_code == 200
+
+
+def test_api_keys_identify_clients(make_app) -> None:
+    client = make_app(api_keys="alpha,beta", ratelimit_default="1/minute").test_client()
+    assert client.get("/status").status_code == 401
+    assert client.get("/status", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/health").status_code == 200  # liveness needs no key
+    alpha = {"Authorization": "Bearer alpha"}
+    assert client.get("/status", headers=alpha).status_code == 200
+    assert client.get("/status", headers=alpha).status_code == 429
+    assert client.get("/status", headers={"X-API-Key": "beta"}).status_code == 200
+
+
+def _redis_available() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not _redis_available(), reason=f"no Redis answers at {REDIS_URL}")
+def test_redis_storage_shares_counters_between_apps(make_app) -> None:
+    limit = f"2/{uuid.uuid4().int % 100_000 + 3600}second"  # a window (and key) unique to this run
+    first = make_app(ratelimit_storage_uri=REDIS_URL, ratelimit_default=limit).test_client()
+    second = make_app(ratelimit_storage_uri=REDIS_URL, ratelimit_default=limit).test_client()
+    assert first.get("/status").status_code == 200
+    assert second.get("/status").status_code == 200
+    assert first.get("/status").status_code == 429  # the second app's hit counted in Redis
