@@ -13,11 +13,15 @@ from typing import Any
 from flask import Flask, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, speech, system
+from .api import errors, identity, images, speech, system
 from .config import Settings, load_settings
+from .image_service import ImageService
 from .logging_setup import configure_logging
+from .maintenance import Maintenance
 from .model_loader import ModelLoader
 from .speech_service import SpeechService
+from .storage import Storage
+from .style import StyleChooser
 
 __all__ = ["create_app"]
 
@@ -89,7 +93,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         idle_seconds=settings.model_idle_seconds,
     )
     loader.init_app(app)
+    storage = Storage(settings.resolved_database_url(), settings.image_dir)
+    storage.init_app(app)
     SpeechService(settings, loader).init_app(app)
+    chooser = StyleChooser(settings.style_cues, settings.style_models, settings.style_default)
+    ImageService(settings, loader, storage, chooser).init_app(app)
+    Maintenance(settings, storage, loader).init_app(app)
     app.extensions["request_stats"] = RequestStats()
 
     limiter = Limiter(
@@ -101,6 +110,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         key_prefix="s2i",
     )
     limiter.limit(settings.ratelimit_transcribe)(speech.bp)
+    limiter.limit(settings.ratelimit_generate, methods=["POST"])(images.bp)
     limiter.exempt(system.health)
     # Order of before-request hooks: request id and timing, then identity, then limits.
     _register_request_logging(app)
@@ -110,6 +120,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(system.bp)
     app.register_blueprint(speech.bp)
+    app.register_blueprint(images.bp)
+    app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
 
     if settings.model_idle_seconds > 0:

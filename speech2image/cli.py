@@ -1,4 +1,4 @@
-"""The `speech2image` command: serve, transcribe, models."""
+"""The `speech2image` command: serve, transcribe, generate, models, build-tiny-model, cleanup."""
 
 from __future__ import annotations
 
@@ -95,20 +95,93 @@ def transcribe(audio: Path, language: str | None, task: str, as_json: bool) -> N
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(as_json: bool) -> None:
-    """List the configured models and whether each is available offline."""
+    """List the configured models and whether each is available offline.
+
+    Exits 1 when a model the default flow needs (Whisper, the automatic-choice models) is not.
+    """
+    from .image_service import register_image_models, required_models
     from .model_loader import ModelLoader
     from .speech_service import SpeechService
 
     settings = _settings()
     loader = ModelLoader(budgets={}, max_models=settings.max_models_in_memory)
     SpeechService(settings, loader)
-    rows = [loader.factory(name).describe() | {"name": name} for name in loader.names()]
+    register_image_models(loader, settings)
+    required = set(required_models(settings))
+    rows = [
+        loader.factory(name).describe() | {"name": name, "required": name in required}
+        for name in loader.names()
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        state = "available" if row["available"] else "NOT AVAILABLE"
-        offline = " (offline)" if row.get("offline") else ""
-        click.echo(f"{row['name']:<28} {state}{offline}  {row.get('source') or row.get('problem')}")
-    if not all(row["available"] for row in rows):
+    else:
+        for row in rows:
+            state = "available" if row["available"] else "NOT AVAILABLE"
+            offline = " (offline)" if row.get("offline") else ""
+            need = "*" if row["required"] else " "
+            detail = row.get("problem") or row.get("source")
+            click.echo(f"{need} {row['name']:<26} {state}{offline}  {detail}")
+        click.echo("* needed by the default flow")
+    if not all(row["available"] for row in rows if row["required"]):
         sys.exit(1)
+
+
+@main.command("build-tiny-model")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+def build_tiny_model(folder: Path, seed: int) -> None:
+    """Build a tiny random-weight Stable Diffusion pipeline (draws noise) into FOLDER."""
+    from .engines.tiny_sd import build_tiny_pipeline
+
+    path = build_tiny_pipeline(folder, seed=seed)
+    click.echo(f"built {path}")
+    spec = json.dumps({"tiny": {"source": str(path.resolve())}})
+    click.echo(f"use it: S2I_IMAGE_MODELS='{spec}'")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default="auto", show_default=True)
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--steps", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--num-images", type=int, default=1, show_default=True)
+def generate(
+    prompt: str,
+    model: str,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    seed: int | None,
+    num_images: int,
+) -> None:
+    """Generate images from PROMPT into the history; prints the files."""
+    from .api.identity import LOCAL_OWNER
+    from .app import create_app
+    from .errors import ServiceError
+
+    settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
+    app = create_app(settings)
+    service = app.extensions["images"]
+    payload = {"prompt": prompt, "model": model, "num_images": num_images}
+    for key, value in (("width", width), ("height", height), ("steps", steps), ("seed", seed)):
+        if value is not None:
+            payload[key] = value
+    try:
+        result = service.generate(LOCAL_OWNER, service.validate(payload))
+    except ServiceError as exc:
+        raise click.ClickException(f"{exc.error}: {exc.description}") from None
+    click.echo(f"model: {result.choice.model} ({result.choice.reason})")
+    for record in result.records:
+        click.echo(f"{app.extensions['storage'].image_dir / record.filename}  seed={record.seed}")
+
+
+@main.command()
+def cleanup() -> None:
+    """Remove images past retention now (rows and files together)."""
+    from .app import create_app
+
+    settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
+    report = create_app(settings).extensions["maintenance"].run()
+    click.echo(json.dumps(report, indent=2))

@@ -11,10 +11,19 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "env_name", "load_settings"]
+from .style import DEFAULT_STYLE, DEFAULT_STYLE_CUES, DEFAULT_STYLE_MODELS
+
+__all__ = [
+    "IMAGE_MODEL_PRESETS",
+    "ImageModelSpec",
+    "Settings",
+    "SettingsError",
+    "env_name",
+    "load_settings",
+]
 
 ENV_PREFIX = "S2I_"
 CLASSIC_NAMES = {"host": "HOST", "port": "PORT", "debug": "DEBUG"}
@@ -34,6 +43,26 @@ def env_name(field: str) -> str:
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "speech2image"
+
+
+class ImageModelSpec(BaseModel):
+    """Where a Stable Diffusion checkpoint comes from."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    source: str = Field(description="Hub id, local diffusers folder, or single-file .safetensors")
+    vae: str | None = Field(None, description="Hub id or local folder of a replacement VAE")
+    config: str | None = Field(
+        None, description="For a single file: a local diffusers folder with the configs"
+    )
+
+
+IMAGE_MODEL_PRESETS: dict[str, ImageModelSpec] = {
+    "dreamshaper": ImageModelSpec(source="Lykon/dreamshaper-8"),
+    "realistic-vision": ImageModelSpec(
+        source="SG161222/Realistic_Vision_V5.1_noVAE", vae="stabilityai/sd-vae-ft-mse"
+    ),
+}
 
 
 class Settings(BaseSettings):
@@ -102,6 +131,48 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated models to load at start-up."
     )
 
+    # --- image generation --------------------------------------------------------------
+    image_models: dict[str, ImageModelSpec] = Field(
+        default_factory=dict,
+        description="JSON {name: {source, vae?, config?}} added to (or replacing) the presets.",
+    )
+    image_device: Device = "auto"
+    image_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    image_allow_download: bool = Field(
+        False, description="Let diffusers fetch hub checkpoints not in the cache."
+    )
+    image_dir: Path = Field(Path("generated_images"), description="Folder of generated PNGs.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_IMAGE_DIR."
+    )
+    default_width: int = Field(512, ge=64, le=4096)
+    default_height: int = Field(512, ge=64, le=4096)
+    max_width: int = Field(1024, ge=64, le=4096)
+    max_height: int = Field(1024, ge=64, le=4096)
+    default_steps: int = Field(25, ge=1, le=500)
+    max_steps: int = Field(60, ge=1, le=500)
+    max_num_images: int = Field(4, ge=1, le=64)
+    max_prompt_chars: int = Field(1000, ge=10, le=100_000)
+    default_guidance_scale: float = Field(7.0, ge=0, le=50)
+    default_scheduler: str = Field("euler_a", description="See the README's scheduler list.")
+    style_cues: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STYLE_CUES.items()},
+        description="JSON {style: {cue: weight}} for automatic model choice.",
+    )
+    style_models: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_STYLE_MODELS),
+        description="JSON {style: model name}.",
+    )
+    style_default: str = Field(DEFAULT_STYLE, description="Style when no cue decides.")
+    image_retention_days: float = Field(30.0, ge=0, description="0 keeps images forever.")
+    image_max_count: int = Field(0, ge=0, description="Keep at most this many images; 0: no cap.")
+    image_max_bytes: ByteSize = Field(ByteSize(0), description="Keep at most this many bytes.")
+    cleanup_interval_seconds: float = Field(
+        3600.0, ge=0, description="Run cleanup this often; 0: only on POST /cleanup."
+    )
+
     # --- identity and rate limits -------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -111,6 +182,7 @@ class Settings(BaseSettings):
     ratelimit_storage_uri: str = Field("memory://", description="memory:// or redis://host:port")
     ratelimit_default: str = Field("300/minute", description="Limit on every endpoint.")
     ratelimit_transcribe: str = Field("30/minute", description="Limit on POST /transcribe-audio.")
+    ratelimit_generate: str = Field("10/minute", description="Limit on POST /generate-image.")
 
     @field_validator("preload_models", "api_keys", mode="before")
     @classmethod
@@ -119,7 +191,7 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("ratelimit_default", "ratelimit_transcribe")
+    @field_validator("ratelimit_default", "ratelimit_transcribe", "ratelimit_generate")
     @classmethod
     def _check_limit(cls, value: str) -> str:
         from limits import parse_many  # light: pure Python
@@ -138,10 +210,31 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_upload_vs_limits(self) -> Settings:
+    def _check_consistency(self) -> Settings:
         if self.max_upload_bytes < 1024:
             raise ValueError("S2I_MAX_UPLOAD_BYTES must be at least 1 KiB")
+        for field in ("default_width", "default_height", "max_width", "max_height"):
+            if getattr(self, field) % 8:
+                raise ValueError(f"{env_name(field)} must be a multiple of 8")
+        if self.default_width > self.max_width or self.default_height > self.max_height:
+            raise ValueError("S2I_DEFAULT_WIDTH/HEIGHT must not exceed S2I_MAX_WIDTH/HEIGHT")
+        if self.default_steps > self.max_steps:
+            raise ValueError("S2I_DEFAULT_STEPS must not exceed S2I_MAX_STEPS")
+        models = self.image_model_specs()
+        for style, model in self.style_models.items():
+            if model not in models:
+                raise ValueError(f"S2I_STYLE_MODELS maps {style!r} to unknown model {model!r}")
+        if self.style_default not in self.style_models:
+            raise ValueError(f"S2I_STYLE_DEFAULT {self.style_default!r} is not in S2I_STYLE_MODELS")
         return self
+
+    def image_model_specs(self) -> dict[str, ImageModelSpec]:
+        """The presets overlaid with S2I_IMAGE_MODELS."""
+        return IMAGE_MODEL_PRESETS | self.image_models
+
+    def resolved_database_url(self) -> str:
+        """S2I_DATABASE_URL, or SQLite inside the image folder."""
+        return self.database_url or f"sqlite:///{(self.image_dir / 'history.sqlite3').resolve()}"
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):  # type: ignore[no-untyped-def]
@@ -156,7 +249,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc = error.get("loc") or ("settings",)
+            loc = error.get("loc") or ()
+            if not loc:  # a check across fields: its message names the variables
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
             field = str(loc[0])
             name = env_name(field) if field in Settings.model_fields else field
             value = error.get("input")

@@ -424,7 +424,8 @@ class ModelLoader:
                     "kind": self._factories[e.name].kind,
                     "loaded": e.device is not None,
                     "device": e.device,
-                    "home_device": self._factories[e.name].home_device(),
+                    # Resolving "auto" may import torch: only for models already loaded.
+                    "home_device": self._factories[e.name].home_device() if e.device else None,
                     "bytes": e.nbytes,
                     "leases": e.leases,
                     "loading": e.busy,

@@ -34,34 +34,58 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
 
 
-def _test_settings(root: Path, model_cache: Path, **overrides: Any) -> Settings:
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three tiny random-weight SD pipelines (real architecture, built offline once)."""
+    from speech2image.engines.tiny_sd import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    return {
+        name: build_tiny_pipeline(root / name, seed=seed)
+        for seed, name in enumerate(("tiny-art", "tiny-photo", "tiny-extra"))
+    }
+
+
+def _test_settings(
+    root: Path, model_cache: Path, tiny_models: dict[str, Path], **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "log_dir": root / "logs",
         "upload_dir": root / "uploads",
+        "image_dir": root / "images",
         "model_cache_dir": model_cache,
         "ratelimit_default": "10000/minute",
         "ratelimit_transcribe": "10000/minute",
+        "ratelimit_generate": "10000/minute",
         "model_idle_seconds": 0,
+        "cleanup_interval_seconds": 0,
+        "image_models": {name: {"source": str(path)} for name, path in tiny_models.items()},
+        "style_models": {"artistic": "tiny-art", "photographic": "tiny-photo"},
+        "default_width": 64,
+        "default_height": 64,
+        "default_steps": 4,
     }
     values.update(overrides)
     return load_settings(**values)
 
 
 @pytest.fixture
-def make_app(tmp_path: Path, model_cache: Path) -> AppFactory:
+def make_app(tmp_path: Path, model_cache: Path, tiny_models: dict[str, Path]) -> AppFactory:
     """Build a fresh app with test settings plus ``overrides``."""
 
     def build(**overrides: Any) -> Flask:
-        return create_app(_test_settings(tmp_path, model_cache, **overrides))
+        return create_app(_test_settings(tmp_path, model_cache, tiny_models, **overrides))
 
     return build
 
 
 @pytest.fixture(scope="session")
-def shared_app(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Flask:
+def shared_app(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny_models: dict[str, Path]
+) -> Flask:
     """One app with Whisper base kept resident, for tests that only read its answers."""
     root = tmp_path_factory.mktemp("shared-app")
-    return create_app(_test_settings(root, model_cache))
+    return create_app(_test_settings(root, model_cache, tiny_models))
 
 
 @pytest.fixture

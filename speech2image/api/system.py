@@ -11,8 +11,11 @@ from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 
 from .. import __version__
+from ..image_service import get_image_service, required_models
+from ..maintenance import get_maintenance
 from ..model_loader import get_model_loader
 from ..speech_service import get_speech_service
+from ..storage import get_storage
 
 __all__ = ["bp"]
 
@@ -28,15 +31,22 @@ def health() -> ResponseReturnValue:
 
 @bp.get("/ready")
 def ready() -> ResponseReturnValue:
-    """Readiness: every configured model can be had (loaded, or loadable offline)."""
+    """Readiness: the models the default flow needs can be had (loaded, or loadable offline)."""
     loader = get_model_loader(current_app)
+    required = set(required_models(current_app.config["S2I_SETTINGS"]))
     models = []
     for row in loader.status():
         info = loader.factory(row["name"]).describe()
         models.append(
-            {"name": row["name"], "loaded": row["loaded"], "available": info["available"]}
+            {
+                "name": row["name"],
+                "required": row["name"] in required,
+                "loaded": row["loaded"],
+                "available": info["available"],
+                "problem": info.get("problem"),
+            }
         )
-    ok = all(m["loaded"] or m["available"] for m in models)
+    ok = all(m["loaded"] or m["available"] for m in models if m["required"])
     return jsonify(ready=ok, models=models), 200 if ok else 503
 
 
@@ -53,8 +63,17 @@ def status() -> ResponseReturnValue:
         models=loader.status(),
         memory_budgets=loader.budgets,
         transcription={"active": get_speech_service(current_app).active},
+        generation=get_image_service(current_app).state(),
+        images=get_storage(current_app).stats(),
+        cleanup={"last_run": get_maintenance(current_app).last_run},
         requests=current_app.extensions["request_stats"].snapshot(),
     )
+
+
+@bp.post("/cleanup")
+def cleanup() -> ResponseReturnValue:
+    """Remove images past retention (rows and files together) and unload idle models."""
+    return jsonify(get_maintenance(current_app).run())
 
 
 def _system_resources(upload_dir: os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,351 @@
+"""Prompt in -> validation -> style/model choice -> images + history records. Knows no HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .config import Settings
+from .engines.diffusers_sd import SCHEDULERS, DiffusersFactory, GenerationSpec, generate
+from .engines.diffusers_sd import prompt_token_count as count_tokens
+from .errors import InvalidRequest, ModelUnavailable
+from .model_loader import DeviceOutOfMemory, ModelLoader
+from .storage import ImageRecord, NewImage, Storage
+from .style import StyleChoice, StyleChooser
+
+__all__ = [
+    "MAX_SEED",
+    "GenerationResult",
+    "ImageRequest",
+    "ImageService",
+    "get_image_service",
+    "model_key",
+    "register_image_models",
+    "required_models",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+MIN_SIDE = 64
+MAX_GUIDANCE = 30.0
+
+
+def model_key(name: str) -> str:
+    """The model loader's name for image model ``name``."""
+    return f"sd:{name}"
+
+
+class _RequestBody(BaseModel):
+    """The JSON body of POST /generate-image, types only; ranges are checked afterwards."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    model: str = "auto"
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRequest:
+    """A validated generation request with every default resolved (the seed too)."""
+
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str
+
+    def seeds(self) -> list[int]:
+        """One seed per image: the request's seed, then the next ones."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """Stored images and how they were made."""
+
+    records: list[ImageRecord]
+    choice: StyleChoice
+    truncated: bool
+    timings: dict[str, float]
+
+
+class ImageService:
+    """Generates images with leased pipelines and records them in the history."""
+
+    def __init__(
+        self, settings: Settings, loader: ModelLoader, storage: Storage, chooser: StyleChooser
+    ) -> None:
+        self.settings = settings
+        self.loader = loader
+        self.storage = storage
+        self.chooser = chooser
+        self.models = register_image_models(loader, settings)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._waiting = 0
+
+    def init_app(self, app: Any) -> None:
+        """Store the service on a Flask app as ``app.extensions['images']``."""
+        app.extensions["images"] = self
+
+    def state(self) -> dict[str, int]:
+        """Generations running and waiting for a model now."""
+        with self._lock:
+            return {"running": self._running, "waiting": self._waiting}
+
+    # --- validation ----------------------------------------------------------------------
+    def validate(self, payload: Any) -> ImageRequest:
+        """Check every field before any model work; errors name the field and the range."""
+        if not isinstance(payload, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        try:
+            body = _RequestBody.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "body"
+            raise InvalidRequest(f"`{field}`: {first['msg']}", details={"field": field}) from None
+        s = self.settings
+        prompt = body.prompt.strip()
+        if not prompt:
+            raise _field_error("prompt", "`prompt` must not be empty")
+        for field, text in (("prompt", prompt), ("negative_prompt", body.negative_prompt or "")):
+            if len(text) > s.max_prompt_chars:
+                raise _field_error(
+                    field,
+                    f"`{field}` has {len(text)} characters; the limit is {s.max_prompt_chars}",
+                )
+        width = body.width if body.width is not None else s.default_width
+        height = body.height if body.height is not None else s.default_height
+        for field, value, limit in (
+            ("width", width, s.max_width),
+            ("height", height, s.max_height),
+        ):
+            if value % 8 or not MIN_SIDE <= value <= limit:
+                raise _field_error(
+                    field,
+                    f"`{field}` must be a multiple of 8 from {MIN_SIDE} to {limit}, got {value}",
+                )
+        steps = body.steps if body.steps is not None else s.default_steps
+        if not 1 <= steps <= s.max_steps:
+            raise _field_error("steps", f"`steps` must be from 1 to {s.max_steps}, got {steps}")
+        guidance = (
+            body.guidance_scale if body.guidance_scale is not None else s.default_guidance_scale
+        )
+        if not 0 <= guidance <= MAX_GUIDANCE:
+            raise _field_error(
+                "guidance_scale",
+                f"`guidance_scale` must be from 0 to {MAX_GUIDANCE}, got {guidance}",
+            )
+        if not 1 <= body.num_images <= s.max_num_images:
+            raise _field_error(
+                "num_images",
+                f"`num_images` must be from 1 to {s.max_num_images}, got {body.num_images}",
+            )
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        if not 0 <= seed <= MAX_SEED:
+            raise _field_error("seed", f"`seed` must be from 0 to {MAX_SEED}, got {seed}")
+        scheduler = body.scheduler or s.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise _field_error(
+                "scheduler",
+                f"`scheduler` must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}",
+            )
+        model = body.model.strip() or "auto"
+        if model != "auto" and model not in self.models:
+            raise _field_error(
+                "model",
+                f"`model` must be auto or one of {', '.join(sorted(self.models))}, not {model!r}",
+            )
+        negative = (body.negative_prompt or "").strip() or None
+        return ImageRequest(
+            prompt,
+            negative,
+            model,
+            width,
+            height,
+            steps,
+            guidance,
+            seed,
+            body.num_images,
+            scheduler,
+        )
+
+    # --- generation ----------------------------------------------------------------------
+    def generate(
+        self, owner: str, request: ImageRequest, *, transcript_id: str | None = None
+    ) -> GenerationResult:
+        """Choose the model, generate, and store files and rows together."""
+        started = time.perf_counter()
+        choice = self.chooser.choose(request.prompt, request.model)
+        spec = GenerationSpec(
+            prompts=[request.prompt] * request.num_images,
+            negative_prompts=[request.negative_prompt] * request.num_images,
+            seeds=request.seeds(),
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            scheduler=request.scheduler,
+        )
+        with self._lock:
+            self._waiting += 1
+        waiting = True
+        try:
+            with self.loader.lease(model_key(choice.model)) as lease:
+                with self._lock:
+                    self._waiting -= 1
+                    self._running += 1
+                waiting = False
+                truncated = (
+                    count_tokens(lease.model, request.prompt)
+                    > lease.model.tokenizer.model_max_length
+                )
+                inference_started = time.perf_counter()
+                images = self._generate_with_retry(lease.model, lease.device, choice.model, spec)
+                inference = time.perf_counter() - inference_started
+        finally:
+            with self._lock:
+                if waiting:
+                    self._waiting -= 1
+                else:
+                    self._running -= 1
+        save_started = time.perf_counter()
+        records = self.storage.save_images(
+            owner,
+            [
+                self._encode(image, seed, request, choice)
+                for image, seed in zip(images, spec.seeds, strict=True)
+            ],
+            transcript_id=transcript_id,
+        )
+        done = time.perf_counter()
+        timings = {
+            "wait": lease.wait_seconds,
+            "load": lease.load_seconds,
+            "inference": inference,
+            "save": done - save_started,
+            "total": done - started,
+        }
+        log.info(
+            "generated %d image(s) %dx%d with %s in %.2fs",
+            len(records),
+            request.width,
+            request.height,
+            choice.model,
+            timings["total"],
+        )
+        return GenerationResult(
+            records, choice, truncated, {k: round(v, 4) for k, v in timings.items()}
+        )
+
+    def _generate_with_retry(
+        self, pipe: Any, device: str, model: str, spec: GenerationSpec
+    ) -> list[Any]:
+        """On out-of-memory, free every other model on the device and try once more."""
+        try:
+            return generate(pipe, spec)
+        except DeviceOutOfMemory:
+            log.warning("out of memory generating with %s: freeing %s and retrying", model, device)
+            self.loader.free_device(device, exclude=model_key(model))
+        try:
+            return generate(pipe, spec)
+        except DeviceOutOfMemory:
+            raise ModelUnavailable(
+                f"{device} is out of memory generating with {model!r}; retry shortly",
+                retry_after=30,
+            ) from None
+
+    def _encode(
+        self, image: Any, seed: int, request: ImageRequest, choice: StyleChoice
+    ) -> NewImage:
+        """PNG bytes carrying the same parameters as the history row."""
+        from PIL.PngImagePlugin import PngInfo
+
+        parameters = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "model": choice.model,
+            "model_source": self.models[choice.model].source,
+            "model_reason": choice.reason,
+            "seed": seed,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "scheduler": request.scheduler,
+            "width": request.width,
+            "height": request.height,
+            "generator": "speech2image",
+        }
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(parameters, ensure_ascii=False))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=info)
+        return NewImage(
+            png=buffer.getvalue(),
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            model=choice.model,
+            model_reason=choice.reason,
+            seed=seed,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            scheduler=request.scheduler,
+            width=request.width,
+            height=request.height,
+            parameters=parameters,
+        )
+
+
+def register_image_models(loader: ModelLoader, settings: Settings) -> dict[str, Any]:
+    """Register every configured image model with the loader; returns the specs by name."""
+    specs = settings.image_model_specs()
+    for name, spec in specs.items():
+        loader.register(
+            model_key(name),
+            DiffusersFactory(
+                name,
+                spec,
+                cache_dir=Path(settings.model_cache_dir),
+                device=settings.image_device,
+                dtype=settings.image_dtype,
+                allow_download=settings.image_allow_download,
+            ),
+        )
+    return specs
+
+
+def required_models(settings: Settings) -> list[str]:
+    """Loader names the default flow needs: Whisper and every model automatic choice uses."""
+    whisper = f"whisper:{settings.whisper_model}"
+    return [whisper, *sorted({model_key(m) for m in settings.style_models.values()})]
+
+
+def _field_error(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, details={"field": field})
+
+
+def get_image_service(app: Any) -> ImageService:
+    """The app's image service."""
+    return app.extensions["images"]

@@ -1,0 +1,382 @@
+"""History database (SQLAlchemy) and image files, kept consistent with each other.
+
+Files are named by server-made ids. A batch of images is written as temporary files, the rows
+are committed in one transaction, then the files are renamed into place; any failure removes
+every file of the batch and rolls the rows back, so nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+__all__ = [
+    "FILENAME_PATTERN",
+    "ORPHAN_GRACE_SECONDS",
+    "Base",
+    "ImageRecord",
+    "NewImage",
+    "Storage",
+    "TranscriptRecord",
+    "get_storage",
+    "new_id",
+    "utcnow",
+]
+
+log = logging.getLogger(__name__)
+
+FILENAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.png$")
+ORPHAN_GRACE_SECONDS = 600
+
+
+def utcnow() -> dt.datetime:
+    """Now, timezone-aware UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id() -> str:
+    """A server-made id: 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the history tables."""
+
+
+class TranscriptRecord(Base):
+    """A transcript that images were generated from."""
+
+    __tablename__ = "transcripts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(String(8))
+    duration: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ImageRecord(Base):
+    """One generated image: who asked, what was asked, how it was made, where it lies."""
+
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(String(64), unique=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    model_reason: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    scheduler: Mapped[str] = mapped_column(String(32))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    transcript_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("transcripts.id", ondelete="SET NULL"), index=True
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready row (the API adds the URL)."""
+        return {
+            "id": self.id,
+            "filename": self.filename,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "model": self.model,
+            "model_reason": self.model_reason,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "width": self.width,
+            "height": self.height,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "created_at": _aware(self.created_at).isoformat(),
+            "transcript_id": self.transcript_id,
+        }
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    # SQLite gives naive datetimes back; every stored time is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewImage:
+    """An encoded image and its record fields, before it is stored."""
+
+    png: bytes
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    model_reason: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    width: int
+    height: int
+    parameters: dict[str, Any]
+    id: str = dataclasses.field(default_factory=new_id)
+
+
+class Storage:
+    """The image history: rows in a SQL database, PNG files in one folder."""
+
+    def __init__(self, database_url: str, image_dir: Path) -> None:
+        self.image_dir = Path(image_dir).resolve()
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        connect_args = {"check_same_thread": False} if database_url.startswith("sqlite") else {}
+        self.engine = create_engine(database_url, connect_args=connect_args, pool_pre_ping=True)
+        if database_url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def init_app(self, app: Any) -> None:
+        """Store on a Flask app as ``app.extensions['storage']``."""
+        app.extensions["storage"] = self
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self.engine.dispose()
+
+    # --- writing -------------------------------------------------------------------------
+    def add_transcript(
+        self, owner: str, text: str, language: str | None, duration: float | None
+    ) -> str:
+        """Record a transcript; returns its id."""
+        record = TranscriptRecord(
+            id=new_id(), owner=owner, text=text, language=language, duration=duration
+        )
+        with self._sessions.begin() as session:
+            session.add(record)
+        return record.id
+
+    def save_images(
+        self, owner: str, images: list[NewImage], transcript_id: str | None = None
+    ) -> list[ImageRecord]:
+        """Store a batch of images, files and rows together, or nothing at all."""
+        staged: list[tuple[Path, Path]] = []
+        records: list[ImageRecord] = []
+        placed: list[Path] = []
+        try:
+            now = utcnow()
+            for image in images:
+                final = self.image_dir / f"{image.id}.png"
+                temporary = self.image_dir / f".{image.id}.png.tmp"
+                with open(temporary, "xb") as out:
+                    out.write(image.png)
+                    out.flush()
+                    os.fsync(out.fileno())
+                staged.append((temporary, final))
+                records.append(
+                    ImageRecord(
+                        id=image.id,
+                        owner=owner,
+                        filename=final.name,
+                        prompt=image.prompt,
+                        negative_prompt=image.negative_prompt,
+                        model=image.model,
+                        model_reason=image.model_reason,
+                        seed=image.seed,
+                        steps=image.steps,
+                        guidance_scale=image.guidance_scale,
+                        scheduler=image.scheduler,
+                        width=image.width,
+                        height=image.height,
+                        parameters=image.parameters,
+                        bytes=len(image.png),
+                        sha256=hashlib.sha256(image.png).hexdigest(),
+                        created_at=now,
+                        transcript_id=transcript_id,
+                    )
+                )
+            with self._sessions.begin() as session:
+                session.add_all(records)
+                session.flush()
+                for temporary, final in staged:
+                    os.replace(temporary, final)
+                    placed.append(final)
+        except BaseException:
+            for temporary, final in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    temporary.unlink()
+                if final in placed:
+                    with contextlib.suppress(FileNotFoundError):
+                        final.unlink()
+            raise
+        return records
+
+    # --- reading -------------------------------------------------------------------------
+    def get_image(self, owner: str, filename: str) -> ImageRecord | None:
+        """The owner's record for ``filename``, or None (also for any malformed name)."""
+        if not FILENAME_PATTERN.fullmatch(filename):
+            return None
+        with self._sessions() as session:
+            return session.scalar(
+                select(ImageRecord).where(
+                    ImageRecord.filename == filename, ImageRecord.owner == owner
+                )
+            )
+
+    def image_path(self, record: ImageRecord) -> Path | None:
+        """The file of ``record`` if it exists inside the image folder."""
+        path = (self.image_dir / record.filename).resolve()
+        if path.parent != self.image_dir or not path.is_file():
+            return None
+        return path
+
+    def list_images(
+        self,
+        owner: str,
+        *,
+        limit: int = 20,
+        offset: int = 0,
+        model: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+    ) -> tuple[list[ImageRecord], int]:
+        """The owner's images newest first, and how many match in all."""
+        conditions = [ImageRecord.owner == owner]
+        if model:
+            conditions.append(ImageRecord.model == model)
+        if since:
+            conditions.append(ImageRecord.created_at >= since)
+        if until:
+            conditions.append(ImageRecord.created_at < until)
+        with self._sessions() as session:
+            total = session.scalar(select(func.count()).select_from(ImageRecord).where(*conditions))
+            rows = session.scalars(
+                select(ImageRecord)
+                .where(*conditions)
+                .order_by(ImageRecord.created_at.desc(), ImageRecord.id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).all()
+        return list(rows), int(total or 0)
+
+    def stats(self) -> dict[str, int]:
+        """Image count and total bytes."""
+        with self._sessions() as session:
+            count, total = session.execute(
+                select(func.count(ImageRecord.id), func.coalesce(func.sum(ImageRecord.bytes), 0))
+            ).one()
+        return {"count": int(count), "bytes": int(total)}
+
+    # --- retention -----------------------------------------------------------------------
+    def cleanup(
+        self,
+        *,
+        max_age: dt.timedelta | None = None,
+        max_count: int = 0,
+        max_bytes: int = 0,
+        now: dt.datetime | None = None,
+    ) -> dict[str, int]:
+        """Remove images past the age, count and byte limits (oldest first), rows and files."""
+        now = now or utcnow()
+        doomed: dict[str, tuple[str, int]] = {}
+        with self._sessions() as session:
+            rows = session.execute(
+                select(
+                    ImageRecord.id, ImageRecord.filename, ImageRecord.bytes, ImageRecord.created_at
+                ).order_by(ImageRecord.created_at.desc(), ImageRecord.id.desc())
+            ).all()
+        kept_count = kept_bytes = 0
+        for image_id, filename, size, created in rows:  # newest first
+            too_old = max_age is not None and _aware(created) < now - max_age
+            over_count = max_count and kept_count >= max_count
+            over_bytes = max_bytes and kept_bytes + size > max_bytes
+            if too_old or over_count or over_bytes:
+                doomed[image_id] = (filename, size)
+            else:
+                kept_count += 1
+                kept_bytes += size
+        removed_files = 0
+        if doomed:
+            with self._sessions.begin() as session:
+                for chunk in _chunks(list(doomed), 500):
+                    session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk)))
+            for filename, _ in doomed.values():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.image_dir / filename).unlink()
+                    removed_files += 1
+        orphans = self._remove_orphans()
+        return {
+            "images_removed": len(doomed),
+            "files_removed": removed_files,
+            "bytes_removed": sum(size for _, size in doomed.values()),
+            "orphan_files_removed": orphans,
+        }
+
+    def _remove_orphans(self) -> int:
+        """Delete files that no row names (left by a crash), once they are clearly stale."""
+        # A save in progress has files whose rows are not committed yet: leave young files.
+        cutoff = utcnow().timestamp() - ORPHAN_GRACE_SECONDS
+        candidates = [
+            path
+            for path in self.image_dir.iterdir()
+            if (FILENAME_PATTERN.fullmatch(path.name) or path.name.endswith(".png.tmp"))
+            and path.stat().st_mtime < cutoff
+        ]
+        if not candidates:
+            return 0
+        with self._sessions() as session:
+            known = set(session.scalars(select(ImageRecord.filename)))
+        removed = 0
+        for path in candidates:
+            if path.name not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def get_storage(app: Any) -> Storage:
+    """The app's storage."""
+    return app.extensions["storage"]

@@ -1,0 +1,465 @@
+"""Automatic style/model choice for a prompt, with the reason it chose.
+
+Each style (``artistic``, ``photographic``) has weighted cue words and phrases; the style whose
+matched cues weigh most picks its Stable Diffusion checkpoint. A model the caller names always
+wins. Pure Python and stdlib only: ``config.py`` imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+
+__all__ = [
+    "AUTO_MODEL",
+    "DEFAULT_STYLE",
+    "DEFAULT_STYLE_CUES",
+    "DEFAULT_STYLE_MODELS",
+    "StyleChoice",
+    "StyleChooser",
+]
+
+AUTO_MODEL = "auto"
+DEFAULT_STYLE = "artistic"
+DEFAULT_STYLE_MODELS: dict[str, str] = {
+    "artistic": "dreamshaper",
+    "photographic": "realistic-vision",
+}
+
+# Weights: 2.0 for cues that name the medium outright ("oil painting", "photorealistic"),
+# 1.5 for strong hints (a technique, a camera, a fantasy creature), 1.0 for medium hints,
+# 0.5 for words that lean one way but often appear in the other ("vibrant", "picture").
+DEFAULT_STYLE_CUES: dict[str, dict[str, float]] = {
+    "artistic": {
+        # the medium, named
+        "oil painting": 2.0,
+        "acrylic painting": 2.0,
+        "digital painting": 2.0,
+        "watercolor": 2.0,
+        "watercolour": 2.0,
+        "illustration": 2.0,
+        "anime": 2.0,
+        "manga": 2.0,
+        "cartoon": 2.0,
+        "comic book": 2.0,
+        "pixel art": 2.0,
+        "concept art": 2.0,
+        "digital art": 2.0,
+        "fan art": 2.0,
+        "character design": 2.0,
+        "cel shaded": 2.0,
+        "art nouveau": 2.0,
+        "ukiyo e": 2.0,
+        "artstation": 2.0,
+        "studio ghibli": 2.0,
+        "ghibli": 2.0,
+        "van gogh": 2.0,
+        "impressionist": 2.0,
+        "impressionism": 2.0,
+        # techniques, looks and artists
+        "painting": 1.5,
+        "drawing": 1.5,
+        "sketch": 1.5,
+        "illustrated": 1.5,
+        "comic": 1.5,
+        "children's book": 1.5,
+        "storybook": 1.5,
+        "artwork": 1.5,
+        "abstract": 1.5,
+        "surreal": 1.5,
+        "surrealism": 1.5,
+        "stylized": 1.5,
+        "3d render": 1.5,
+        "unreal engine": 1.5,
+        "low poly": 1.5,
+        "isometric": 1.5,
+        "chibi": 1.5,
+        "pixar": 1.5,
+        "disney": 1.5,
+        "steampunk": 1.5,
+        "picasso": 1.5,
+        "monet": 1.5,
+        "greg rutkowski": 1.5,
+        # fantasy and fiction
+        "fantasy": 1.5,
+        "dragon": 1.5,
+        "wizard": 1.5,
+        "sorcerer": 1.5,
+        "elf": 1.5,
+        "elves": 1.5,
+        "unicorn": 1.5,
+        "fairy tale": 1.5,
+        "mythical": 1.5,
+        "art": 1.0,
+        "artistic": 1.0,
+        "artist": 1.0,
+        "draw": 1.0,
+        "paint": 1.0,
+        "mural": 1.0,
+        "poster": 1.0,
+        "vector": 1.0,
+        "tarot": 1.0,
+        "kawaii": 1.0,
+        "octane render": 1.0,
+        "cyberpunk": 1.0,
+        "psychedelic": 1.0,
+        "castle": 1.0,
+        "magic": 1.0,
+        "magical": 1.0,
+        "enchanted": 1.0,
+        "fairy": 1.0,
+        "mermaid": 1.0,
+        "phoenix": 1.0,
+        "witch": 1.0,
+        "goblin": 1.0,
+        "troll": 1.0,
+        "monster": 1.0,
+        "spaceship": 1.0,
+        "alien": 1.0,
+        "sci fi": 1.0,
+        "science fiction": 1.0,
+        "dreamy": 1.0,
+        "dreamlike": 1.0,
+        "whimsical": 1.0,
+        "ethereal": 1.0,
+        # lean artistic, often seen in photographs too
+        "in the style of": 0.5,
+        "vibrant": 0.5,
+        "colorful": 0.5,
+        "epic": 0.5,
+        "glowing": 0.5,
+        "cosmic": 0.5,
+        "knight": 0.5,
+        "robot": 0.5,
+    },
+    "photographic": {
+        # the medium, named
+        "photo": 2.0,
+        "photograph": 2.0,
+        "photography": 2.0,
+        "photographic": 2.0,
+        "photographer": 2.0,
+        "photoshoot": 2.0,
+        "photo shoot": 2.0,
+        "photojournalism": 2.0,
+        "raw photo": 2.0,
+        "portrait photo": 2.0,
+        "street photography": 2.0,
+        "wildlife photography": 2.0,
+        "photorealistic": 2.0,
+        "photo realistic": 2.0,
+        "photorealism": 2.0,
+        "hyperrealistic": 2.0,
+        "hyper realistic": 2.0,
+        "ultra realistic": 2.0,
+        "dslr": 2.0,
+        # realism, kinds of photographs, cameras and lenses
+        "realistic": 1.5,
+        "realism": 1.5,
+        "lifelike": 1.5,
+        "real life": 1.5,
+        "headshot": 1.5,
+        "selfie": 1.5,
+        "polaroid": 1.5,
+        "snapshot": 1.5,
+        "documentary": 1.5,
+        "candid": 1.5,
+        "national geographic": 1.5,
+        "shot on": 1.5,
+        "drone shot": 1.5,
+        "long exposure": 1.5,
+        "depth of field": 1.5,
+        "bokeh": 1.5,
+        "telephoto": 1.5,
+        "35mm": 1.5,
+        "50mm": 1.5,
+        "85mm": 1.5,
+        "canon": 1.5,
+        "nikon": 1.5,
+        "sony a7": 1.5,
+        "fujifilm": 1.5,
+        "leica": 1.5,
+        "hasselblad": 1.5,
+        "gopro": 1.5,
+        "portra": 1.5,
+        "skin pores": 1.5,
+        # light, film and capture hints
+        "camera": 1.0,
+        "lens": 1.0,
+        "iphone": 1.0,
+        "kodak": 1.0,
+        "film grain": 1.0,
+        "film still": 1.0,
+        "movie still": 1.0,
+        "footage": 1.0,
+        "macro": 1.0,
+        "wide angle": 1.0,
+        "aerial": 1.0,
+        "golden hour": 1.0,
+        "natural light": 1.0,
+        "natural lighting": 1.0,
+        "studio lighting": 1.0,
+        "skin texture": 1.0,
+        "hdr": 1.0,
+        "8k uhd": 1.0,
+        # lean photographic, often said of art too
+        "picture": 0.5,
+        "shot": 0.5,
+        "close up": 0.5,
+        "black and white": 0.5,
+        "real": 0.5,
+        "instagram": 0.5,
+    },
+}
+
+_APOSTROPHES = re.compile(r"['\u2018\u2019`]")
+_SEPARATORS = re.compile(r"[\s\-\u2010-\u2015_]+")
+_CONSONANT_Y = re.compile(r"[^aeiou\d]y$")
+
+
+def _normalize(text: str) -> str:
+    """Lower-case text without apostrophes; hyphens, dashes and runs of space become one space."""
+    return _SEPARATORS.sub(" ", _APOSTROPHES.sub("", text.casefold())).strip()
+
+
+def _cue_pattern(cue: str) -> re.Pattern[str]:
+    """Regex for a normalized cue: whole words, any spacing, simple inflections of the last word."""
+    parts: list[str] = []
+    words = cue.split(" ")
+    for index, word in enumerate(words):
+        if index == len(words) - 1:
+            if _CONSONANT_Y.search(word):  # fairy -> fairies
+                stem, suffix = word[:-1], "(?:y|ys|ies)"
+            else:  # painting -> paintings, witch -> witches, sketch -> sketched
+                stem, suffix = word, "(?:s|es|ed|ing)?"
+        else:
+            stem, suffix = word, ""
+        chars = []
+        for position, char in enumerate(stem):
+            # "35mm" also matches "35 mm", "3d render" also "3 d render"
+            if position and stem[position - 1].isdigit() and char.isalpha():
+                chars.append(r"\s*")
+            chars.append(re.escape(char))
+        parts.append("".join(chars) + suffix)
+    return re.compile(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)")
+
+
+def _number(value: float) -> str:
+    """A weight or score as the reason writes it: 2.5, 1.0, 0.75."""
+    return repr(round(value, 2))
+
+
+def _cue_list(cues: list[tuple[str, float]]) -> str:
+    """Cues as the reason lists them: 'photo' 1.5, 'dslr' 1.0."""
+    return ", ".join(f"{cue!r} {_number(weight)}" for cue, weight in cues)
+
+
+@dataclasses.dataclass(frozen=True)
+class StyleChoice:
+    """The model chosen for a prompt, the style behind it, the evidence and a readable reason."""
+
+    model: str
+    style: str | None
+    explicit: bool
+    scores: dict[str, float]
+    matched: dict[str, list[tuple[str, float]]]
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready dict; matched cues become lists of ``{"cue", "weight"}``."""
+        return {
+            "model": self.model,
+            "style": self.style,
+            "explicit": self.explicit,
+            "scores": dict(self.scores),
+            "matched": {
+                style: [{"cue": cue, "weight": weight} for cue, weight in cues]
+                for style, cues in self.matched.items()
+            },
+            "reason": self.reason,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cue:
+    style: str
+    text: str  # as written in the cue table, shown in reasons
+    key: str  # normalized, what is matched
+    weight: float
+    pattern: re.Pattern[str]
+
+
+class StyleChooser:
+    """Chooses a checkpoint for a prompt from weighted style cues, or takes the caller's model."""
+
+    def __init__(
+        self,
+        cues: dict[str, dict[str, float]] | None = None,
+        style_models: dict[str, str] | None = None,
+        default_style: str = DEFAULT_STYLE,
+    ) -> None:
+        cues = DEFAULT_STYLE_CUES if cues is None else cues
+        style_models = DEFAULT_STYLE_MODELS if style_models is None else style_models
+        self._style_models = self._validate_models(style_models)
+        self._cues = self._validate_cues(cues, self._style_models)
+        if not isinstance(default_style, str) or default_style not in self._style_models:
+            raise ValueError(
+                f"default style {default_style!r} has no model in style_models "
+                f"(styles with a model: {', '.join(map(repr, self._style_models))})"
+            )
+        self._default_style = default_style
+        # Every style in one ordered list: styles with cues first, in the order given.
+        self._styles = list(self._cues) + [s for s in self._style_models if s not in self._cues]
+        order = {style: index for index, style in enumerate(self._styles)}
+        compiled = [
+            _Cue(style, text, _normalize(text), weight, _cue_pattern(_normalize(text)))
+            for style, style_cues in self._cues.items()
+            for text, weight in style_cues.items()
+        ]
+        # Longest phrases claim their words first: "oil painting" is not also "painting".
+        compiled.sort(key=lambda c: (-c.key.count(" "), -len(c.key), order[c.style], c.key))
+        self._compiled = compiled
+
+    @staticmethod
+    def _validate_models(style_models: object) -> dict[str, str]:
+        if not isinstance(style_models, Mapping) or not style_models:
+            raise ValueError("style_models must map at least one style to a model name")
+        models: dict[str, str] = {}
+        for style, model in style_models.items():
+            if not isinstance(style, str) or not style.strip():
+                raise ValueError(f"style names must be non-empty strings, got {style!r}")
+            if not isinstance(model, str) or not model.strip():
+                raise ValueError(
+                    f"the model name for style {style!r} must be a non-empty string, got {model!r}"
+                )
+            models[style] = model.strip()
+        return models
+
+    @staticmethod
+    def _validate_cues(cues: object, style_models: dict[str, str]) -> dict[str, dict[str, float]]:
+        if not isinstance(cues, Mapping) or not cues:
+            raise ValueError("cues must map at least one style to its {cue: weight} dict")
+        owner: dict[str, str] = {}
+        validated: dict[str, dict[str, float]] = {}
+        for style, style_cues in cues.items():
+            if style not in style_models:
+                raise ValueError(
+                    f"style {style!r} has cues but no model in style_models "
+                    f"(styles with a model: {', '.join(map(repr, style_models))})"
+                )
+            if not isinstance(style_cues, Mapping):
+                raise ValueError(f"cues of style {style!r} must be a {{cue: weight}} dict")
+            validated[style] = {}
+            spelled: dict[str, str] = {}
+            for cue, weight in style_cues.items():
+                text = _normalize(cue) if isinstance(cue, str) else ""
+                if not re.search(r"\w", text):
+                    raise ValueError(
+                        f"cue {cue!r} of style {style!r} is empty or has no letters or digits"
+                    )
+                if (
+                    isinstance(weight, bool)
+                    or not isinstance(weight, int | float)
+                    or not math.isfinite(weight)
+                    or weight <= 0
+                ):
+                    raise ValueError(
+                        f"the weight of cue {cue!r} in style {style!r} must be a finite "
+                        f"number > 0, got {weight!r}"
+                    )
+                if text in spelled:
+                    raise ValueError(
+                        f"cue {text!r} appears twice in style {style!r} "
+                        f"(as {spelled[text]!r} and {cue!r})"
+                    )
+                if text in owner:
+                    raise ValueError(
+                        f"cue {text!r} is listed under both {owner[text]!r} and {style!r}; "
+                        "a cue may belong to one style only"
+                    )
+                spelled[text] = cue
+                owner[text] = style
+                validated[style][cue.strip()] = float(weight)
+        return validated
+
+    @property
+    def style_models(self) -> dict[str, str]:
+        """The model of each style (a copy)."""
+        return dict(self._style_models)
+
+    @property
+    def default_style(self) -> str:
+        """The style used when no cue matches or the top styles tie."""
+        return self._default_style
+
+    def choose(self, prompt: str, requested_model: str | None = None) -> StyleChoice:
+        """Choose the model for ``prompt``; a ``requested_model`` other than None/""/"auto" wins."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if requested_model is not None and not isinstance(requested_model, str):
+            raise TypeError(
+                f"requested_model must be a string or None, got {type(requested_model).__name__}"
+            )
+        scores, matched = self._score(prompt)
+        requested = (requested_model or "").strip()
+        if requested and requested.casefold() != AUTO_MODEL:
+            reason = f"the caller chose the model {requested!r}; automatic style choice skipped"
+            return StyleChoice(requested, None, True, scores, matched, reason)
+        style, reason = self._decide(scores, matched)
+        return StyleChoice(self._style_models[style], style, False, scores, matched, reason)
+
+    def _score(self, prompt: str) -> tuple[dict[str, float], dict[str, list[tuple[str, float]]]]:
+        """Total weight per style and the matched cues, in the order they appear in the prompt."""
+        text = _normalize(prompt)
+        claimed: list[tuple[int, int]] = []
+        hits: dict[str, list[tuple[int, str, float]]] = {style: [] for style in self._styles}
+        for cue in self._compiled:
+            spans = [
+                m.span()
+                for m in cue.pattern.finditer(text)
+                if not any(m.start() < end and start < m.end() for start, end in claimed)
+            ]
+            if spans:  # each cue counts once, however often it is said
+                claimed.extend(spans)
+                hits[cue.style].append((spans[0][0], cue.text, cue.weight))
+        matched = {
+            style: [(text, weight) for _, text, weight in sorted(found)]
+            for style, found in hits.items()
+        }
+        scores = {
+            style: round(math.fsum(weight for _, weight in cues), 6)
+            for style, cues in matched.items()
+        }
+        return scores, matched
+
+    def _decide(
+        self, scores: dict[str, float], matched: dict[str, list[tuple[str, float]]]
+    ) -> tuple[str, str]:
+        """The winning style and the sentence that explains it."""
+        default = self._default_style
+        top = max(scores.values())
+        if top == 0:
+            return default, f"no style cues matched; using the default style, {default}"
+        leaders = [style for style in self._styles if scores[style] == top]
+        if len(leaders) > 1:
+            evidence = "; ".join(f"{style} {_cue_list(matched[style])}" for style in leaders)
+            tied = " vs ".join(_number(top) for _ in leaders)
+            return default, (
+                f"{' and '.join(leaders)} cues tied ({tied}): {evidence}; "
+                f"using the default style, {default}"
+            )
+        winner = leaders[0]
+        rivals = [s for s in self._styles if s != winner and self._cues.get(s)]
+        if not rivals:
+            return winner, f"{winner} cues matched ({_number(top)}): {_cue_list(matched[winner])}"
+        reason = (
+            f"{winner} cues outweighed {' and '.join(rivals)} "
+            f"({_number(top)} vs {', '.join(_number(scores[s]) for s in rivals)}): "
+            f"{_cue_list(matched[winner])}"
+        )
+        for rival in rivals:
+            if matched[rival]:
+                reason += f"; {rival} had {_cue_list(matched[rival])}"
+        return winner, reason
