@@ -83,7 +83,12 @@ def machine_facts() -> None:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"cuda device   {cuda}")
     print(f"diffusers     {diffusers.__version__}, transformers {transformers.__version__}")
+    print(f"load average  {_load()} (other work on the cores skews every number)")
     print()
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def device_and_dtype() -> tuple[str, Any]:
@@ -580,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 part_switch(server, app, size, args.repeats)
         finally:
             server.close()
-    print(f"\nwall time: {time.perf_counter() - started:.1f} s")
+    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {_load()}")
     if failed:
         print(f"exit 1: {failed} service request(s) failed", file=sys.stderr)
     return 1 if failed else 0

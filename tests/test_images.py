@@ -219,3 +219,55 @@ def test_status_shows_generation_images_and_models(make_app) -> None:
     art = next(m for m in body["models"] if m["name"] == "sd:tiny-art")
     assert art["loaded"] and art["device"] == "cpu" and art["kind"] == "diffusers"
     assert 1_000_000 < art["bytes"] < 50_000_000  # measured parameter bytes of the tiny model
+
+
+def test_single_file_checkpoint_loads_offline_with_local_config(
+    make_app, tiny_models, tmp_path
+) -> None:
+    from .ldm_checkpoint import convert
+
+    checkpoint = tmp_path / "tiny-art.safetensors"
+    convert(tiny_models["tiny-art"], checkpoint)
+    models = {name: {"source": str(path)} for name, path in tiny_models.items()}
+    models["single"] = {"source": str(checkpoint), "config": str(tiny_models["tiny-art"])}
+    app = make_app(image_models=models)
+    client = app.test_client()
+    from_file = generate(client, prompt="a castle", model="single", seed=21, steps=3)
+    assert from_file.status_code == 200, from_file.json
+    from_folder = generate(client, prompt="a castle", model="tiny-art", seed=21, steps=3)
+    assert np.array_equal(
+        pixels(client, from_file.json["images"][0]["url"]),
+        pixels(client, from_folder.json["images"][0]["url"]),
+    )
+    no_config = make_app(image_models={**models, "single": {"source": str(checkpoint)}})
+    refused = generate(no_config.test_client(), prompt="a castle", model="single")
+    assert refused.status_code == 503
+    assert "needs `config`" in refused.json["error"]["message"]
+
+
+def test_out_of_memory_during_generation_frees_and_retries_then_503(make_app, monkeypatch) -> None:
+    from speech2image.engines import diffusers_sd
+    from speech2image.model_loader import DeviceOutOfMemory
+
+    app = make_app()
+    client = app.test_client()
+    assert generate(client, prompt="x", model="tiny-photo", steps=1).status_code == 200
+    failures = {"left": 1}
+
+    def flaky(pipe, spec, **kwargs):  # type: ignore[no-untyped-def]
+        if failures["left"]:
+            failures["left"] -= 1
+            raise DeviceOutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return diffusers_sd.generate(pipe, spec, **kwargs)
+
+    monkeypatch.setattr("speech2image.image_service.generate", flaky)
+    recovered = generate(client, prompt="x", model="tiny-art", steps=1)
+    assert recovered.status_code == 200
+    assert "sd:tiny-photo" not in loaded_models(app)  # freed to make room for the retry
+    failures["left"] = 2
+    refused = generate(client, prompt="x", model="tiny-art", steps=1)
+    assert refused.status_code == 503
+    assert refused.json["error"]["code"] == "model_unavailable"
+    assert int(refused.headers["Retry-After"]) > 0
+    assert image_files(app) and len(image_files(app)) == 2  # nothing written for the failure
+    assert generate(client, prompt="x", model="tiny-art", steps=1).status_code == 200
