@@ -425,9 +425,10 @@ def part_throughput(
         print()
         return failed
     latency = statistics.median(seconds for seconds, _ in responses)
+    keys = [k for k in responses[0][1].get("timings", {}) if k not in ("load", "total")]
     split = {
-        key: statistics.median(body["timings"][key] for _, body in responses)
-        for key in ("wait", "inference", "save")
+        key: statistics.median(body["timings"].get(key, 0.0) for _, body in responses)
+        for key in keys
     }
     print(
         f"service latency per request under load: median {latency:.3f} s "
@@ -436,7 +437,7 @@ def part_throughput(
     print(
         "service per request, median: "
         + ", ".join(f"{key} {value:.3f} s" for key, value in split.items())
-        + " (save: PNG encode, fsync, history row)"
+        + " (service timings; save: PNG encode, fsync, history row)"
     )
 
     _, direct_images = runs["direct"][-1]
@@ -496,7 +497,7 @@ def part_switch(server: Server, app: Any, size: int, repeats: int) -> None:
 
     def timed_a() -> tuple[float, float]:
         seconds, body = request(MODEL_A)
-        return seconds, body["timings"]["load"]
+        return seconds, body.get("timings", {}).get("load", 0.0)
 
     def cold() -> tuple[float, float]:
         request(MODEL_B)

@@ -13,15 +13,17 @@ from typing import Any
 from flask import Flask, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, speech, system
+from .api import errors, identity, images, jobs, speech, system
 from .config import Settings, load_settings
 from .image_service import ImageService
+from .jobs import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .model_loader import ModelLoader
 from .speech_service import SpeechService
 from .storage import Storage
 from .style import StyleChooser
+from .tasks import register_tasks
 
 __all__ = ["create_app"]
 
@@ -95,10 +97,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     loader.init_app(app)
     storage = Storage(settings.resolved_database_url(), settings.image_dir)
     storage.init_app(app)
-    SpeechService(settings, loader).init_app(app)
+    speech_service = SpeechService(settings, loader)
+    speech_service.init_app(app)
     chooser = StyleChooser(settings.style_cues, settings.style_models, settings.style_default)
-    ImageService(settings, loader, storage, chooser).init_app(app)
+    image_service = ImageService(settings, loader, storage, chooser)
+    image_service.init_app(app)
     Maintenance(settings, storage, loader).init_app(app)
+    runner = LocalJobRunner(
+        workers=settings.job_workers,
+        max_batch_images=settings.batch_max_images,
+        max_batch_wait=settings.batch_max_wait_ms / 1000,
+        fairness_seconds=settings.schedule_fairness_seconds,
+        max_queued=settings.queue_max,
+        max_queued_per_owner=settings.queue_max_per_owner,
+        is_resident=loader.is_resident,
+        keep_finished_seconds=settings.job_keep_seconds,
+    )
+    register_tasks(runner, speech_service, image_service, storage)
+    runner.init_app(app)
     app.extensions["request_stats"] = RequestStats()
 
     limiter = Limiter(
@@ -111,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     limiter.limit(settings.ratelimit_transcribe)(speech.bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"])(images.bp)
+    limiter.limit(settings.ratelimit_generate, methods=["POST"])(speech.speech_to_image)
     limiter.exempt(system.health)
     # Order of before-request hooks: request id and timing, then identity, then limits.
     _register_request_logging(app)
@@ -121,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(system.bp)
     app.register_blueprint(speech.bp)
     app.register_blueprint(images.bp)
+    app.register_blueprint(jobs.bp)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
 

@@ -173,6 +173,19 @@ class Settings(BaseSettings):
         3600.0, ge=0, description="Run cleanup this often; 0: only on POST /cleanup."
     )
 
+    # --- jobs, batching and admission ---------------------------------------------------
+    job_workers: int = Field(2, ge=1, le=64, description="Threads running jobs.")
+    batch_max_images: int = Field(4, ge=1, le=64, description="Most images in one pipeline call.")
+    batch_max_wait_ms: float = Field(
+        50.0, ge=0, le=10_000, description="How long a batch waits for compatible requests."
+    )
+    schedule_fairness_seconds: float = Field(
+        10.0, ge=0, description="A job waiting this long runs next, resident model or not."
+    )
+    queue_max: int = Field(64, ge=1, description="Jobs waiting at most (503 beyond).")
+    queue_max_per_owner: int = Field(16, ge=1, description="Jobs per client (429 beyond).")
+    job_keep_seconds: float = Field(3600.0, ge=1, description="Keep finished jobs this long.")
+
     # --- identity and rate limits -------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -22,6 +22,7 @@ __all__ = [
     "ModelUnavailable",
     "QueueFull",
     "ResourceNotFound",
+    "ServiceBusy",
     "ServiceError",
     "UnsupportedAudio",
 ]
@@ -85,6 +86,12 @@ class ModelUnavailable(ServiceError, ServiceUnavailable):
 
 
 class QueueFull(ServiceError, TooManyRequests):
-    """Too much work is waiting; retry later."""
+    """The caller has too much work waiting; retry later."""
 
     error = "queue_full"
+
+
+class ServiceBusy(ServiceError, ServiceUnavailable):
+    """The whole queue is full; retry later."""
+
+    error = "service_busy"

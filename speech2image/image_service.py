@@ -9,6 +9,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ from .style import StyleChoice, StyleChooser
 
 __all__ = [
     "MAX_SEED",
+    "BatchOutput",
     "GenerationResult",
     "ImageRequest",
     "ImageService",
+    "PreparedImage",
     "get_image_service",
     "model_key",
     "register_image_models",
@@ -83,13 +86,70 @@ class ImageRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreparedImage:
+    """A validated request with its model chosen: ready to join a batch."""
+
+    request: ImageRequest
+    choice: StyleChoice
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        r = self.request
+        return (self.choice.model, r.width, r.height, r.steps, r.scheduler, r.guidance_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutput:
+    """What one pipeline call produced, split back per item."""
+
+    images: list[list[Any]]
+    truncated: list[bool]
+    timings: dict[str, float]
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """Stored images and how they were made."""
 
     records: list[ImageRecord]
+    request: ImageRequest
     choice: StyleChoice
     truncated: bool
     timings: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON answer of a generation (sync response and job result alike)."""
+        r = self.request
+        return {
+            "images": [
+                {
+                    "id": rec.id,
+                    "filename": rec.filename,
+                    "url": f"/images/{rec.filename}",
+                    "width": rec.width,
+                    "height": rec.height,
+                    "seed": rec.seed,
+                    "bytes": rec.bytes,
+                }
+                for rec in self.records
+            ],
+            "model": self.choice.model,
+            "model_choice": self.choice.as_dict(),
+            "prompt": r.prompt,
+            "truncated": self.truncated,
+            "parameters": {
+                "negative_prompt": r.negative_prompt,
+                "width": r.width,
+                "height": r.height,
+                "steps": r.steps,
+                "guidance_scale": r.guidance_scale,
+                "scheduler": r.scheduler,
+                "seed": r.seed,
+                "num_images": r.num_images,
+            },
+            "timings": self.timings,
+        }
 
 
 class ImageService:
@@ -194,84 +254,127 @@ class ImageService:
         )
 
     # --- generation ----------------------------------------------------------------------
-    def generate(
-        self, owner: str, request: ImageRequest, *, transcript_id: str | None = None
-    ) -> GenerationResult:
-        """Choose the model, generate, and store files and rows together."""
-        started = time.perf_counter()
-        choice = self.chooser.choose(request.prompt, request.model)
+    def prepare(self, request: ImageRequest) -> PreparedImage:
+        """Choose the model now, so the job knows its batch key before it runs."""
+        return PreparedImage(request, self.chooser.choose(request.prompt, request.model))
+
+    def run_batch(
+        self,
+        items: list[PreparedImage],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> BatchOutput:
+        """One pipeline call for compatible items; each keeps its prompts and seeds."""
+        first = items[0]
+        assert all(i.batch_key() == first.batch_key() for i in items), "incompatible batch"
+        r = first.request
         spec = GenerationSpec(
-            prompts=[request.prompt] * request.num_images,
-            negative_prompts=[request.negative_prompt] * request.num_images,
-            seeds=request.seeds(),
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            scheduler=request.scheduler,
+            prompts=[i.request.prompt for i in items for _ in range(i.request.num_images)],
+            negative_prompts=[
+                i.request.negative_prompt for i in items for _ in range(i.request.num_images)
+            ],
+            seeds=[seed for i in items for seed in i.request.seeds()],
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            scheduler=r.scheduler,
         )
         with self._lock:
             self._waiting += 1
         waiting = True
         try:
-            with self.loader.lease(model_key(choice.model)) as lease:
+            with self.loader.lease(model_key(first.choice.model)) as lease:
                 with self._lock:
                     self._waiting -= 1
                     self._running += 1
                 waiting = False
-                truncated = (
-                    count_tokens(lease.model, request.prompt)
-                    > lease.model.tokenizer.model_max_length
+                limit = lease.model.tokenizer.model_max_length
+                truncated = [count_tokens(lease.model, i.request.prompt) > limit for i in items]
+                started = time.perf_counter()
+                images = self._generate_with_retry(
+                    lease.model, lease.device, first.choice.model, spec, on_step
                 )
-                inference_started = time.perf_counter()
-                images = self._generate_with_retry(lease.model, lease.device, choice.model, spec)
-                inference = time.perf_counter() - inference_started
+                inference = time.perf_counter() - started
         finally:
             with self._lock:
                 if waiting:
                     self._waiting -= 1
                 else:
                     self._running -= 1
-        save_started = time.perf_counter()
+        per_item, offset = [], 0
+        for item in items:
+            per_item.append(images[offset : offset + item.request.num_images])
+            offset += item.request.num_images
+        timings = {"wait": lease.wait_seconds, "load": lease.load_seconds, "inference": inference}
+        return BatchOutput(per_item, truncated, timings, batch_size=len(spec.prompts))
+
+    def store(
+        self,
+        owner: str,
+        item: PreparedImage,
+        images: list[Any],
+        *,
+        truncated: bool,
+        timings: dict[str, float],
+        transcript_id: str | None = None,
+    ) -> GenerationResult:
+        """Encode and store one item's images (files and rows together)."""
+        request, choice = item.request, item.choice
+        started = time.perf_counter()
         records = self.storage.save_images(
             owner,
             [
                 self._encode(image, seed, request, choice)
-                for image, seed in zip(images, spec.seeds, strict=True)
+                for image, seed in zip(images, request.seeds(), strict=True)
             ],
             transcript_id=transcript_id,
         )
-        done = time.perf_counter()
-        timings = {
-            "wait": lease.wait_seconds,
-            "load": lease.load_seconds,
-            "inference": inference,
-            "save": done - save_started,
-            "total": done - started,
-        }
+        timings = {**timings, "save": time.perf_counter() - started}
         log.info(
-            "generated %d image(s) %dx%d with %s in %.2fs",
+            "generated %d image(s) %dx%d with %s",
             len(records),
             request.width,
             request.height,
             choice.model,
-            timings["total"],
         )
         return GenerationResult(
-            records, choice, truncated, {k: round(v, 4) for k, v in timings.items()}
+            records, request, choice, truncated, {k: round(v, 4) for k, v in timings.items()}
         )
 
+    def generate(
+        self, owner: str, request: ImageRequest, *, transcript_id: str | None = None
+    ) -> GenerationResult:
+        """Prepare, run alone and store: one request without the job queue."""
+        started = time.perf_counter()
+        item = self.prepare(request)
+        output = self.run_batch([item])
+        result = self.store(
+            owner,
+            item,
+            output.images[0],
+            truncated=output.truncated[0],
+            timings=output.timings,
+            transcript_id=transcript_id,
+        )
+        result.timings["total"] = round(time.perf_counter() - started, 4)
+        return result
+
     def _generate_with_retry(
-        self, pipe: Any, device: str, model: str, spec: GenerationSpec
+        self,
+        pipe: Any,
+        device: str,
+        model: str,
+        spec: GenerationSpec,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[Any]:
         """On out-of-memory, free every other model on the device and try once more."""
         try:
-            return generate(pipe, spec)
+            return generate(pipe, spec, on_step=on_step)
         except DeviceOutOfMemory:
             log.warning("out of memory generating with %s: freeing %s and retrying", model, device)
             self.loader.free_device(device, exclude=model_key(model))
         try:
-            return generate(pipe, spec)
+            return generate(pipe, spec, on_step=on_step)
         except DeviceOutOfMemory:
             raise ModelUnavailable(
                 f"{device} is out of memory generating with {model!r}; retry shortly",

@@ -409,6 +409,13 @@ class ModelLoader:
             with self.lease(name):
                 pass
 
+    def is_resident(self, name: str) -> bool:
+        """True when ``name`` is loaded on its home device (a lease would not load it)."""
+        entry = self._entries.get(name)
+        if entry is None or entry.device is None:
+            return False
+        return entry.device == self._factories[name].home_device()
+
     def resident_bytes(self, device: str) -> int:
         """Bytes of resident models on ``device``."""
         with self._cond:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,7 +19,13 @@ from .engines.whisper import Transcript, WhisperFactory, transcribe
 from .errors import InvalidRequest
 from .model_loader import ModelLoader
 
-__all__ = ["SpeechService", "TranscribeOptions", "TranscriptionResult", "get_speech_service"]
+__all__ = [
+    "SpeechService",
+    "TranscribeOptions",
+    "TranscriptionResult",
+    "discard_upload",
+    "get_speech_service",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +99,32 @@ class SpeechService:
                 raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
         return TranscribeOptions(lang, task, _parse_bool("word_timestamps", words))
 
-    @contextlib.contextmanager
-    def stored_upload(self, stream: BinaryIO) -> Iterator[Path]:
-        """Write an upload under a server-made name (no client extension); always removed."""
+    def store_upload(self, stream: BinaryIO) -> Path:
+        """Write an upload under a server-made name (never the client's name or extension).
+
+        The caller owns the file: the job that uses it removes it when it ends.
+        """
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         path = self.upload_dir / f"upload-{uuid.uuid4().hex}"
         try:
             with open(path, "xb") as out:
                 while chunk := stream.read(1 << 16):
                     out.write(chunk)
-            yield path
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        except BaseException:
+            discard_upload(path)
+            raise
+        return path
 
-    def transcribe_file(self, path: Path, options: TranscribeOptions) -> TranscriptionResult:
-        """Decode ``path`` safely, then transcribe it with the leased Whisper model."""
+    def transcribe_file(
+        self,
+        path: Path,
+        options: TranscribeOptions,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> TranscriptionResult:
+        """Decode ``path`` safely, then transcribe it with the leased Whisper model.
+
+        ``on_progress(seconds_done, seconds_total)`` follows the decoded segments.
+        """
         with self._lock:
             self._active += 1
         try:
@@ -128,6 +144,13 @@ class SpeechService:
                     word_timestamps=options.word_timestamps,
                     beam_size=self.settings.whisper_beam_size,
                     vad=self.settings.whisper_vad,
+                    on_segment=(
+                        None
+                        if on_progress is None
+                        else lambda end: on_progress(
+                            min(int(end), int(audio.duration)), int(audio.duration)
+                        )
+                    ),
                 )
             done = time.perf_counter()
             timings = {
@@ -150,6 +173,32 @@ class SpeechService:
         finally:
             with self._lock:
                 self._active -= 1
+
+    def result_json(self, result: TranscriptionResult, response_format: str = "json") -> dict:
+        """The JSON answer of a transcription (``json`` or ``verbose_json``)."""
+        transcript = result.transcript
+        body: dict[str, Any] = {
+            "text": transcript.text,
+            "language": transcript.language,
+            "language_probability": transcript.language_probability,
+            "duration": transcript.duration,
+            "task": transcript.task,
+            "model": result.model,
+            "processing_time": result.timings["total"],
+            "timings": result.timings,
+        }
+        if response_format == "verbose_json":
+            body["duration_after_vad"] = transcript.duration_after_vad
+            body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+            words = [w for s in transcript.segments for w in (s.words or [])]
+            body["words"] = [dataclasses.asdict(w) for w in words] if words else None
+        return body
+
+
+def discard_upload(path: Path) -> None:
+    """Remove an upload (missing is fine)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _check_english_only(model: str, options: TranscribeOptions) -> None:

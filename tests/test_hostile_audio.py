@@ -172,9 +172,9 @@ def test_client_filename_is_never_used_on_disk(app, speech, monkeypatch) -> None
     service = app.extensions["speech"]
     original = service.transcribe_file
 
-    def spy(path, options):  # type: ignore[no-untyped-def]
+    def spy(path, options, **kwargs):  # type: ignore[no-untyped-def]
         seen.append(Path(path))
-        return original(path, options)
+        return original(path, options, **kwargs)
 
     monkeypatch.setattr(service, "transcribe_file", spy)
     response = upload(app.test_client(), speech["english"].read_bytes(), "../../evil.m3u8")

@@ -53,7 +53,7 @@ def test_generation_end_to_end(make_app) -> None:
     assert body["model_choice"]["style"] == "artistic"
     assert "oil painting" in body["model_choice"]["reason"]
     assert body["truncated"] is False
-    assert set(body["timings"]) == {"wait", "load", "inference", "save", "total"}
+    assert set(body["timings"]) == {"queue", "wait", "load", "inference", "save", "total"}
     assert body["timings"]["load"] > 0  # first use loaded the model
 
     # The file, the row and the PNG metadata agree.

@@ -9,9 +9,11 @@ from flask import Blueprint, current_app, jsonify, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 
 from ..errors import InvalidRequest, ResourceNotFound
-from ..image_service import get_image_service
+from ..image_service import get_image_service, model_key
+from ..jobs import Job, get_job_runner
 from ..storage import ImageRecord, get_storage
 from .identity import client_owner
+from .jobs import respond
 
 __all__ = ["bp"]
 
@@ -30,44 +32,25 @@ def image_json(record: ImageRecord) -> dict[str, Any]:
 
 @bp.post("/generate-image")
 def generate_image() -> ResponseReturnValue:
-    """Generate images from a prompt (synchronously) and record them in the history."""
+    """Generate images from a prompt: wait for them, or get a job with `"async": true`."""
     payload = request.get_json(silent=True)
-    if payload is None:
+    if not isinstance(payload, dict):
         raise InvalidRequest(
             "send a JSON object with at least `prompt` (Content-Type: application/json)"
         )
+    fields = {k: v for k, v in payload.items() if k != "async"}
     service = get_image_service(current_app)
-    image_request = service.validate(payload)
-    result = service.generate(client_owner(), image_request)
-    return jsonify(
-        images=[
-            {
-                "id": r.id,
-                "filename": r.filename,
-                "url": url_for("images.get_image", filename=r.filename),
-                "width": r.width,
-                "height": r.height,
-                "seed": r.seed,
-                "bytes": r.bytes,
-            }
-            for r in result.records
-        ],
-        model=result.choice.model,
-        model_choice=result.choice.as_dict(),
-        prompt=image_request.prompt,
-        truncated=result.truncated,
-        parameters={
-            "negative_prompt": image_request.negative_prompt,
-            "width": image_request.width,
-            "height": image_request.height,
-            "steps": image_request.steps,
-            "guidance_scale": image_request.guidance_scale,
-            "scheduler": image_request.scheduler,
-            "seed": image_request.seed,
-            "num_images": image_request.num_images,
-        },
-        timings=result.timings,
+    item = service.prepare(service.validate(fields))
+    job = Job(
+        kind="generate",
+        owner=client_owner(),
+        work=item,
+        model=model_key(item.choice.model),
+        batch_key=item.batch_key(),
+        images=item.request.num_images,
+        steps=item.request.steps,
     )
+    return respond(get_job_runner(current_app).submit(job))
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

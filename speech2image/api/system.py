@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 
 from .. import __version__
 from ..image_service import get_image_service, required_models
+from ..jobs import get_job_runner
 from ..maintenance import get_maintenance
 from ..model_loader import get_model_loader
 from ..speech_service import get_speech_service
@@ -64,6 +65,7 @@ def status() -> ResponseReturnValue:
         memory_budgets=loader.budgets,
         transcription={"active": get_speech_service(current_app).active},
         generation=get_image_service(current_app).state(),
+        jobs=get_job_runner(current_app).stats(),
         images=get_storage(current_app).stats(),
         cleanup={"last_run": get_maintenance(current_app).last_run},
         requests=current_app.extensions["request_stats"].snapshot(),

@@ -1,0 +1,150 @@
+"""Jobs over HTTP: submit-and-wait or 202 + Location, state, Server-Sent Events, cancel."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import Conflict
+
+from ..errors import ResourceNotFound, ServiceError
+from ..jobs import Job, JobState, get_job_runner
+from .identity import client_owner
+
+__all__ = ["bp", "respond", "wants_async"]
+
+bp = Blueprint("jobs", __name__)
+
+POLL_SECONDS = 0.25
+KEEPALIVE_SECONDS = 15.0
+
+
+class JobCancelledConflict(ServiceError, Conflict):
+    """The job this request waited for was cancelled."""
+
+    error = "job_cancelled"
+
+
+def wants_async(payload: dict[str, Any] | None = None) -> bool:
+    """`"async": true` in the body, `async=true` in the form/query, or `Prefer: respond-async`."""
+    if "respond-async" in request.headers.get("Prefer", "").lower():
+        return True
+    flag = (payload or {}).get("async", request.values.get("async"))
+    return flag is True or str(flag).lower() in ("1", "true", "yes")
+
+
+def _job_url(job: Job) -> str:
+    return url_for("jobs.get_job", job_id=job.id)
+
+
+def respond(job: Job) -> ResponseReturnValue:
+    """202 with the job for async callers; otherwise wait and answer with the result."""
+    if wants_async(request.get_json(silent=True) if request.is_json else None):
+        body = job.snapshot() | {
+            "url": _job_url(job),
+            "events": url_for("jobs.job_events", job_id=job.id),
+        }
+        response = jsonify(body)
+        response.status_code = 202
+        response.headers["Location"] = _job_url(job)
+        return response
+    return jsonify(wait_for(job))
+
+
+def wait_for(job: Job) -> dict[str, Any]:
+    """Block until ``job`` ends; if the client goes away, cancel it unless others wait too."""
+    job.waiters += 1
+    try:
+        while not job.wait(POLL_SECONDS):
+            if _client_gone():
+                job.waiters -= 1
+                if job.waiters == 0:
+                    get_job_runner(current_app).cancel(job.owner, job.id)
+                job.waiters += 1  # balanced by the finally below
+                raise ClientGone()
+    finally:
+        job.waiters -= 1
+    if job.state == JobState.SUCCEEDED:
+        assert job.result is not None
+        return job.result
+    if job.state == JobState.CANCELLED:
+        raise JobCancelledConflict("the job was cancelled before it finished")
+    error = job.exception
+    if isinstance(error, ServiceError):
+        raise error
+    raise RuntimeError(f"job {job.id} failed") from error
+
+
+class ClientGone(ServiceError):
+    """The client closed the connection while waiting (nginx's 499; nobody reads it)."""
+
+    code = 499
+    error = "client_closed_request"
+    description = "the client closed the connection"
+
+
+def _client_gone() -> bool:
+    """True when the request's socket was closed by the peer (dev server and gunicorn)."""
+    sock = request.environ.get("werkzeug.socket") or request.environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def _owned(job_id: str) -> Job:
+    job = get_job_runner(current_app).get(client_owner(), job_id)
+    if job is None:
+        raise ResourceNotFound("no such job")
+    return job
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> ResponseReturnValue:
+    """State, progress (step, total, ETA) and, once done, the result or the error."""
+    return jsonify(_owned(job_id).snapshot())
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> ResponseReturnValue:
+    """Cancel a queued job, or stop a running one between denoising steps."""
+    job = get_job_runner(current_app).cancel(client_owner(), job_id)
+    if job is None:
+        raise ResourceNotFound("no such job")
+    return jsonify(job.snapshot()), 200 if job.done else 202
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> ResponseReturnValue:
+    """Server-Sent Events: one `progress` event per change, then the final state; then close."""
+    job = _owned(job_id)
+    runner = get_job_runner(current_app)
+
+    def stream() -> Iterator[str]:
+        job.waiters += 1
+        try:
+            for snapshot in runner.watch(job, KEEPALIVE_SECONDS):
+                if snapshot is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                state = snapshot["state"]
+                event = state if state in ("succeeded", "failed", "cancelled") else "progress"
+                yield f"event: {event}\ndata: {json.dumps(snapshot)}\n\n"
+        finally:
+            job.waiters -= 1
+
+    return Response(
+        stream_with_context(stream()),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

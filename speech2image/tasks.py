@@ -1,0 +1,166 @@
+"""What each kind of job does: the glue between the job runner and the services.
+
+Handlers receive a batch of jobs (one, except for merged image generations) and finish each
+job with a result, an error or a cancellation. A distributed worker runs the same handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .engines.diffusers_sd import GenerationCancelled
+from .errors import InvalidAudio
+from .image_service import ImageService, PreparedImage
+from .jobs import Job, JobCancelled, LocalJobRunner
+from .speech_service import SpeechService, TranscribeOptions
+from .storage import Storage
+
+__all__ = ["SpeechToImageWork", "TranscribeWork", "register_tasks"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeWork:
+    """A stored upload to transcribe; the job removes the file when it ends."""
+
+    path: Path
+    options: TranscribeOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechToImageWork:
+    """A stored upload whose transcript becomes the prompt of an image request."""
+
+    path: Path
+    options: TranscribeOptions
+    image_fields: dict[str, Any]  # the image request without its prompt
+
+
+def register_tasks(
+    runner: LocalJobRunner, speech: SpeechService, images: ImageService, storage: Storage
+) -> None:
+    """Register the handlers of every job kind."""
+    runner.register("transcribe", partial(run_transcribe, speech))
+    runner.register("generate", partial(run_generate, images))
+    runner.register("speech_to_image", partial(run_speech_to_image, speech, images, storage))
+
+
+def _progress_all(jobs: list[Job], stage: str, done: int, total: int) -> None:
+    """Report progress to every job of a batch; stop the batch only if all were cancelled."""
+    for job in jobs:
+        with contextlib.suppress(JobCancelled):
+            job.progress(stage, done, total)
+    if all(job.cancel_requested for job in jobs):
+        raise GenerationCancelled()
+
+
+def _elapsed(job: Job) -> float:
+    return round(time.monotonic() - job.queued_at, 4)
+
+
+def run_transcribe(speech: SpeechService, jobs: list[Job]) -> None:
+    """Transcribe one upload."""
+    (job,) = jobs
+    work: TranscribeWork = job.work
+    try:
+        result = speech.transcribe_file(
+            work.path,
+            work.options,
+            on_progress=lambda done, total: job.progress("transcribing", done, total),
+        )
+        job.succeed(speech.result_json(result, "verbose_json") | {"queued_seconds": _queued(job)})
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(work.path)
+
+
+def _queued(job: Job) -> float:
+    return round((job.started_at or job.queued_at) - job.queued_at, 4)
+
+
+def run_generate(images: ImageService, jobs: list[Job]) -> None:
+    """Generate a batch of compatible requests in one pipeline call, then store each."""
+    items: list[PreparedImage] = [job.work for job in jobs]
+    try:
+        output = images.run_batch(
+            items, on_step=lambda done, total: _progress_all(jobs, "generating", done, total)
+        )
+    except GenerationCancelled:
+        for job in jobs:
+            job.mark_cancelled()
+        return
+    for job, item, pictures, truncated in zip(
+        jobs, items, output.images, output.truncated, strict=True
+    ):
+        if job.cancel_requested:
+            job.mark_cancelled()  # its images are dropped: no file, no row
+            continue
+        try:
+            timings = {**output.timings, "queue": _queued(job)}
+            result = images.store(job.owner, item, pictures, truncated=truncated, timings=timings)
+        except Exception as exc:
+            if not hasattr(exc, "error"):
+                log.exception("storing images of job %s failed", job.id)
+            job.fail(exc)
+            continue
+        result.timings["total"] = _elapsed(job)
+        job.succeed(result.as_dict() | {"batch_size": output.batch_size})
+
+
+def run_speech_to_image(
+    speech: SpeechService, images: ImageService, storage: Storage, jobs: list[Job]
+) -> None:
+    """Transcribe, choose the model from the transcript, generate, link images to it."""
+    (job,) = jobs
+    work: SpeechToImageWork = job.work
+    try:
+        heard = speech.transcribe_file(
+            work.path,
+            work.options,
+            on_progress=lambda done, total: job.progress("transcribing", done, total),
+        )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(work.path)
+    transcript = heard.transcript
+    if not transcript.text:
+        raise InvalidAudio("no speech was recognised in the audio, so there is no prompt")
+    request = images.validate({**work.image_fields, "prompt": transcript.text})
+    item = images.prepare(request)
+    output = images.run_batch(
+        [item], on_step=lambda done, total: job.progress("generating", done, total)
+    )
+    if job.cancel_requested:
+        job.mark_cancelled()
+        return
+    transcript_id = storage.add_transcript(
+        job.owner, transcript.text, transcript.language, transcript.duration
+    )
+    result = images.store(
+        job.owner,
+        item,
+        output.images[0],
+        truncated=output.truncated[0],
+        timings={**output.timings, "transcription": heard.timings["total"]},
+        transcript_id=transcript_id,
+    )
+    result.timings["total"] = _elapsed(job)
+    job.succeed(
+        result.as_dict()
+        | {
+            "transcript": {
+                "id": transcript_id,
+                "text": transcript.text,
+                "language": transcript.language,
+                "duration": transcript.duration,
+            }
+        }
+    )
