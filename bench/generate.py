@@ -18,14 +18,16 @@ Part 1 - throughput. N requests (``--requests``) with distinct prompts and seeds
 - service: the whole app behind a real threaded werkzeug server in a thread; N client threads
   (urllib) POST /generate-image at the same moment; timed from their release to the last
   response. The service also encodes a PNG, fsyncs the file and commits a history row per
-  image, which direct does not do.
+  image, which direct does not do; its job runner may merge requests into batched pipeline
+  calls (the settings line shows workers and batch size).
 
 Both are warmed first (untimed). Each repeat runs both, the order alternating. It prints the
 median images/s of each and ``service/direct``: above 1 the concurrent service beats the
 sequential pipeline, below 1 concurrency costs more than it brings (on a small CPU the N
 requests share the same cores). Also the median client latency of one request under that
 load, the service's own median wait/inference/save split, and whether the last repeat's
-service PNGs hold the same pixels as the direct images (same seeds, same scheduler).
+service PNGs hold the same pixels as the direct images (same seeds, same scheduler; a batched
+call may differ in the last bit, a difference of 1; more means other work was done).
 
 Part 2 - model switch. Two models of the same architecture (different seeds) behind the
 service's model loader. A 1-step request (client-timed) for model A when A is:
@@ -414,6 +416,10 @@ def part_throughput(
     walls = statistics.median(seconds for seconds, _ in runs["service"])
     print(f"{'service, concurrent':<32} {service_ips:9.3f} {walls:8.3f}")
     print(f"service/direct: {service_ips / direct_ips:.3f}x (images/s)")
+    runner = ("job_workers", "batch_max_images", "batch_max_wait_ms")
+    shown = [f"{name} {getattr(settings, name)}" for name in runner if hasattr(settings, name)]
+    if shown:
+        print("service settings: " + ", ".join(shown))
     if failed:
         print(
             f"FAILED: {failed} of {requests * repeats} service requests (not counted as "

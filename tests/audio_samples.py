@@ -54,3 +54,23 @@ def hls_playlist(url: str) -> bytes:
 def ffconcat_script(url: str) -> bytes:
     """An FFmpeg concat script that lists ``url``."""
     return f"ffconcat version 1.0\nfile '{url}'\n".encode()
+
+
+def multipart_body(
+    fields: dict[str, str], files: dict[str, tuple[str, bytes]]
+) -> tuple[bytes, str]:
+    """A pre-encoded multipart/form-data body and its content type.
+
+    Flask's test client spools large multipart bodies into temporary files it never closes;
+    tests that upload more than a few hundred KB send pre-encoded bytes instead.
+    """
+    boundary = "s2i-test-boundary"
+    parts = []
+    for name, value in fields.items():
+        disposition = f'Content-Disposition: form-data; name="{name}"'
+        parts.append(f"--{boundary}\r\n{disposition}\r\n\r\n{value}\r\n".encode())
+    for name, (filename, data) in files.items():
+        disposition = f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'
+        parts.append(f"--{boundary}\r\n{disposition}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"

@@ -102,3 +102,23 @@ def test_concurrent_requests_give_correct_distinct_images(make_app) -> None:
         for j in range(i + 1, 6):
             assert np.abs(concurrent_pixels[i] - concurrent_pixels[j]).mean() > 5
     assert app.extensions["images"].state() == {"running": 0, "waiting": 0}
+
+
+def test_shared_tokenizer_is_safe_under_concurrency(tiny_models) -> None:
+    """Prompts of different lengths encoded at once must not borrow each other's padding."""
+    from diffusers import StableDiffusionPipeline
+
+    from speech2image.engines.diffusers_sd import GenerationSpec
+    from speech2image.engines.diffusers_sd import generate as run
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["tiny-art"])
+    prompts = ["a", "a castle on a hill", "x" * 40, "a long winding road " * 5] * 6
+
+    def one(i: int) -> np.ndarray:
+        spec = GenerationSpec([prompts[i]], [None], [i], 64, 64, 1, 7.0, "euler")
+        return np.asarray(run(pipe, spec)[0], dtype=np.int16)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(one, range(len(prompts))))
+    for i, image in enumerate(together):
+        assert np.abs(image - one(i)).mean() < 1

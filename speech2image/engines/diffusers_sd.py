@@ -3,7 +3,9 @@
 Knows nothing about HTTP. torch and diffusers are imported only when a model is loaded.
 A loaded pipeline is shared, but every call runs through a pipeline object of its own with a
 fresh scheduler: schedulers keep step state and must never be shared between threads
-(diffusers issues #1606, #3672).
+(diffusers issues #1606, #3672). The tokenizer is shared state too (a fast tokenizer sets its
+padding and truncation on the object before encoding), so prompts are encoded under a lock
+per pipeline and the denoising loop gets the embeddings.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import dataclasses
 import gc
 import logging
 import sys
+import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -238,9 +242,23 @@ class GenerationSpec:
     scheduler: str
 
 
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _tokenizer_lock(pipe: Any) -> threading.Lock:
+    """The lock that serialises use of ``pipe``'s tokenizer."""
+    with _LOCKS_GUARD:
+        lock = _TOKENIZER_LOCKS.get(pipe.tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_LOCKS[pipe.tokenizer] = threading.Lock()
+        return lock
+
+
 def prompt_token_count(pipe: Any, prompt: str) -> int:
     """Tokens of ``prompt`` for the pipeline's text encoder (with start and end tokens)."""
-    return len(pipe.tokenizer(prompt, truncation=False).input_ids)
+    with _tokenizer_lock(pipe):
+        return len(pipe.tokenizer(prompt, truncation=False).input_ids)
 
 
 def _scheduler_for(pipe: Any, name: str) -> Any:
@@ -275,6 +293,7 @@ def generate(
     negatives = None
     if any(spec.negative_prompts):
         negatives = [n or "" for n in spec.negative_prompts]
+    guided = spec.guidance_scale > 1.0
 
     def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
@@ -283,9 +302,17 @@ def generate(
 
     try:
         with torch.inference_mode():
+            with _tokenizer_lock(pipe):
+                prompt_embeds, negative_embeds = request_pipe.encode_prompt(
+                    spec.prompts,
+                    request_pipe._execution_device,
+                    1,
+                    guided,
+                    negative_prompt=negatives,
+                )
             result = request_pipe(
-                prompt=spec.prompts,
-                negative_prompt=negatives,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds if guided else None,
                 width=spec.width,
                 height=spec.height,
                 num_inference_steps=spec.steps,

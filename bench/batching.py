@@ -1,0 +1,272 @@
+"""Benchmark of dynamic batching: the same concurrent load with batching on and off.
+
+Run: ``.venv/bin/python bench/batching.py [--model tiny|sd15] [--clients 8] [--steps 8]
+[--size 64] [--repeats 3]``
+
+What it measures. Two apps built with ``create_app`` serve the same random-weight model (built
+offline into a temporary folder as ``bench/generate.py`` builds it: ``tiny`` is the test
+suite's tiny SD 1.x pipeline, 64x64 by default; ``sd15`` the full SD 1.5 architecture in
+float16, 512x512 by default, meant for a GPU; on a CPU try ``--size 64 --steps 1 --clients 2
+--repeats 1``). Each app sits behind its own threaded werkzeug server on 127.0.0.1:
+
+- on:  ``batch_max_images`` = number of clients (8 by default), ``batch_max_wait_ms=50``: the
+  job runner merges compatible requests into one pipeline call;
+- off: ``batch_max_images=1``: one pipeline call per request.
+
+Both have ``job_workers=1``, so at most one pipeline call runs at a time in either app and the
+comparison isolates batching (with more workers, "off" would also overlap calls). N client
+threads (urllib, ``--clients``) POST /generate-image at the same moment (synchronous requests),
+all compatible (same size, steps, scheduler, guidance and model; distinct prompts and seeds).
+A run is timed from the clients' release to the last response.
+
+Each app is warmed first (one request to load the model, then one untimed concurrent run).
+Each repeat runs both, the order alternating (on, off / off, on / ...). It prints:
+
+- images/s of each (median of the repeats, and each repeat's value) and ``on/off``, the ratio
+  of the medians: above 1 batching raises throughput, near 1 it brings nothing on this device
+  (a CPU already busy with one image gains little from eight), below 1 it costs (the 50 ms
+  wait, or padding work);
+- the batch sizes seen: how many responses reported each ``batch_size`` (the size of the
+  pipeline call that made the image), and the number of pipeline calls per run;
+- latency per request under that load (client-side, median) and the service's own median
+  ``queue``/``inference``/``save`` split. With batching, a request waits less in the queue but
+  its pipeline call takes longer; the first response of a run comes later, the last sooner.
+
+Timings on a small shared machine drift between runs; compare the ratio, not the seconds.
+Exits 1 if any request failed (causes summarised from the service log), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+SCHEDULER = "euler_a"
+MODEL = "bench"
+BATCH_WAIT_MS = 50.0
+
+
+def _load_generate_bench() -> ModuleType:
+    """bench/generate.py as a module (bench is not a package): shared helpers live there."""
+    path = Path(__file__).with_name("generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generate_bench()
+Timed = tuple[float, dict[str, Any]]  # client seconds, response JSON
+Run = tuple[float, list[Timed | None], int]  # wall seconds, responses, pipeline calls
+
+
+def build_model(kind: str, tmp: Path) -> Path:
+    """The folder of one random-weight model: tiny, or the full SD 1.5 architecture."""
+    from speech2image.engines.tiny_sd import build_tiny_pipeline
+
+    started = time.perf_counter()
+    if kind == "tiny":
+        folder = build_tiny_pipeline(tmp / "tiny")
+    else:
+        folder = gen.build_sd15_pipeline(tmp / "sd15")
+    mib = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+    print(f"built 1 {kind} model in {time.perf_counter() - started:.1f} s ({mib:.1f} MiB)")
+    return folder
+
+
+def make_app(tmp: Path, name: str, folder: Path, size: int, steps: int, batch: int) -> Any:
+    """An app serving ``folder`` with one job worker and at most ``batch`` images per call."""
+    from speech2image.app import create_app
+    from speech2image.config import load_settings
+
+    settings = load_settings(
+        log_dir=tmp / "logs",  # one log: logging is process-wide, the last app's setup wins
+        image_dir=tmp / name / "images",
+        model_cache_dir=tmp / name / "cache",
+        ratelimit_enabled=False,
+        cleanup_interval_seconds=0,
+        image_models={MODEL: {"source": str(folder)}},
+        style_models={"artistic": MODEL, "photographic": MODEL},
+        default_width=size,
+        default_height=size,
+        max_width=max(1024, size),
+        max_height=max(1024, size),
+        max_steps=max(60, steps),
+        job_workers=1,
+        batch_max_images=batch,
+        batch_max_wait_ms=BATCH_WAIT_MS,
+    )
+    return create_app(settings)
+
+
+def concurrent_run(server: Any, app: Any, payloads: list[dict[str, Any]]) -> Run:
+    """All payloads POSTed at once by one thread each; wall seconds, responses, pipeline calls."""
+    from speech2image.jobs import get_job_runner
+
+    runner = get_job_runner(app)
+    barrier = threading.Barrier(len(payloads) + 1)
+    results: list[Timed | None] = [None] * len(payloads)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        with contextlib.suppress(RuntimeError):  # an HTTP error: counted as a failure
+            results[i] = server.generate(payloads[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    calls_before = runner.batches_run
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, results, runner.batches_run - calls_before
+
+
+def report(
+    runs: dict[str, list[Run]], clients: int, settings: dict[str, Any], log_path: Path
+) -> int:
+    """Print the table, batch sizes and latencies; return the number of failed requests."""
+    ips: dict[str, list[float]] = {
+        name: [sum(r is not None for r in timed) / wall for wall, timed, _ in done]
+        for name, done in runs.items()
+    }
+    med = {name: statistics.median(values) for name, values in ips.items()}
+    header = (
+        f"{'batching':<9} {'images/s':>9} {'wall s':>7} {'latency s':>10} {'queue s':>8} "
+        f"{'infer s':>8} {'save s':>7}  per repeat images/s"
+    )
+    print(header)
+    print("-" * len(header))
+    failed = 0
+    for name, done in runs.items():
+        responses = [r for _, timed, _ in done for r in timed if r is not None]
+        failed += clients * len(done) - len(responses)
+        wall = statistics.median(w for w, _, _ in done)
+
+        def median_of(key: str, responses: list[Timed] = responses) -> float:
+            values = [body.get("timings", {}).get(key, 0.0) for _, body in responses]
+            return statistics.median(values) if values else float("nan")
+
+        latency = statistics.median(s for s, _ in responses) if responses else float("nan")
+        each = " ".join(f"{v:.3f}" for v in ips[name])
+        print(
+            f"{name:<9} {med[name]:9.3f} {wall:7.3f} {latency:10.3f} {median_of('queue'):8.3f} "
+            f"{median_of('inference'):8.3f} {median_of('save'):7.3f}  {each}"
+        )
+    ratio = med["on"] / med["off"] if med["off"] else float("nan")
+    print(f"on/off: {ratio:.3f}x (images/s, ratio of the medians)")
+    print("latency: client-side per request, median; queue/infer/save: the service's timings")
+    for name, done in runs.items():
+        sizes = Counter(r[1].get("batch_size") for _, timed, _ in done for r in timed if r)
+        shown = ", ".join(f"size {k}: {n}" for k, n in sorted(sizes.items(), key=str))
+        calls = [c for _, _, c in done]
+        print(
+            f"batch sizes ({name}): {shown or 'none'} (requests); "
+            f"pipeline calls per run: {' '.join(map(str, calls))}"
+        )
+    print(
+        "settings: "
+        + "; ".join(f"{name}: {value}" for name, value in settings.items())
+        + " (job_workers 1 in both: at most one pipeline call at a time, so only batching differs)"
+    )
+    if failed:
+        print(f"FAILED: {failed} of {clients * sum(map(len, runs.values()))} requests; causes:")
+        for line in gen._logged_errors(log_path):
+            print(f"  {line}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build the model and both apps, run the interleaved repeats."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent requests per run")
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps")
+    parser.add_argument("--size", type=int, default=None, help="side in pixels (tiny 64, sd15 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
+    args = parser.parse_args(argv)
+    size = args.size or (64 if args.model == "tiny" else 512)
+    if args.clients < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--clients, --steps and --repeats must be at least 1")
+    if args.clients > 16:
+        parser.error("--clients must be at most 16 (the service's per-client queue limit)")
+    if size < 64 or size % 8:
+        parser.error("--size must be a multiple of 8, at least 64")
+
+    gen.machine_facts()
+    started = time.perf_counter()
+    device, dtype = gen.device_and_dtype()
+    with tempfile.TemporaryDirectory(prefix="s2i-bench-batch-") as name:
+        tmp = Path(name)
+        with gen.quiet_logs():
+            folder = build_model(args.model, tmp)
+            apps = {
+                "on": make_app(tmp, "on", folder, size, args.steps, batch=args.clients),
+                "off": make_app(tmp, "off", folder, size, args.steps, batch=1),
+            }
+        guidance = apps["on"].config["S2I_SETTINGS"].default_guidance_scale
+        payloads = [
+            {
+                "prompt": f"a lighthouse on a cliff at dusk, study number {i}",
+                "seed": i,
+                "steps": args.steps,
+                "width": size,
+                "height": size,
+                "model": MODEL,
+                "scheduler": SCHEDULER,
+                "guidance_scale": guidance,
+            }
+            for i in range(args.clients)
+        ]
+        servers = {key: gen.Server(app) for key, app in apps.items()}
+        try:
+            with gen.quiet_logs():
+                for key in apps:  # load the model, then one untimed concurrent run
+                    servers[key].generate(payloads[0])
+                    concurrent_run(servers[key], apps[key], payloads)
+                runs: dict[str, list[Run]] = gen.interleaved(
+                    args.repeats,
+                    {
+                        key: lambda key=key: concurrent_run(servers[key], apps[key], payloads)
+                        for key in apps
+                    },
+                )
+        finally:
+            for server in servers.values():
+                server.close()
+        print(
+            f"Dynamic batching, {args.clients} concurrent clients, {args.model} {size}x{size}, "
+            f"{args.steps} steps, {SCHEDULER}, guidance {guidance}, {device} "
+            f"{str(dtype).removeprefix('torch.')}, median of {args.repeats}"
+        )
+        failed = report(
+            runs,
+            args.clients,
+            {
+                "on": f"batch_max_images {args.clients}, batch_max_wait_ms {BATCH_WAIT_MS:g}",
+                "off": "batch_max_images 1",
+            },
+            tmp / "logs" / "app.log",
+        )
+    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {gen._load()}")
+    if failed:
+        print(f"exit 1: {failed} request(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
