@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,25 @@ def _settings() -> Settings:
         return load_settings()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr fed with (done, total); quiet when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit=unit, total=0, disable=None, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 @click.group()
@@ -82,7 +103,8 @@ def transcribe(audio: Path, language: str | None, task: str, as_json: bool) -> N
     service = SpeechService(settings, loader)
     try:
         options = service.validate_options(language, task, None)
-        result = service.transcribe_file(audio, options)
+        with _progress_bar("transcribing", "s") as bar:
+            result = service.transcribe_file(audio, options, on_progress=bar)
     except ServiceError as exc:
         raise click.ClickException(f"{exc.error}: {exc.description}") from None
     if as_json:
@@ -160,21 +182,42 @@ def generate(
     from .api.identity import LOCAL_OWNER
     from .app import create_app
     from .errors import ServiceError
+    from .image_service import model_key
+    from .jobs import Job
 
     settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
     app = create_app(settings)
-    service = app.extensions["images"]
+    service, runner = app.extensions["images"], app.extensions["jobs"]
     payload = {"prompt": prompt, "model": model, "num_images": num_images}
     for key, value in (("width", width), ("height", height), ("steps", steps), ("seed", seed)):
         if value is not None:
             payload[key] = value
     try:
-        result = service.generate(LOCAL_OWNER, service.validate(payload))
+        item = service.prepare(service.validate(payload))
+        job = runner.submit(
+            Job(
+                kind="generate",
+                owner=LOCAL_OWNER,
+                work=item,
+                model=model_key(item.choice.model),
+                steps=item.request.steps,
+            )
+        )
+        with _progress_bar("generating", "step") as bar:
+            for snapshot in runner.watch(job, timeout=1.0):
+                if snapshot and snapshot["progress"]["total"]:
+                    bar(snapshot["progress"]["step"], snapshot["progress"]["total"])
     except ServiceError as exc:
         raise click.ClickException(f"{exc.error}: {exc.description}") from None
-    click.echo(f"model: {result.choice.model} ({result.choice.reason})")
-    for record in result.records:
-        click.echo(f"{app.extensions['storage'].image_dir / record.filename}  seed={record.seed}")
+    if job.exception is not None:
+        error = job.exception
+        raise click.ClickException(f"{getattr(error, 'error', 'error')}: {error}") from None
+    result = job.result or {}
+    click.echo(f"model: {result['model']} ({result['model_choice']['reason']})")
+    for image in result["images"]:
+        click.echo(
+            f"{app.extensions['storage'].image_dir / image['filename']}  seed={image['seed']}"
+        )
 
 
 @main.command()

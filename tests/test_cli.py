@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,3 +139,36 @@ def test_gunicorn_config_serves_with_one_worker(cli_env) -> None:
         _, stderr = process.communicate(timeout=30)
     assert stderr.count("Booting worker") == 1
     assert "gthread" in stderr
+
+
+def test_generate_and_transcribe_show_progress_on_a_terminal(cli_env, speech) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def on_terminal(*args: str) -> str:
+        leader, follower = pty.openpty()
+        # A real terminal has a size; a fresh pty is 0x0, which leaves no room for a bar.
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        process = subprocess.Popen(
+            [*CLI, *args], env=cli_env(), stdout=follower, stderr=follower, cwd=ROOT
+        )
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(120) == 0, output.decode(errors="replace")
+        os.close(leader)
+        return output.decode(errors="replace")
+
+    shown = on_terminal("generate", "a castle", "--steps", "12")
+    assert re.search(r"generating: +\d+%.*\d+/12 \[", shown), shown
+    heard = on_terminal("transcribe", str(speech["long"]))
+    assert "transcribing" in heard and "lighthouse" in heard.lower()
