@@ -213,6 +213,9 @@ class JobRunner(Protocol):
     def watch(self, job: Job, timeout: float) -> Iterator[dict[str, Any] | None]:
         """Snapshots as the job changes; None as a keep-alive after ``timeout`` quiet seconds."""
 
+    def stats(self) -> dict[str, Any]:
+        """Queue depth and running jobs, for /status."""
+
 
 class LocalJobRunner:
     """In-process job runner: worker threads, resident-first scheduling, dynamic batching."""
@@ -417,6 +420,6 @@ class LocalJobRunner:
                 del self._jobs[job_id]
 
 
-def get_job_runner(app: Any) -> LocalJobRunner:
-    """The app's job runner."""
+def get_job_runner(app: Any) -> JobRunner:
+    """The app's job runner (views depend on the interface, not the local implementation)."""
     return app.extensions["jobs"]
