@@ -151,11 +151,17 @@ def models(as_json: bool) -> None:
 @main.command("build-tiny-model")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-def build_tiny_model(folder: Path, seed: int) -> None:
-    """Build a tiny random-weight Stable Diffusion pipeline (draws noise) into FOLDER."""
-    from .engines.tiny_sd import build_tiny_pipeline
+@click.option(
+    "--full-size",
+    is_flag=True,
+    help="The full SD 1.5 architecture (2 GB in float16), for load and GPU measurements.",
+)
+def build_tiny_model(folder: Path, seed: int, full_size: bool) -> None:
+    """Build a random-weight Stable Diffusion pipeline (it draws noise) into FOLDER."""
+    from .engines.tiny_sd import build_random_pipeline
 
-    path = build_tiny_pipeline(folder, seed=seed)
+    architecture = "sd15" if full_size else "tiny"
+    path = build_random_pipeline(folder, seed=seed, architecture=architecture, half=full_size)
     click.echo(f"built {path}")
     spec = json.dumps({"tiny": {"source": str(path.resolve())}})
     click.echo(f"use it: S2I_IMAGE_MODELS='{spec}'")

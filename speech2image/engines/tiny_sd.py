@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import tempfile
+from typing import Any
 
 MODEL_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -47,8 +48,68 @@ def write_tokenizer_files(directory: str | os.PathLike) -> pathlib.Path:
     return directory
 
 
+# Component sizes. "tiny" is for tests and the offline demo (about 8 MB, 64x64 images);
+# "sd15" is the full Stable Diffusion 1.5 architecture, the honest fixture for load, memory and
+# GPU throughput measurements. Both get random weights.
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": {
+            "sample_size": 32,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+        },
+        "vae": {
+            "sample_size": 64,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "layers_per_block": 1,
+        },
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "projection_dim": 32,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 4,
+        },
+    },
+    "sd15": {
+        "unet": {
+            "sample_size": 64,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+        },
+        "vae": {
+            "sample_size": 512,
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2,
+        },
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "projection_dim": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+        },
+    },
+}
+
+
 def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build a tiny random-weight SD 1.x pipeline into `path` (diffusers layout, safetensors)."""
+    return build_random_pipeline(path, seed=seed, architecture="tiny")
+
+
+def build_random_pipeline(
+    path: str | os.PathLike, *, seed: int = 0, architecture: str = "tiny", half: bool = False
+) -> pathlib.Path:
+    """Build a random-weight SD 1.x pipeline of ``architecture`` into ``path``, offline."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -58,6 +119,7 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    sizes = ARCHITECTURES[architecture]
     path = pathlib.Path(path)
     with tempfile.TemporaryDirectory(prefix="tiny-sd-tokenizer-") as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(
@@ -84,44 +146,28 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=32,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64),
             layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=32,
+            **sizes["unet"],
         )
         torch.manual_seed(seed)
         vae = AutoencoderKL(
-            sample_size=64,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
+            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32, **sizes["vae"]
         )
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                projection_dim=32,
-                num_hidden_layers=5,
-                num_attention_heads=4,
                 max_position_embeddings=MODEL_MAX_LENGTH,
                 hidden_act="quick_gelu",
                 layer_norm_eps=1e-5,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                **sizes["text"],
             )
         )
 
@@ -135,6 +181,8 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if half:
+        pipe.to(torch.float16)
     pipe.save_pretrained(path, safe_serialization=True)
     # Recent transformers only writes tokenizer.json; keep the classic files for older readers.
     tokenizer_dir = path / "tokenizer"
