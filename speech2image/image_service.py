@@ -341,24 +341,6 @@ class ImageService:
             records, request, choice, truncated, {k: round(v, 4) for k, v in timings.items()}
         )
 
-    def generate(
-        self, owner: str, request: ImageRequest, *, transcript_id: str | None = None
-    ) -> GenerationResult:
-        """Prepare, run alone and store: one request without the job queue."""
-        started = time.perf_counter()
-        item = self.prepare(request)
-        output = self.run_batch([item])
-        result = self.store(
-            owner,
-            item,
-            output.images[0],
-            truncated=output.truncated[0],
-            timings=output.timings,
-            transcript_id=transcript_id,
-        )
-        result.timings["total"] = round(time.perf_counter() - started, 4)
-        return result
-
     def _generate_with_retry(
         self,
         pipe: Any,

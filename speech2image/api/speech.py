@@ -1,4 +1,4 @@
-"""POST /transcribe-audio: multipart upload in, transcript out in five formats."""
+"""POST /transcribe-audio (transcript in five formats) and POST /speech-to-image."""
 
 from __future__ import annotations
 
