@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         is_resident=loader.is_resident,
         keep_finished_seconds=settings.job_keep_seconds,
     )
-    register_tasks(runner, speech_service, image_service, storage)
+    register_tasks(runner, speech_service, image_service)
     runner.init_app(app)
     app.extensions["request_stats"] = RequestStats()
 

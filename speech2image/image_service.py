@@ -20,7 +20,7 @@ from .engines.diffusers_sd import SCHEDULERS, DiffusersFactory, GenerationSpec, 
 from .engines.diffusers_sd import prompt_token_count as count_tokens
 from .errors import InvalidRequest, ModelUnavailable
 from .model_loader import DeviceOutOfMemory, ModelLoader
-from .storage import ImageRecord, NewImage, Storage
+from .storage import ImageRecord, NewImage, NewTranscript, Storage
 from .style import StyleChoice, StyleChooser
 
 __all__ = [
@@ -316,7 +316,7 @@ class ImageService:
         *,
         truncated: bool,
         timings: dict[str, float],
-        transcript_id: str | None = None,
+        transcript: NewTranscript | None = None,
     ) -> GenerationResult:
         """Encode and store one item's images (files and rows together)."""
         request, choice = item.request, item.choice
@@ -327,7 +327,7 @@ class ImageService:
                 self._encode(image, seed, request, choice)
                 for image, seed in zip(images, request.seeds(), strict=True)
             ],
-            transcript_id=transcript_id,
+            transcript=transcript,
         )
         timings = {**timings, "save": time.perf_counter() - started}
         log.info(

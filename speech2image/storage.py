@@ -41,6 +41,7 @@ __all__ = [
     "Base",
     "ImageRecord",
     "NewImage",
+    "NewTranscript",
     "Storage",
     "TranscriptRecord",
     "get_storage",
@@ -153,6 +154,16 @@ class NewImage:
     id: str = dataclasses.field(default_factory=new_id)
 
 
+@dataclasses.dataclass(frozen=True)
+class NewTranscript:
+    """A transcript to store with the images generated from it."""
+
+    text: str
+    language: str | None
+    duration: float | None
+    id: str = dataclasses.field(default_factory=new_id)
+
+
 class Storage:
     """The image history: rows in a SQL database, PNG files in one folder."""
 
@@ -175,21 +186,11 @@ class Storage:
         self.engine.dispose()
 
     # --- writing -------------------------------------------------------------------------
-    def add_transcript(
-        self, owner: str, text: str, language: str | None, duration: float | None
-    ) -> str:
-        """Record a transcript; returns its id."""
-        record = TranscriptRecord(
-            id=new_id(), owner=owner, text=text, language=language, duration=duration
-        )
-        with self._sessions.begin() as session:
-            session.add(record)
-        return record.id
-
     def save_images(
-        self, owner: str, images: list[NewImage], transcript_id: str | None = None
+        self, owner: str, images: list[NewImage], transcript: NewTranscript | None = None
     ) -> list[ImageRecord]:
-        """Store a batch of images, files and rows together, or nothing at all."""
+        """Store a batch of images (and the transcript they came from), or nothing at all."""
+        transcript_id = transcript.id if transcript is not None else None
         staged: list[tuple[Path, Path]] = []
         records: list[ImageRecord] = []
         placed: list[Path] = []
@@ -226,6 +227,17 @@ class Storage:
                     )
                 )
             with self._sessions.begin() as session:
+                if transcript is not None:
+                    session.add(
+                        TranscriptRecord(
+                            id=transcript.id,
+                            owner=owner,
+                            text=transcript.text,
+                            language=transcript.language,
+                            duration=transcript.duration,
+                        )
+                    )
+                    session.flush()  # the images refer to it
                 session.add_all(records)
                 session.flush()
                 for temporary, final in staged:

@@ -20,7 +20,7 @@ from .errors import InvalidAudio
 from .image_service import ImageService, PreparedImage
 from .jobs import Job, JobCancelled, LocalJobRunner
 from .speech_service import SpeechService, TranscribeOptions
-from .storage import Storage
+from .storage import NewTranscript
 
 __all__ = ["SpeechToImageWork", "TranscribeWork", "register_tasks"]
 
@@ -44,13 +44,11 @@ class SpeechToImageWork:
     image_fields: dict[str, Any]  # the image request without its prompt
 
 
-def register_tasks(
-    runner: LocalJobRunner, speech: SpeechService, images: ImageService, storage: Storage
-) -> None:
+def register_tasks(runner: LocalJobRunner, speech: SpeechService, images: ImageService) -> None:
     """Register the handlers of every job kind."""
     runner.register("transcribe", partial(run_transcribe, speech))
     runner.register("generate", partial(run_generate, images))
-    runner.register("speech_to_image", partial(run_speech_to_image, speech, images, storage))
+    runner.register("speech_to_image", partial(run_speech_to_image, speech, images))
 
 
 def _progress_all(jobs: list[Job], stage: str, done: int, total: int) -> None:
@@ -115,9 +113,7 @@ def run_generate(images: ImageService, jobs: list[Job]) -> None:
         job.succeed(result.as_dict() | {"batch_size": output.batch_size})
 
 
-def run_speech_to_image(
-    speech: SpeechService, images: ImageService, storage: Storage, jobs: list[Job]
-) -> None:
+def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[Job]) -> None:
     """Transcribe, choose the model from the transcript, generate, link images to it."""
     (job,) = jobs
     work: SpeechToImageWork = job.work
@@ -141,23 +137,21 @@ def run_speech_to_image(
     if job.cancel_requested:
         job.mark_cancelled()
         return
-    transcript_id = storage.add_transcript(
-        job.owner, transcript.text, transcript.language, transcript.duration
-    )
+    record = NewTranscript(transcript.text, transcript.language, transcript.duration)
     result = images.store(
         job.owner,
         item,
         output.images[0],
         truncated=output.truncated[0],
         timings={**output.timings, "transcription": heard.timings["total"]},
-        transcript_id=transcript_id,
+        transcript=record,
     )
     result.timings["total"] = _elapsed(job)
     job.succeed(
         result.as_dict()
         | {
             "transcript": {
-                "id": transcript_id,
+                "id": record.id,
                 "text": transcript.text,
                 "language": transcript.language,
                 "duration": transcript.duration,

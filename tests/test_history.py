@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text, update
 
-from speech2image.storage import ImageRecord, NewImage, Storage
+from speech2image.storage import ImageRecord, NewImage, NewTranscript, Storage
 
 from .test_images import fetch, generate, image_files
 
@@ -232,7 +232,7 @@ def test_storage_works_on_postgresql(tmp_path) -> None:
     url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     storage = Storage(url, tmp_path / "images")
     try:
-        transcript = storage.add_transcript("alice", "a castle at dawn", "en", 2.5)
+        transcript = NewTranscript("a castle at dawn", "en", 2.5)
         image = NewImage(
             png=b"\x89PNG fake",
             prompt="a castle at dawn",
@@ -247,9 +247,9 @@ def test_storage_works_on_postgresql(tmp_path) -> None:
             height=64,
             parameters={"seed": 2**32 - 1},
         )
-        (record,) = storage.save_images("alice", [image], transcript_id=transcript)
+        (record,) = storage.save_images("alice", [image], transcript=transcript)
         rows, total = storage.list_images("alice")
-        assert total == 1 and rows[0].id == record.id and rows[0].transcript_id == transcript
+        assert total == 1 and rows[0].id == record.id and rows[0].transcript_id == transcript.id
         assert rows[0].seed == 2**32 - 1
         assert storage.get_image("bob", record.filename) is None
         assert storage.stats() == {"count": 1, "bytes": len(image.png)}

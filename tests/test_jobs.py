@@ -311,3 +311,30 @@ def test_transcription_runs_as_a_job(client, speech, field) -> None:
     assert response.status_code == 202
     done = wait_state(client, response.json["id"], {"succeeded"})
     assert "fox" in done["result"]["text"].lower()
+
+
+def test_failed_speech_to_image_leaves_no_transcript_or_image(
+    make_app, speech, monkeypatch
+) -> None:
+    from sqlalchemy import func, select
+
+    import speech2image.storage as storage_module
+    from speech2image.storage import TranscriptRecord
+
+    def full_disk(src, dst):  # type: ignore[no-untyped-def]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage_module.os, "replace", full_disk)
+    app = make_app()
+    with open(speech["english"], "rb") as fh:
+        response = app.test_client().post(
+            "/speech-to-image",
+            data={"audio": (fh, "clip.wav"), "steps": "2"},
+            content_type="multipart/form-data",
+        )
+    assert response.status_code == 500
+    storage = app.extensions["storage"]
+    with storage.engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(TranscriptRecord)) == 0
+    assert image_files(app) == []
+    assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []
