@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,12 @@ from .engines.diffusers_sd import GenerationCancelled
 from .errors import InvalidAudio
 from .image_service import ImageService, PreparedImage
 from .jobs import Job, JobCancelled, LocalJobRunner
-from .speech_service import SpeechService, TranscribeOptions
+from .speech_service import (
+    SpeechService,
+    TranscribeOptions,
+    TranscriptionResult,
+    discard_upload,
+)
 from .storage import NewTranscript
 
 __all__ = ["SpeechToImageWork", "TranscribeWork", "register_tasks"]
@@ -64,20 +68,26 @@ def _elapsed(job: Job) -> float:
     return round(time.monotonic() - job.queued_at, 4)
 
 
+def _transcribe_upload(
+    speech: SpeechService, job: Job, path: Path, options: TranscribeOptions
+) -> TranscriptionResult:
+    """Transcribe a stored upload with progress, removing the file as soon as it is read."""
+    try:
+        return speech.transcribe_file(
+            path,
+            options,
+            on_progress=lambda done, total: job.progress("transcribing", done, total),
+        )
+    finally:
+        discard_upload(path)
+
+
 def run_transcribe(speech: SpeechService, jobs: list[Job]) -> None:
     """Transcribe one upload."""
     (job,) = jobs
     work: TranscribeWork = job.work
-    try:
-        result = speech.transcribe_file(
-            work.path,
-            work.options,
-            on_progress=lambda done, total: job.progress("transcribing", done, total),
-        )
-        job.succeed(speech.result_json(result, "verbose_json") | {"queued_seconds": _queued(job)})
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(work.path)
+    result = _transcribe_upload(speech, job, work.path, work.options)
+    job.succeed(speech.result_json(result, "verbose_json") | {"queued_seconds": _queued(job)})
 
 
 def _queued(job: Job) -> float:
@@ -117,15 +127,7 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
     """Transcribe, choose the model from the transcript, generate, link images to it."""
     (job,) = jobs
     work: SpeechToImageWork = job.work
-    try:
-        heard = speech.transcribe_file(
-            work.path,
-            work.options,
-            on_progress=lambda done, total: job.progress("transcribing", done, total),
-        )
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(work.path)
+    heard = _transcribe_upload(speech, job, work.path, work.options)
     transcript = heard.transcript
     if not transcript.text:
         raise InvalidAudio("no speech was recognised in the audio, so there is no prompt")
