@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Protocol
 
 from .errors import QueueFull, ServiceBusy, ServiceError
+from .logging_setup import current_request_id, job_request_id
 
 __all__ = [
     "Job",
@@ -77,6 +78,7 @@ class Job:
     cancel_requested: bool = False
     waiters: int = 0
     cleanup: Callable[[], None] | None = None  # called once when the job ends, however
+    request_id: str | None = dataclasses.field(default_factory=current_request_id)
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
@@ -391,6 +393,7 @@ class LocalJobRunner:
         started = time.monotonic()
         for job in batch:
             job.start()
+        token = job_request_id.set(",".join(j.request_id or "-" for j in batch))
         try:
             self._handlers[batch[0].kind](batch)
         except JobCancelled:
@@ -406,6 +409,7 @@ class LocalJobRunner:
                     job.mark_cancelled()
                 else:
                     job.fail(RuntimeError("the handler returned without a result"))
+        job_request_id.reset(token)
         self.batches_run += 1
         steps = max(j.total_steps for j in batch)
         if steps and all(j.state == JobState.SUCCEEDED for j in batch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import logging.handlers
 import sys
@@ -9,20 +10,29 @@ from pathlib import Path
 
 from flask import g, has_request_context
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "current_request_id", "job_request_id"]
 
 FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
 
 
+# Set while a job runs in a worker thread, so its log lines carry the submitting request's id.
+job_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "job_request_id", default=None
+)
+
+
+def current_request_id() -> str | None:
+    """The id of the request being served, or of the request whose job is running."""
+    if has_request_context():
+        return getattr(g, "request_id", None)
+    return job_request_id.get()
+
+
 class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` to every record: the current request's, or '-'."""
+    """Adds ``request_id`` to every record: the current request's (or job's), or '-'."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = (
-            getattr(g, "request_id", "-")
-            if has_request_context()
-            else getattr(record, "request_id", "-")
-        )
+        record.request_id = current_request_id() or getattr(record, "request_id", "-")
         return True
 
 

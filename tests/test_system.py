@@ -168,3 +168,17 @@ def test_health_answers_while_a_transcription_runs(make_app, live_server, speech
     assert answered_while_running >= 1
     assert result["status"] == 200
     assert "lighthouse" in result["body"]["text"].lower()
+
+
+def test_job_log_lines_carry_the_request_id(make_app) -> None:
+    app = make_app()
+    client = app.test_client()
+    response = client.post(
+        "/generate-image",
+        json={"prompt": "a castle", "steps": 1},
+        headers={"X-Request-ID": "trace-gen-1"},
+    )
+    assert response.status_code == 200
+    log = (Path(app.config["S2I_SETTINGS"].log_dir) / "app.log").read_text()
+    assert "[trace-gen-1] speech2image.image_service: generated 1 image(s)" in log
+    assert "[trace-gen-1] speech2image.model_loader: loaded model sd:tiny-art" in log
