@@ -114,10 +114,20 @@ def decode_audio(path: str | os.PathLike[str], max_seconds: float) -> DecodedAud
 
 
 def _decode_stream(av, container, stream, max_seconds: float) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Decode and resample, counting source samples; stop as soon as the cap is passed."""
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=TARGET_SAMPLE_RATE)
+    """Decode and resample, counting source samples; stop as soon as the cap is passed.
+
+    A stream may change its sample rate or channel layout mid-way (concatenated MP3s do):
+    each change gets a resampler of its own.
+    """
     chunks: list[np.ndarray] = []
     decoded_seconds = 0.0
+    resampler = None
+    shape: tuple[str, str, int] | None = None
+
+    def drain(active) -> None:  # type: ignore[no-untyped-def]
+        for out in active.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+
     try:
         for frame in container.decode(stream):
             frame_rate = frame.sample_rate
@@ -131,14 +141,21 @@ def _decode_stream(av, container, stream, max_seconds: float) -> np.ndarray:  # 
                     f"audio is longer than the limit of {max_seconds:g} seconds "
                     "(stopped decoding at the limit)"
                 )
+            frame_shape = (frame.format.name, frame.layout.name, frame_rate)
+            if frame_shape != shape:
+                if resampler is not None:
+                    drain(resampler)
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=TARGET_SAMPLE_RATE)
+                shape = frame_shape
             frame.pts = None  # the resampler wants monotonic pts; we only need the samples
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    except av.error.FFmpegError as exc:
+        if resampler is not None:
+            drain(resampler)
+    except (av.error.FFmpegError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
         raise InvalidAudio(
-            f"the audio stream is corrupt and could not be decoded: {exc.strerror}"
+            f"the audio stream is corrupt and could not be decoded: {reason}"
         ) from exc
     if not chunks:
         raise InvalidAudio("the audio stream contains no samples")

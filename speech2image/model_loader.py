@@ -72,6 +72,7 @@ class _Entry:
     model: Any = None
     device: str | None = None  # where it is now; None: not loaded
     nbytes: int = 0
+    last_nbytes: int = 0  # measured size of the last load, kept after unloading
     leases: int = 0
     busy: bool = False  # loading or moving: others wait
     last_used: float = 0.0
@@ -202,12 +203,15 @@ class ModelLoader:
         return time.perf_counter() - started
 
     def _load(self, entry: _Entry, factory: ModelFactory, device: str) -> None:
-        estimate = factory.estimate_bytes()
-        self._make_room(device, estimate, exclude=entry.name, count_new=True)
+        # A model loaded before tells its real size; otherwise trust the factory's estimate.
+        estimate = entry.last_nbytes or factory.estimate_bytes()
+        # Room-making and loading are serialised: two loads never both count the same room.
         with self._load_lock:
+            self._make_room(device, estimate, exclude=entry.name, count_new=True)
             model, nbytes, seconds = self._timed_load(factory, device, entry.name, estimate)
         with self._cond:
             entry.model, entry.device, entry.nbytes = model, device, nbytes
+            entry.last_nbytes = nbytes
             entry.loads += 1
             entry.load_seconds = seconds
             entry.error = None
@@ -216,8 +220,12 @@ class ModelLoader:
             "loaded model %s on %s in %.2fs (%.1f MiB)", entry.name, device, seconds, nbytes / 2**20
         )
         self._record("load", entry.name, device)
-        # The estimate may have been low: settle the budget with the measured size.
-        self._make_room(device, 0, exclude=entry.name)
+        # The estimate may have been low: settle the budget with the measured size. The model
+        # is loaded and will serve this lease; if every other model is held, say so and go on.
+        try:
+            self._make_room(device, 0, exclude=entry.name)
+        except ModelUnavailable:
+            log.warning("%s is over its memory budget while every model is in use", device)
 
     def _timed_load(
         self, factory: ModelFactory, device: str, name: str, estimate: int

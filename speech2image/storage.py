@@ -284,6 +284,9 @@ class Storage:
     ) -> tuple[list[ImageRecord], int]:
         """The owner's images newest first, and how many match in all."""
         conditions = [ImageRecord.owner == owner]
+        # Stored times are UTC; SQLite compares them as text, so compare in UTC too.
+        since = since.astimezone(dt.UTC) if since else None
+        until = until.astimezone(dt.UTC) if until else None
         if model:
             conditions.append(ImageRecord.model == model)
         if since:
@@ -358,12 +361,15 @@ class Storage:
         """Delete files that no row names (left by a crash), once they are clearly stale."""
         # A save in progress has files whose rows are not committed yet: leave young files.
         cutoff = utcnow().timestamp() - ORPHAN_GRACE_SECONDS
-        candidates = [
-            path
-            for path in self.image_dir.iterdir()
-            if (FILENAME_PATTERN.fullmatch(path.name) or path.name.endswith(".png.tmp"))
-            and path.stat().st_mtime < cutoff
-        ]
+        candidates = []
+        for path in self.image_dir.iterdir():
+            if not (FILENAME_PATTERN.fullmatch(path.name) or path.name.endswith(".png.tmp")):
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    candidates.append(path)
+            except FileNotFoundError:  # renamed or removed by a save or cleanup meanwhile
+                continue
         if not candidates:
             return 0
         with self._sessions() as session:

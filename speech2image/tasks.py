@@ -123,6 +123,14 @@ def run_generate(images: ImageService, jobs: list[Job]) -> None:
         job.succeed(result.as_dict() | {"batch_size": output.batch_size})
 
 
+def clip_prompt(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, at a word boundary when there is one."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return cut.rsplit(" ", 1)[0].rstrip() or cut
+
+
 def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[Job]) -> None:
     """Transcribe, choose the model from the transcript, generate, link images to it."""
     (job,) = jobs
@@ -131,7 +139,9 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
     transcript = heard.transcript
     if not transcript.text:
         raise InvalidAudio("no speech was recognised in the audio, so there is no prompt")
-    request = images.validate({**work.image_fields, "prompt": transcript.text})
+    # Long speech is truncated like a long typed prompt, never refused after the work is done.
+    prompt = clip_prompt(transcript.text, images.settings.max_prompt_chars)
+    request = images.validate({**work.image_fields, "prompt": prompt})
     item = images.prepare(request)
     output = images.run_batch(
         [item], on_step=lambda done, total: job.progress("generating", done, total)
@@ -144,7 +154,7 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
         job.owner,
         item,
         output.images[0],
-        truncated=output.truncated[0],
+        truncated=output.truncated[0] or prompt != transcript.text,
         timings={**output.timings, "transcription": heard.timings["total"]},
         transcript=record,
     )

@@ -74,3 +74,25 @@ def multipart_body(
         parts.append(f"--{boundary}\r\n{disposition}\r\n\r\n".encode() + data + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def mp3_bytes(seconds: float, rate: int, layout: str) -> bytes:
+    """An MP3 of a quiet tone (PyAV's bundled LAME encoder)."""
+    import io
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=rate, layout=layout)
+        resampler = av.AudioResampler(
+            format=stream.codec_context.format.name, layout=layout, rate=rate
+        )
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(tone, format="flt", layout="mono")
+        frame.sample_rate = rate
+        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in stream.encode(chunk):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()

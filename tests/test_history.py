@@ -260,3 +260,15 @@ def test_storage_works_on_postgresql(tmp_path) -> None:
         with admin.begin() as connection:
             connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def test_date_filters_respect_utc_offsets(make_app) -> None:
+    client = make_app().test_client()
+    make_images(client, 1, headers={})
+    now = dt.datetime.now(dt.UTC)
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    minus_five = dt.timezone(dt.timedelta(hours=-5))
+    since = (now - dt.timedelta(minutes=30)).astimezone(plus_two).isoformat()
+    until = (now + dt.timedelta(minutes=30)).astimezone(minus_five).isoformat()
+    assert client.get("/images", query_string={"since": since}).json["total"] == 1
+    assert client.get("/images", query_string={"until": until}).json["total"] == 1

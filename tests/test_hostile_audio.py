@@ -183,3 +183,13 @@ def test_client_filename_is_never_used_on_disk(app, speech, monkeypatch) -> None
     assert path.parent == Path(app.config["S2I_SETTINGS"].upload_dir)
     assert path.suffix == ""
     assert "evil" not in path.name
+
+
+def test_format_changing_mid_stream_is_a_clean_422(app) -> None:
+    """Two MP3s glued together: 44.1 kHz mono, then 22.05 kHz stereo (was a 500)."""
+    from .audio_samples import mp3_bytes
+
+    payload = mp3_bytes(1.0, 44_100, "mono") + mp3_bytes(1.0, 22_050, "stereo")
+    response = upload(app.test_client(), payload, "glued.mp3")
+    assert_error(response, 422, "invalid_audio", "could not be decoded")
+    assert uploads_left(app) == []

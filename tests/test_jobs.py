@@ -338,3 +338,17 @@ def test_failed_speech_to_image_leaves_no_transcript_or_image(
         assert connection.scalar(select(func.count()).select_from(TranscriptRecord)) == 0
     assert image_files(app) == []
     assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []
+
+
+def test_long_speech_is_truncated_not_refused(make_app, speech) -> None:
+    app = make_app(max_prompt_chars=20)
+    with open(speech["english"], "rb") as fh:
+        response = app.test_client().post(
+            "/speech-to-image",
+            data={"audio": (fh, "clip.wav"), "steps": "1"},
+            content_type="multipart/form-data",
+        )
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert body["truncated"] is True
+    assert len(body["prompt"]) <= 20 and body["transcript"]["text"].startswith(body["prompt"])

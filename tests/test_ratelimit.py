@@ -75,3 +75,9 @@ def test_redis_storage_shares_counters_between_apps(make_app) -> None:
     assert first.get("/status").status_code == 200
     assert second.get("/status").status_code == 200
     assert first.get("/status").status_code == 429  # the second app's hit counted in Redis
+
+
+def test_non_ascii_api_key_is_401_not_500(make_app) -> None:
+    client = make_app(api_keys="alpha").test_client()
+    response = client.get("/status", headers={"X-API-Key": "café"})
+    assert response.status_code == 401

@@ -31,7 +31,9 @@ def _identify() -> None:
     if not keys or request.endpoint in ("system.health", "static"):
         return
     presented = _presented_key()
-    if presented is None or not any(hmac.compare_digest(presented, k) for k in keys):
+    # Compare bytes: compare_digest refuses non-ASCII str, and headers may hold anything.
+    given = (presented or "").encode("utf-8", "surrogateescape")
+    if presented is None or not any(hmac.compare_digest(given, k.encode()) for k in keys):
         raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
     g.owner = _owner_for(presented)
 

@@ -89,17 +89,25 @@ class ClientGone(ServiceError):
 
 
 def _client_gone() -> bool:
-    """True when the request's socket was closed by the peer (dev server and gunicorn)."""
+    """True when the request's socket was closed by the peer (dev server and gunicorn).
+
+    Unknown (no socket, TLS, anything odd) counts as still connected: never cancel by doubt.
+    """
     sock = request.environ.get("werkzeug.socket") or request.environ.get("gunicorn.socket")
-    if not isinstance(sock, socket.socket):
+    if type(sock) is not socket.socket:  # TLS sockets cannot peek
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
+        poller = select.poll()  # no FD_SETSIZE limit, unlike select.select
+        poller.register(sock, select.POLLIN | select.POLLHUP)
+        if not poller.poll(0):
             return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (ConnectionError, OSError):
         return True
+    except ValueError:
+        return False
 
 
 def _owned(job_id: str) -> Job:
