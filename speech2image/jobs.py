@@ -13,6 +13,7 @@ waiting a short while for companions to arrive.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -148,6 +149,25 @@ class Job:
                 self.cleanup()
             except Exception:
                 log.exception("cleanup of job %s failed", self.id)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Count a client waiting on this job (a sync request, an SSE stream) while inside."""
+        with self._cond:
+            self.waiters += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.waiters -= 1
+
+    def abandon(self) -> bool:
+        """A waiter left; ask the job to stop if no other waiter holds it. True if asked."""
+        with self._cond:
+            if self.waiters > 1 or self.done:  # others still wait (the caller counts as one)
+                return False
+            self.cancel_requested = True
+            return True
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -360,6 +380,7 @@ class LocalJobRunner:
         """Called with the lock held and a non-empty queue."""
         first = self._pick()
         self._queue.remove(first)
+        self._running.add(first)  # visible to admission and stats while the batch forms
         batch = [first]
         if first.batch_key is None:
             return batch
@@ -369,6 +390,7 @@ class LocalJobRunner:
             for job in list(self._queue):
                 if job.batch_key == first.batch_key and job.images <= room:
                     self._queue.remove(job)
+                    self._running.add(job)
                     batch.append(job)
                     room -= job.images
             remaining = deadline - time.monotonic()
@@ -383,7 +405,6 @@ class LocalJobRunner:
                 if self._stopping:
                     return
                 batch = self._take_batch()
-                self._running.update(batch)
             self._run(batch)
             with self._cond:
                 self._running.difference_update(batch)

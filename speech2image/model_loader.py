@@ -182,6 +182,10 @@ class ModelLoader:
                 entry.leases -= 1
                 entry.last_used = self._clock()
                 self._cond.notify_all()
+                over = self._over_budget(home)
+            if over:  # a load while everything was held overshot: settle now
+                with contextlib.suppress(ModelUnavailable):
+                    self._make_room(home, 0, exclude=name)
 
     def _bring_home(self, entry: _Entry, factory: ModelFactory, home: str) -> float:
         """Load ``entry`` on ``home`` or promote it there; returns the seconds it took."""
@@ -318,6 +322,12 @@ class ModelLoader:
                 budget = int(torch.cuda.mem_get_info()[1] * 0.85)
                 self.budgets["cuda"] = budget
         return budget
+
+    def _over_budget(self, device: str) -> bool:
+        """Called with the lock held."""
+        budget = self.budgets.get(device, 0)
+        over_bytes = budget > 0 and sum(e.nbytes for e in self._resident(device)) > budget
+        return over_bytes or len(self._resident()) > self.max_models
 
     def _is_resident(self, name: str) -> bool:
         entry = self._entries.get(name)

@@ -352,3 +352,40 @@ def test_long_speech_is_truncated_not_refused(make_app, speech) -> None:
     body = response.json
     assert body["truncated"] is True
     assert len(body["prompt"]) <= 20 and body["transcript"]["text"].startswith(body["prompt"])
+
+
+def test_disconnect_does_not_cancel_a_job_another_client_watches(make_app, live_server) -> None:
+    import urllib.request
+
+    app = make_app(job_workers=1)
+    base = live_server(app)
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "a castle", "steps": 20}).encode()
+    runner = app.extensions["jobs"]
+    events: list[str] = []
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /generate-image HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while not runner.stats()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        (job,) = runner._jobs.values()
+
+        def watch() -> None:
+            with urllib.request.urlopen(f"{base}/jobs/{job.id}/events", timeout=60) as stream:
+                events.append(stream.read().decode())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        while job.waiters < 2:  # the synchronous request and the SSE stream
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert job.wait(60)
+    watcher.join(60)
+    assert job.state == "succeeded"
+    assert "event: succeeded" in events[0]
+    assert len(image_files(app)) == 1

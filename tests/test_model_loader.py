@@ -30,8 +30,11 @@ class ArrayModel:
 class ArrayFactory:
     kind = "test"
 
-    def __init__(self, nbytes: int, home: str = "cpu", *, movable: bool = True) -> None:
+    def __init__(
+        self, nbytes: int, home: str = "cpu", *, movable: bool = True, estimate: int | None = None
+    ) -> None:
         self.nbytes = nbytes
+        self.estimate = nbytes if estimate is None else estimate
         self.home = home
         self.movable = movable
         self.loads = 0
@@ -47,7 +50,7 @@ class ArrayFactory:
         return {"available": True}
 
     def estimate_bytes(self) -> int:
-        return self.nbytes
+        return self.estimate
 
     def load(self, device: str) -> ArrayModel:
         if self.gate is not None:
@@ -265,3 +268,15 @@ def test_unavailable_model_is_503_and_others_still_serve() -> None:
     row = next(r for r in loader.status() if r["name"] == "x")
     assert row["last_error"] == "weights for 'x' are not installed"
     assert not row["loading"] and row["leases"] == 0
+
+
+def test_low_estimate_never_turns_a_successful_load_into_503() -> None:
+    loader, clock = make_loader(cpu=5 * MiB)
+    loader.register("a", ArrayFactory(3 * MiB))
+    loader.register("b", ArrayFactory(3 * MiB, estimate=MiB))  # measures 3x its estimate
+    with loader.lease("a"):
+        lease = use(loader, clock, "b")  # over budget only because a is held: still served
+        assert lease.model is not None
+        assert loader.resident_bytes("cpu") == 6 * MiB
+    assert loader.resident_bytes("cpu") <= 5 * MiB  # settled once the lease was released
+    assert resident(loader) == {"a": "cpu"}

@@ -58,17 +58,12 @@ def respond(job: Job) -> ResponseReturnValue:
 
 def wait_for(job: Job) -> dict[str, Any]:
     """Block until ``job`` ends; if the client goes away, cancel it unless others wait too."""
-    job.waiters += 1
-    try:
+    with job.waiting():
         while not job.wait(POLL_SECONDS):
             if _client_gone():
-                job.waiters -= 1
-                if job.waiters == 0:
+                if job.abandon():
                     get_job_runner(current_app).cancel(job.owner, job.id)
-                job.waiters += 1  # balanced by the finally below
                 raise ClientGone()
-    finally:
-        job.waiters -= 1
     if job.state == JobState.SUCCEEDED:
         assert job.result is not None
         return job.result
@@ -139,8 +134,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     runner = get_job_runner(current_app)
 
     def stream() -> Iterator[str]:
-        job.waiters += 1
-        try:
+        with job.waiting():
             for snapshot in runner.watch(job, KEEPALIVE_SECONDS):
                 if snapshot is None:
                     yield ": keep-alive\n\n"
@@ -148,8 +142,6 @@ def job_events(job_id: str) -> ResponseReturnValue:
                 state = snapshot["state"]
                 event = state if state in ("succeeded", "failed", "cancelled") else "progress"
                 yield f"event: {event}\ndata: {json.dumps(snapshot)}\n\n"
-        finally:
-            job.waiters -= 1
 
     return Response(
         stream_with_context(stream()),

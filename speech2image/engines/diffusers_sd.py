@@ -216,8 +216,16 @@ class DiffusersFactory:
         return total
 
     def move(self, model: Any, device: str) -> Any | None:
-        """Move every module (the GPU->CPU offload tier and back)."""
-        return model.to(device)
+        """Move every module (the GPU->CPU offload tier and back); None if the GPU is full."""
+        import torch
+
+        try:
+            return model.to(device)
+        except torch.cuda.OutOfMemoryError:
+            # Half-moved: put it all back in RAM; the loader then reloads or reports 503.
+            model.to("cpu")
+            torch.cuda.empty_cache()
+            return None
 
     def release(self, model: Any) -> None:
         """Drop the pipeline and return cached GPU memory."""
