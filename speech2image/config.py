@@ -191,13 +191,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated API keys; empty turns auth off (one local identity).",
     )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated keys that may also use /status and POST /cleanup.",
+    )
     ratelimit_enabled: bool = True
     ratelimit_storage_uri: str = Field("memory://", description="memory:// or redis://host:port")
     ratelimit_default: str = Field("300/minute", description="Limit on every endpoint.")
     ratelimit_transcribe: str = Field("30/minute", description="Limit on POST /transcribe-audio.")
     ratelimit_generate: str = Field("10/minute", description="Limit on POST /generate-image.")
 
-    @field_validator("preload_models", "api_keys", mode="before")
+    @field_validator("preload_models", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

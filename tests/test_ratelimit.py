@@ -48,13 +48,26 @@ def test_limits_are_per_client(make_app) -> None:
 
 def test_api_keys_identify_clients(make_app) -> None:
     client = make_app(api_keys="alpha,beta", ratelimit_default="1/minute").test_client()
-    assert client.get("/status").status_code == 401
-    assert client.get("/status", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/images").status_code == 401
+    assert client.get("/images", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/health").status_code == 200  # liveness needs no key
     alpha = {"Authorization": "Bearer alpha"}
-    assert client.get("/status", headers=alpha).status_code == 200
-    assert client.get("/status", headers=alpha).status_code == 429
-    assert client.get("/status", headers={"X-API-Key": "beta"}).status_code == 200
+    assert client.get("/images", headers=alpha).status_code == 200
+    assert client.get("/images", headers=alpha).status_code == 429
+    assert client.get("/images", headers={"X-API-Key": "beta"}).status_code == 200
+
+
+def test_operator_endpoints_need_an_admin_key(make_app) -> None:
+    client = make_app(api_keys="alpha", admin_api_keys="root").test_client()
+    user, admin = {"X-API-Key": "alpha"}, {"X-API-Key": "root"}
+    for method, path in (("get", "/status"), ("post", "/cleanup")):
+        refused = getattr(client, method)(path, headers=user)
+        assert refused.status_code == 403
+        assert "S2I_ADMIN_API_KEYS" in refused.json["error"]["message"]
+        assert getattr(client, method)(path, headers=admin).status_code == 200
+    assert client.get("/images", headers=admin).status_code == 200  # an admin is a user too
+    open_client = make_app().test_client()  # auth off: the local identity is the operator
+    assert open_client.post("/cleanup").status_code == 200
 
 
 def _redis_available() -> bool:

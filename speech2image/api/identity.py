@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, current_app, g, request
-from werkzeug.exceptions import Unauthorized
+from werkzeug.exceptions import Forbidden, Unauthorized
 
-__all__ = ["LOCAL_OWNER", "client_owner", "rate_limit_key", "register_identity"]
+__all__ = [
+    "LOCAL_OWNER",
+    "client_owner",
+    "operators_only",
+    "rate_limit_key",
+    "register_identity",
+]
 
 LOCAL_OWNER = "local"
 
@@ -25,17 +34,36 @@ def _owner_for(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _matches(given: bytes, keys: list[str]) -> bool:
+    # Compare bytes: compare_digest refuses non-ASCII str, and headers may hold anything.
+    return any(hmac.compare_digest(given, key.encode()) for key in keys)
+
+
 def _identify() -> None:
-    keys: list[str] = current_app.config["S2I_SETTINGS"].api_keys
+    settings = current_app.config["S2I_SETTINGS"]
+    keys: list[str] = settings.api_keys + settings.admin_api_keys
     g.owner = LOCAL_OWNER
+    g.is_admin = not keys  # auth off: the one local identity may do everything
     if not keys or request.endpoint in ("system.health", "static"):
         return
     presented = _presented_key()
-    # Compare bytes: compare_digest refuses non-ASCII str, and headers may hold anything.
     given = (presented or "").encode("utf-8", "surrogateescape")
-    if presented is None or not any(hmac.compare_digest(given, k.encode()) for k in keys):
+    if presented is None or not _matches(given, keys):
         raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
     g.owner = _owner_for(presented)
+    g.is_admin = _matches(given, settings.admin_api_keys)
+
+
+def operators_only(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse the view (403) to callers without an admin key when auth is on."""
+
+    @functools.wraps(view)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if not getattr(g, "is_admin", False):
+            raise Forbidden("an operator endpoint: it needs a key from S2I_ADMIN_API_KEYS")
+        return view(*args, **kwargs)
+
+    return guarded
 
 
 def client_owner() -> str:

@@ -17,6 +17,7 @@ from ..maintenance import get_maintenance
 from ..model_loader import get_model_loader
 from ..speech_service import get_speech_service
 from ..storage import get_storage
+from .identity import operators_only
 
 __all__ = ["bp"]
 
@@ -52,6 +53,7 @@ def ready() -> ResponseReturnValue:
 
 
 @bp.get("/status")
+@operators_only
 def status() -> ResponseReturnValue:
     """Resources, resident models and request counts."""
     loader = get_model_loader(current_app)
@@ -73,6 +75,7 @@ def status() -> ResponseReturnValue:
 
 
 @bp.post("/cleanup")
+@operators_only
 def cleanup() -> ResponseReturnValue:
     """Remove images past retention (rows and files together) and unload idle models."""
     return jsonify(get_maintenance(current_app).run())
