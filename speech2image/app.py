@@ -115,6 +115,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     register_tasks(runner, speech_service, image_service)
     runner.init_app(app)
+    # Each event stream holds a request thread for the whole job: keep half of them free.
+    jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
     app.extensions["request_stats"] = RequestStats()
 
     limiter = Limiter(

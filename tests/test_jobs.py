@@ -389,3 +389,20 @@ def test_disconnect_does_not_cancel_a_job_another_client_watches(make_app, live_
     assert job.state == "succeeded"
     assert "event: succeeded" in events[0]
     assert len(image_files(app)) == 1
+
+
+def test_event_streams_are_capped_so_health_keeps_a_thread(make_app) -> None:
+    app = make_app(threads=2)  # one stream slot
+    client = app.test_client()
+    job = submit(client, prompt="a castle", steps=LONG).json
+    first = client.get(f"/jobs/{job['id']}/events", buffered=False)
+    assert first.status_code == 200
+    second = client.get(f"/jobs/{job['id']}/events")
+    assert second.status_code == 503 and second.json["error"]["code"] == "service_busy"
+    assert "poll GET /jobs" in second.json["error"]["message"]
+    assert client.get("/health").status_code == 200
+    first.close()  # the slot comes back when the stream closes
+    client.delete(f"/jobs/{job['id']}")
+    third = client.get(f"/jobs/{job['id']}/events")
+    assert third.status_code == 200
+    third.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,16 +13,35 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import Conflict
 
-from ..errors import ResourceNotFound, ServiceError
+from ..errors import ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
 from .identity import client_owner
 
-__all__ = ["bp", "respond", "wants_async"]
+__all__ = ["StreamSlots", "bp", "respond", "wants_async"]
 
 bp = Blueprint("jobs", __name__)
 
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
+
+
+class StreamSlots:
+    """Caps open SSE streams: each holds a server thread, and /health must keep one free."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = threading.BoundedSemaphore(limit)
+
+    def init_app(self, app: Any) -> None:
+        """Store on the app as ``app.extensions['sse_slots']``."""
+        app.extensions["sse_slots"] = self
+
+    def acquire(self) -> bool:
+        """Take a slot if one is free."""
+        return self._free.acquire(blocking=False)
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self._free.release()
 
 
 class JobCancelledConflict(ServiceError, Conflict):
@@ -132,6 +152,12 @@ def job_events(job_id: str) -> ResponseReturnValue:
     """Server-Sent Events: one `progress` event per change, then the final state; then close."""
     job = _owned(job_id)
     runner = get_job_runner(current_app)
+    streams: StreamSlots = current_app.extensions["sse_slots"]
+    if not streams.acquire():
+        raise ServiceBusy(
+            "too many event streams are open; poll GET /jobs/<id> instead",
+            retry_after=5,
+        )
 
     def stream() -> Iterator[str]:
         with job.waiting():
@@ -143,8 +169,10 @@ def job_events(job_id: str) -> ResponseReturnValue:
                 event = state if state in ("succeeded", "failed", "cancelled") else "progress"
                 yield f"event: {event}\ndata: {json.dumps(snapshot)}\n\n"
 
-    return Response(
+    response = Response(
         stream_with_context(stream()),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+    response.call_on_close(streams.release)  # also when the stream never started
+    return response
