@@ -84,6 +84,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     version: int = 0
+    _stage_started: float = dataclasses.field(default=0.0, repr=False)
+    _exception: BaseException | None = dataclasses.field(default=None, repr=False)
     _cond: threading.Condition = dataclasses.field(default_factory=threading.Condition, repr=False)
 
     # --- updates (from the runner and handlers) ------------------------------------------
@@ -105,7 +107,7 @@ class Job:
             if self.stage != stage:
                 self.stage, self._stage_started = stage, now
             self.step, self.total_steps = step, total
-            elapsed = now - getattr(self, "_stage_started", now)
+            elapsed = now - self._stage_started
             self.eta_seconds = round(elapsed / step * (total - step), 2) if step else None
             self._bump()
         if self.cancel_requested:
@@ -178,7 +180,7 @@ class Job:
     @property
     def exception(self) -> BaseException | None:
         """The exception a failed job ended with (for synchronous callers)."""
-        return getattr(self, "_exception", None)
+        return self._exception
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is done or ``timeout`` passes; True if done."""
