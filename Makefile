@@ -45,6 +45,8 @@ format: install-test
 
 bench: install-test
 	$(BIN)/python bench/transcribe.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/batching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

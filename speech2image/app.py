@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, g, request
 from flask_limiter import Limiter
@@ -129,7 +130,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     limiter.limit(settings.ratelimit_transcribe)(speech.bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"])(images.bp)
-    limiter.limit(settings.ratelimit_generate, methods=["POST"])(speech.speech_to_image)
+    limiter.limit(settings.ratelimit_generate)(speech.pipeline_bp)
     limiter.exempt(system.health)
     # Order of before-request hooks: request id and timing, then identity, then limits.
     _register_request_logging(app)
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(system.bp)
     app.register_blueprint(speech.bp)
+    app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
@@ -174,20 +176,27 @@ def _register_request_logging(app: Flask) -> None:
 
     @app.after_request
     def _finish(response):  # type: ignore[no-untyped-def]
+        # Registered before the rate limiter, so this runs after it: Flask-Limiter puts a
+        # Retry-After on every response, which only means something on a refusal.
+        if response.status_code < 400:
+            response.headers.pop("Retry-After", None)
         response.headers["X-Request-ID"] = g.get("request_id", "-")
         return response
 
     @app.teardown_request
     def _log(exc: BaseException | None) -> None:
-        if "started" not in g:
+        # A streamed response (SSE) tears its context down twice: count and log once.
+        if "started" not in g or g.get("logged"):
             return
+        g.logged = True
         status = getattr(g, "response_status", None)
         duration_ms = (time.perf_counter() - g.started) * 1000
         stats.finished(request.endpoint or "unknown", status or 500)
         log.info(
             "%s %s %s %.1fms client=%s",
             request.method,
-            request.path,
+            # Percent-encoded: a path is client input and must not forge log lines.
+            quote(request.path, safe="/:@!$&'()*+,;=-._~"),
             status or 500,
             duration_ms,
             request.remote_addr,

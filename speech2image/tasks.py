@@ -73,6 +73,7 @@ def _transcribe_upload(
 ) -> TranscriptionResult:
     """Transcribe a stored upload with progress, removing the file as soon as it is read."""
     try:
+        job.progress("transcribing", 0, 0)  # the stage is known before the audio is decoded
         return speech.transcribe_file(
             path,
             options,
@@ -98,6 +99,7 @@ def run_generate(images: ImageService, jobs: list[Job]) -> None:
     """Generate a batch of compatible requests in one pipeline call, then store each."""
     items: list[PreparedImage] = [job.work for job in jobs]
     try:
+        _progress_all(jobs, "generating", 0, items[0].request.steps)  # stage known at once
         output = images.run_batch(
             items, on_step=lambda done, total: _progress_all(jobs, "generating", done, total)
         )
@@ -155,7 +157,11 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
         item,
         output.images[0],
         truncated=output.truncated[0] or prompt != transcript.text,
-        timings={**output.timings, "transcription": heard.timings["total"]},
+        timings={
+            **output.timings,
+            "queue": _queued(job),
+            "transcription": heard.timings["total"],
+        },
         transcript=record,
     )
     result.timings["total"] = _elapsed(job)

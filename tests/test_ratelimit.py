@@ -94,3 +94,18 @@ def test_non_ascii_api_key_is_401_not_500(make_app) -> None:
     client = make_app(api_keys="alpha").test_client()
     response = client.get("/status", headers={"X-API-Key": "café"})
     assert response.status_code == 401
+
+
+def test_speech_to_image_counts_against_the_generation_limit(make_app) -> None:
+    client = make_app(ratelimit_generate="1/minute").test_client()
+    first = client.post("/speech-to-image", data={})
+    assert first.status_code == 400  # counted, refused for the missing audio
+    assert first.headers["X-RateLimit-Limit"] == "1"
+    assert client.post("/speech-to-image", data={}).status_code == 429
+
+
+def test_retry_after_only_on_refusals(make_app) -> None:
+    client = make_app(ratelimit_default="5/minute").test_client()
+    ok = client.get("/images")
+    assert ok.status_code == 200 and "X-RateLimit-Remaining" in ok.headers
+    assert "Retry-After" not in ok.headers

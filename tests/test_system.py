@@ -182,3 +182,24 @@ def test_job_log_lines_carry_the_request_id(make_app) -> None:
     log = (Path(app.config["S2I_SETTINGS"].log_dir) / "app.log").read_text()
     assert "[trace-gen-1] speech2image.image_service: generated 1 image(s)" in log
     assert "[trace-gen-1] speech2image.model_loader: loaded model sd:tiny-art" in log
+
+
+def test_request_log_cannot_be_forged_by_the_path(make_app) -> None:
+    app = make_app()
+    client = app.test_client()
+    client.get("/images/x%0a2026-01-01%20FAKE%20LINE")
+    client.get("/images/a%00.png")
+    log = (Path(app.config["S2I_SETTINGS"].log_dir) / "app.log").read_text()
+    assert not any(line.startswith("2026-01-01 FAKE") for line in log.splitlines())
+    assert "%0A2026-01-01%20FAKE%20LINE 404" in log
+    assert "\0" not in log and "/images/a%00.png 404" in log
+
+
+def test_in_flight_count_survives_streamed_responses(make_app) -> None:
+    app = make_app()
+    client = app.test_client()
+    job = client.post("/generate-image", json={"prompt": "x", "steps": 1, "async": True}).json
+    for _ in range(3):
+        with client.get(f"/jobs/{job['id']}/events") as stream:
+            stream.get_data()
+    assert client.get("/status").json["requests"]["in_flight"] == 1  # this request only

@@ -16,9 +16,11 @@ from ..tasks import SpeechToImageWork, TranscribeWork
 from .identity import client_owner
 from .jobs import respond, wait_for, wants_async
 
-__all__ = ["RESPONSE_FORMATS", "bp"]
+__all__ = ["RESPONSE_FORMATS", "bp", "pipeline_bp"]
 
 bp = Blueprint("speech", __name__)
+# Its own blueprint, so it carries the generation rate limit rather than transcription's.
+pipeline_bp = Blueprint("pipeline", __name__)
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 VERBOSE_ONLY = ("segments", "words", "duration_after_vad")
@@ -69,7 +71,7 @@ def transcribe_audio() -> ResponseReturnValue:
     return render(wait_for(job), response_format)
 
 
-@bp.post("/speech-to-image")
+@pipeline_bp.post("/speech-to-image")
 def speech_to_image() -> ResponseReturnValue:
     """Audio in, images out: transcribe, choose the model from the words, generate."""
     upload, options = _upload_and_options()
