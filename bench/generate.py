@@ -67,6 +67,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from _common import quiet_service_logs
+
 MODEL_A = "bench"
 MODEL_B = "bench2"
 SCHEDULER = "euler_a"
@@ -172,17 +174,8 @@ def quiet_logs() -> Iterator[None]:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logger = logging.getLogger("speech2image")
-    saved = [(h, h.level) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
-    for handler, _ in saved:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.CRITICAL)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    try:
+    with quiet_service_logs(logging.CRITICAL):
         yield
-    finally:
-        for handler, level in saved:
-            handler.setLevel(level)
 
 
 def make_app(tmp: Path, folders: tuple[Path, Path], size: int, steps: int) -> Any:

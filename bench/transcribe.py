@@ -38,10 +38,8 @@ Timings on a small shared machine drift between runs; compare the ratios, not th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import platform
 import statistics
@@ -52,9 +50,11 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import quiet_service_logs
 
 CLIPS: dict[str, tuple[str, str, int]] = {
     # name -> (espeak voice, text, words per minute)
@@ -183,22 +183,6 @@ def interleaved(
             times[name].append(seconds)
             texts[name] = text
     return {name: (times[name], texts[name]) for name in names}
-
-
-@contextlib.contextmanager
-def quiet_service_logs() -> Iterator[None]:
-    """Keep the service logging to its file but off the console while the tables print."""
-    logger = logging.getLogger("speech2image")
-    saved = [(h, h.level) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
-    for handler, _ in saved:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for handler, level in saved:
-            handler.setLevel(level)
 
 
 def part_a(model_name: str, repeats: int, clips: list[Clip], tmp: Path) -> None:
