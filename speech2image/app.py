@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Flask, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, speech, system
+from .api import errors, identity, images, jobs, openapi, speech, system
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs import LocalJobRunner
@@ -143,6 +143,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
 
