@@ -17,7 +17,8 @@ from typing import Any
 from .engines.diffusers_sd import GenerationCancelled
 from .errors import InvalidAudio
 from .image_service import ImageService, PreparedImage
-from .jobs import Job, JobCancelled, LocalJobRunner
+from .jobs import Job, JobCancelled
+from .jobs.local import LocalJobRunner
 from .speech_service import (
     SpeechService,
     TranscribeOptions,
