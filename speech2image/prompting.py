@@ -15,12 +15,22 @@ import re
 __all__ = [
     "Change",
     "SpokenPrompt",
+    "UnderstandSteps",
     "clean_request",
     "extract_negatives",
     "language_name",
     "merge_negatives",
     "understand_speech",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnderstandSteps:
+    """Which steps of spoken-prompt understanding run for one request (all by default)."""
+
+    translate: bool = True
+    clean: bool = True
+    negatives: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -416,3 +416,90 @@ def test_language_names() -> None:
     assert language_name("de") == "German (de)"
     assert language_name("xx") == "'xx'"
     assert language_name(None) == "an unknown language"
+
+
+# --- through the real app, with speech ----------------------------------------------------
+
+
+def _speak(client, path, **form):  # type: ignore[no-untyped-def]
+    with open(path, "rb") as fh:
+        return client.post(
+            "/speech-to-image",
+            data={"audio": (fh, "clip.wav"), "steps": "1", **form},
+            content_type="multipart/form-data",
+        )
+
+
+def _stored_transcript(app, transcript_id: str):  # type: ignore[no-untyped-def]
+    from speech2image.storage import TranscriptRecord
+
+    with app.extensions["storage"].engine.connect() as connection:
+        from sqlalchemy import select
+
+        return connection.execute(
+            select(TranscriptRecord.text, TranscriptRecord.language).where(
+                TranscriptRecord.id == transcript_id
+            )
+        ).one()
+
+
+def test_spoken_request_becomes_a_prompt_and_a_negative(make_app, speech) -> None:
+    app = make_app()
+    client = app.test_client()
+    response = _speak(client, speech["spoken_request"], negative_prompt="blurry")
+    assert response.status_code == 200, response.json
+    body = response.json
+    heard = body["prompt_from_speech"]
+    assert heard["transcript"] == body["transcript"]["text"]
+    assert heard["transcript"].lower().startswith(("can you draw", "um"))
+    assert (heard["language"], heard["translated"]) == ("en", False)
+    assert body["prompt"] == heard["prompt"]
+    assert heard["prompt"].endswith("on a cliff") and "house" in heard["prompt"]
+    assert not heard["prompt"].lower().startswith(("can", "um"))
+    assert heard["negative_prompt"] == "blurry, people"
+    rules = [change["rule"] for change in heard["changes"]]
+    assert "framing" in rules and rules[-1] == "negative"
+    assert all(change["why"] for change in heard["changes"])
+    (row,) = client.get("/images").json["images"]
+    assert (row["prompt"], row["negative_prompt"]) == (heard["prompt"], "blurry, people")
+    assert _stored_transcript(app, row["transcript_id"]).text == heard["transcript"]
+
+
+def test_understanding_can_be_switched_off_per_request(make_app, speech) -> None:
+    client = make_app().test_client()
+    response = _speak(client, speech["spoken_request"], understand="false", negatives="true")
+    assert response.status_code == 200, response.json
+    heard = response.json["prompt_from_speech"]
+    assert [change["rule"] for change in heard["changes"]] == ["negative"]  # only that step
+    assert heard["prompt"].lower().startswith(("can you draw", "um"))
+    assert heard["negative_prompt"] == "people"
+    bad = _speak(client, speech["spoken_request"], clean="maybe")
+    assert bad.status_code == 400
+    assert "`clean`" in bad.json["error"]["message"]
+
+
+def test_german_speech_becomes_an_english_prompt(make_app, speech) -> None:
+    app = make_app()
+    client = app.test_client()
+    response = _speak(client, speech["german"])
+    assert response.status_code == 200, response.json
+    body = response.json
+    heard = body["prompt_from_speech"]
+    assert (heard["language"], heard["translated"]) == ("de", True)
+    assert "Katze" in heard["transcript"]  # the original words are kept ...
+    assert body["transcript"]["text"] == heard["transcript"]
+    translate = heard["changes"][0]
+    assert translate["rule"] == "translate" and "German (de)" in translate["why"]
+    assert translate["before"] == heard["transcript"]
+    prompt = body["prompt"]
+    print(f"\nheard {heard['transcript']!r}, translated {translate['after']!r} -> {prompt!r}")
+    assert prompt == heard["prompt"] and prompt.isascii()
+    assert not {"hund", "habe", "einen", "und", "katze"} & set(prompt.lower().split())
+    assert {"i", "a", "and", "the", "have"} & set(
+        prompt.lower().split()
+    )  # ... the prompt is English
+    assert "translation" in body["timings"]
+    row = client.get("/images").json["images"][0]
+    assert row["prompt"] == prompt
+    stored = _stored_transcript(app, row["transcript_id"])
+    assert (stored.text, stored.language) == (heard["transcript"], "de")
