@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech2image.jobs import Job, LocalJobRunner
+from speech2image.jobs import Job
+from speech2image.jobs.local import LocalJobRunner
 
 from .audio_samples import multipart_body
 from .test_images import generate, image_files, pixels
