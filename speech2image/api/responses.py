@@ -101,6 +101,9 @@ class Generation(_Open):
     timings: dict[str, float]
     batch_size: int | None = None
     transcript: TranscriptSummary | None = None
+    prompt_from_speech: dict[str, Any] | None = Field(
+        None, description="/speech-to-image: how the transcript became the prompt."
+    )
 
 
 class JobProgress(_Open):

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from ..errors import InvalidRequest
 from ..image_service import get_image_service
 from ..jobs import Job, get_job_runner
+from ..prompting import UnderstandSteps
 from ..schemas import invalid_request, parse_json_text, safe_text
 from ..speech_service import TASKS, TranscribeOptions, discard_upload, get_speech_service
 from ..tasks import SpeechToImageWork, TranscribeWork
@@ -43,6 +44,10 @@ def _language(value: Any) -> Any:
     if value is None or value == "":
         return None
     return value.lower() if isinstance(value, str) else value
+
+
+#: A true/false form field; empty means "not given".
+FormSwitch = Annotated[bool | None, BeforeValidator(lambda v: None if v == "" else v)]
 
 
 def _whisper_languages() -> tuple[str, ...]:
@@ -124,6 +129,20 @@ def _speech_to_image_form(app: Any) -> type[BaseModel]:
                 "is the prompt). Separate form fields override it.",
             ),
         ),
+        understand=(
+            FormSwitch,
+            Field(
+                None,
+                description="Turn the speech into a prompt (translate, clean, spoken "
+                "negatives); default true. Each step's own field wins.",
+            ),
+        ),
+        translate=(FormSwitch, Field(None, description="Translate speech to English.")),
+        clean=(FormSwitch, Field(None, description="Drop fillers and framing.")),
+        negatives=(
+            FormSwitch,
+            Field(None, description='Spoken "without X" goes to the negative prompt.'),
+        ),
         **image_fields,
     )
 
@@ -204,20 +223,36 @@ def speech_to_image(form: Any) -> ResponseReturnValue:
         except ValidationError as exc:
             raise invalid_request(exc, service.request_model, prefix="options.") from None
     shared = {"audio", "file", "language", "task", "word_timestamps", "options", "async_"}
+    shared |= {"understand", *UNDERSTAND_STEPS}
     given = form.model_dump(include=form.model_fields_set - shared, exclude_none=True)
     fields.update(given)
     # Check the merged image fields now, with a stand-in prompt, before any audio is decoded.
     service.validate({**fields, "prompt": "placeholder"})
     options = _options(form)
+    steps = _understand_steps(form)
     job = _submit_with_upload(
         form.audio or form.file,
         lambda path: Job(
             kind="speech_to_image",
             owner=client_owner(),
-            work=SpeechToImageWork(path, options, fields),
+            work=SpeechToImageWork(path, options, fields, steps),
         ),
     )
     return respond(job)
+
+
+UNDERSTAND_STEPS = ("translate", "clean", "negatives")
+
+
+def _understand_steps(form: Any) -> UnderstandSteps:
+    """Spoken-prompt understanding: `understand` sets every step; a step's own field wins."""
+    understand = True if form.understand is None else form.understand
+    return UnderstandSteps(
+        **{
+            step: understand if getattr(form, step) is None else getattr(form, step)
+            for step in UNDERSTAND_STEPS
+        }
+    )
 
 
 def render(body: dict[str, Any], response_format: str) -> ResponseReturnValue:
