@@ -45,6 +45,7 @@ __all__ = [
     "Storage",
     "TranscriptRecord",
     "get_storage",
+    "keyed_id",
     "new_id",
     "utcnow",
 ]
@@ -63,6 +64,14 @@ def utcnow() -> dt.datetime:
 def new_id() -> str:
     """A server-made id: 32 hex digits."""
     return uuid.uuid4().hex
+
+
+_KEYED = uuid.UUID("6f0c2a57-93a4-4c1e-9d7b-2f1d8c5e4a10")
+
+
+def keyed_id(key: str, part: str) -> str:
+    """A stable id (32 hex digits) for ``part`` of the thing ``key`` names, e.g. a job's image."""
+    return uuid.uuid5(_KEYED, f"{key}:{part}").hex
 
 
 class Base(DeclarativeBase):
@@ -189,7 +198,19 @@ class Storage:
     def save_images(
         self, owner: str, images: list[NewImage], transcript: NewTranscript | None = None
     ) -> list[ImageRecord]:
-        """Store a batch of images (and the transcript they came from), or nothing at all."""
+        """Store a batch of images (and the transcript they came from), or nothing at all.
+
+        Storing again images whose ids are already stored returns the stored records: a job
+        redelivered after its images were saved saves nothing twice.
+        """
+        if images:
+            with self._sessions() as session:
+                found = session.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
+                ).all()
+                if found:
+                    by_id = {r.id: r for r in found}
+                    return [by_id[i.id] for i in images if i.id in by_id]
         transcript_id = transcript.id if transcript is not None else None
         staged: list[tuple[Path, Path]] = []
         records: list[ImageRecord] = []
