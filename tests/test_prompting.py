@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from speech2image.api.responses import PromptFromSpeech
 from speech2image.prompting import (
     Change,
     SpokenPrompt,
@@ -460,6 +461,7 @@ def test_spoken_request_becomes_a_prompt_and_a_negative(make_app, speech) -> Non
     assert heard["negative_prompt"] == "blurry, people"
     rules = [change["rule"] for change in heard["changes"]]
     assert "framing" in rules and rules[-1] == "negative"
+    PromptFromSpeech.model_validate(heard)  # the shape the OpenAPI description promises
     assert all(change["why"] for change in heard["changes"])
     (row,) = client.get("/images").json["images"]
     assert (row["prompt"], row["negative_prompt"]) == (heard["prompt"], "blurry, people")
@@ -520,3 +522,16 @@ def test_speech_with_nothing_to_draw_is_a_clear_422(make_app, speech) -> None:
     assert "nothing to draw" in response.json["error"]["message"]
     assert app.test_client().get("/images").json["images"] == []
     assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []
+
+
+def test_understand_steps_travel_to_a_distributed_worker(tmp_path: Path) -> None:
+    from speech2image.jobs import Job
+    from speech2image.prompting import UnderstandSteps
+    from speech2image.speech_service import TranscribeOptions
+    from speech2image.tasks import SpeechToImageWork, job_payload, job_work
+
+    steps = UnderstandSteps(translate=False, negatives=False)
+    work = SpeechToImageWork(tmp_path / "upload", TranscribeOptions(), {"steps": 1}, steps)
+    payload, upload = job_payload(Job(kind="speech_to_image", owner="o", work=work))
+    rebuilt = job_work("speech_to_image", json.loads(json.dumps(payload)), upload)
+    assert rebuilt.understand == steps

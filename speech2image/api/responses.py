@@ -15,6 +15,8 @@ __all__ = [
     "JobAccepted",
     "JobPage",
     "JobView",
+    "PromptChange",
+    "PromptFromSpeech",
     "Ready",
     "ServerStatus",
     "TranscriptRow",
@@ -89,6 +91,28 @@ class TranscriptSummary(_Open):
     duration: float | None
 
 
+class PromptChange(_Open):
+    """One edit spoken-prompt understanding made: the rule, the words before and after, why."""
+
+    rule: Literal["translate", "filler", "framing", "negative"]
+    before: str
+    after: str
+    why: str
+
+
+class PromptFromSpeech(_Open):
+    """How a transcript became the image prompt and negative prompt (/speech-to-image)."""
+
+    transcript: str = Field(description="What was said, in the language it was said in.")
+    language: str | None
+    translated: bool = Field(description="Whisper translated the speech to English.")
+    changes: list[PromptChange]
+    prompt: str
+    negative_prompt: str | None = Field(
+        description="The caller's negative prompt, then the spoken negatives."
+    )
+
+
 class Generation(_Open):
     """Images made from one prompt, with the model choice and every parameter used."""
 
@@ -101,7 +125,7 @@ class Generation(_Open):
     timings: dict[str, float]
     batch_size: int | None = None
     transcript: TranscriptSummary | None = None
-    prompt_from_speech: dict[str, Any] | None = Field(
+    prompt_from_speech: PromptFromSpeech | None = Field(
         None, description="/speech-to-image: how the transcript became the prompt."
     )
 
