@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Flask, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, speech, system
+from .api import errors, identity, images, jobs, speech, system, web
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs import LocalJobRunner
@@ -78,7 +78,8 @@ def _memory_budgets(settings: Settings) -> dict[str, int]:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app: settings, logging, services, rate limits, blueprints, error handlers."""
     settings = settings or load_settings()
-    app = Flask(__name__)
+    # No app-wide static route: the web blueprint serves speech2image/static/ itself.
+    app = Flask(__name__, static_folder=None)
     app.config.update(
         S2I_SETTINGS=settings,
         S2I_STARTED_AT=time.time(),
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     limiter.limit(settings.ratelimit_generate, methods=["POST"])(images.bp)
     limiter.limit(settings.ratelimit_generate)(speech.pipeline_bp)
     limiter.exempt(system.health)
+    limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     # Order of before-request hooks: request id and timing, then identity, then limits.
     _register_request_logging(app)
     identity.register_identity(app)
@@ -143,6 +145,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(web.bp)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
 

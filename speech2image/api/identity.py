@@ -13,6 +13,7 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 
 __all__ = [
     "LOCAL_OWNER",
+    "PUBLIC_ENDPOINTS",
     "client_owner",
     "operators_only",
     "rate_limit_key",
@@ -20,6 +21,8 @@ __all__ = [
 ]
 
 LOCAL_OWNER = "local"
+# Reachable without a key: liveness, and the page that asks for one.
+PUBLIC_ENDPOINTS = frozenset({"system.health", "web.index", "web.static"})
 
 
 def _presented_key() -> str | None:
@@ -44,7 +47,7 @@ def _identify() -> None:
     keys: list[str] = settings.api_keys + settings.admin_api_keys
     g.owner = LOCAL_OWNER
     g.is_admin = not keys  # auth off: the one local identity may do everything
-    if not keys or request.endpoint in ("system.health", "static"):
+    if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
     presented = _presented_key()
     given = (presented or "").encode("utf-8", "surrogateescape")
