@@ -17,7 +17,7 @@ from flask_limiter import Limiter
 from .api import errors, identity, images, jobs, speech, system, web
 from .config import Settings, load_settings
 from .image_service import ImageService
-from .jobs import LocalJobRunner
+from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .model_loader import ModelLoader
