@@ -35,8 +35,9 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is missing: pip install -e '.[test]'"
 )
 
-SPOKEN = "A lighthouse on a cliff at sunset."
-HEARD_WORDS = ("light", "cliff", "sunset")  # Whisper may write "light house"
+# Framing and a spoken negative, which the server's prompt understanding takes out.
+SPOKEN = "Please draw a lighthouse on a cliff at sunset, without people."
+HEARD_WORDS = ("please", "light", "cliff", "sunset", "without people")  # or "light house"
 API_KEY = "browser-test-key"
 BLOB = re.compile(r"^blob:")
 
@@ -166,8 +167,9 @@ def test_record_speech_and_see_the_image(server, page, spoken_wav, artifacts) ->
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#stop")).to_be_enabled()
     sync_api.expect(page.locator("#stop")).to_be_focused()
-    page.wait_for_timeout(_wav_seconds(spoken_wav) * 1000 + 700)
-    page.screenshot(path=artifacts / "1-recording.png")
+    page.wait_for_timeout(1500)
+    page.screenshot(path=artifacts / "1-recording.png")  # mid-sentence: the meter is up
+    page.wait_for_timeout(_wav_seconds(spoken_wav) * 1000 - 1500 + 700)
     page.keyboard.press("Enter")
 
     sync_api.expect(page.locator("#stage")).to_have_text("Done", timeout=60_000)
@@ -176,7 +178,12 @@ def test_record_speech_and_see_the_image(server, page, spoken_wav, artifacts) ->
     transcript = page.locator("#transcript").inner_text().lower()
     for word in HEARD_WORDS:
         assert word in transcript, transcript
-    sync_api.expect(page.locator("#prompt-used")).not_to_have_text("")
+    # The prompt derived from the words, and how: framing dropped, "without people" moved.
+    prompt = page.locator("#prompt-used").inner_text().lower()
+    assert "cliff" in prompt and "please" not in prompt and "people" not in prompt, prompt
+    sync_api.expect(page.locator("#negative-used")).to_have_text("people")
+    rules = page.locator("#changes li").evaluate_all("(items) => items.map((i) => i.dataset.rule)")
+    assert "framing" in rules and "negative" in rules, rules
     assert page.locator("#model").inner_text() in ("tiny-art", "tiny-photo")
     assert page.locator("#model-reason").inner_text().strip()
     assert "seed 7" in page.locator("#images figcaption").inner_text()
@@ -186,6 +193,7 @@ def test_record_speech_and_see_the_image(server, page, spoken_wav, artifacts) ->
     newest = page.locator("#gallery figure").first
     sync_api.expect(newest.locator("img")).to_have_attribute("src", BLOB)
     assert "cliff" in newest.inner_text().lower() and "Said:" in newest.inner_text()
+    page.locator("#options-box summary").click()  # fold the options away for the picture
     page.screenshot(path=artifacts / "2-result.png", full_page=True)
 
     seen = page.evaluate("window.__seen")

@@ -426,8 +426,9 @@ function showResult(result) {
   $("changes").replaceChildren(
     ...changes.map((change) => {
       const item = document.createElement("li");
-      const after = change.after ? `“${change.after}”` : "nothing";
-      item.textContent = `${change.rule}: “${change.before}” → ${after}${change.why ? ` (${change.why})` : ""}`;
+      const edit = change.after ? `“${change.before}” → “${change.after}”` : `“${change.before}” removed`;
+      item.textContent = `${edit}${change.why ? `: ${change.why}` : ""}`;
+      item.dataset.rule = change.rule;
       return item;
     }),
   );
