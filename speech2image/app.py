@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, speech, system, web
+from .api import errors, identity, images, jobs, openapi, speech, system, web
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs.local import LocalJobRunner
@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(web.bp)
+    openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
 

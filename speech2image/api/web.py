@@ -7,6 +7,8 @@ from pathlib import Path
 from flask import Blueprint, Response, send_from_directory
 from flask.typing import ResponseReturnValue
 
+from .openapi import Content, endpoint
+
 __all__ = ["CONTENT_SECURITY_POLICY", "STATIC_DIR", "bp"]
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -57,13 +59,39 @@ def _send(filename: str) -> Response:
     return response
 
 
+_TEXT = {"type": "string"}
+_HEADERS = {
+    "Content-Security-Policy": "Scripts, styles and connections from this server only",
+    "ETag": "Revalidated on every load (Cache-Control: no-cache)",
+}
+
+
 @bp.get("/")
+@endpoint(
+    responses={200: Content({"text/html": _TEXT}, "The page", _HEADERS), 304: None},
+    tags=("web",),
+    public=True,
+    rate_limited=False,
+)
 def index() -> ResponseReturnValue:
     """The speak-to-image page."""
     return _send("index.html")
 
 
 @bp.get("/static/<path:filename>")
+@endpoint(
+    responses={
+        200: Content(
+            {"text/javascript": _TEXT, "text/css": _TEXT}, "The page's script or style", _HEADERS
+        ),
+        304: None,
+    },
+    errors=(404,),
+    tags=("web",),
+    path={"filename": "app.js or app.css"},
+    public=True,
+    rate_limited=False,
+)
 def static(filename: str) -> ResponseReturnValue:
     """The page's script, stylesheet and pictures (only files inside the static folder)."""
     return _send(filename)
