@@ -171,7 +171,19 @@ class Storage:
     def save_images(
         self, owner: str, images: list[NewImage], transcript: NewTranscript | None = None
     ) -> list[ImageRecord]:
-        """Store a batch of images (and the transcript they came from), or nothing at all."""
+        """Store a batch of images (and the transcript they came from), or nothing at all.
+
+        Storing again images whose ids are already stored returns the stored records: a job
+        redelivered after its images were saved saves nothing twice.
+        """
+        if images:
+            with self._sessions() as session:
+                found = session.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
+                ).all()
+                if found:
+                    by_id = {r.id: r for r in found}
+                    return [by_id[i.id] for i in images if i.id in by_id]
         transcript_id = transcript.id if transcript is not None else None
         staged: list[tuple[Path, Path]] = []
         records: list[ImageRecord] = []
