@@ -10,6 +10,7 @@ __all__ = [
     "Cleanup",
     "Generation",
     "Health",
+    "HeardTranscript",
     "ImagePage",
     "ImageRow",
     "JobAccepted",
@@ -183,6 +184,14 @@ class Transcription(_Open):
     words: list[dict[str, Any]] | None = None
 
 
+class HeardTranscript(_Open):
+    """The transcript an image was made from (listings only)."""
+
+    id: str
+    text: str
+    language: str | None
+
+
 class ImageRow(_Open):
     """A stored image and every parameter it was made with."""
 
@@ -203,6 +212,7 @@ class ImageRow(_Open):
     bytes: int
     created_at: str
     transcript_id: str | None
+    transcript: HeardTranscript | None = None
 
 
 class ImagePage(_Open):
