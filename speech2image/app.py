@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, openapi, speech, system
+from .api import errors, identity, images, jobs, openapi, speech, system, web
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs.local import LocalJobRunner
@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     ``api`` when S2I_BROKER_URL is set, else ``embedded``.
     """
     settings = settings or load_settings()
-    app = Flask(__name__)
+    # No app-wide static route: the web blueprint serves speech2image/static/ itself.
+    app = Flask(__name__, static_folder=None)
     app.config.update(
         S2I_SETTINGS=settings,
         S2I_STARTED_AT=time.time(),
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(images.bp)
     limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
     limiter.exempt(system.health)
+    limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     # Order of before-request hooks: request id and timing, then the stop gate, then
     # identity (and its failed-authentication limit), then limits.
     _register_request_logging(app)
@@ -171,6 +173,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(web.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)

@@ -10,11 +10,14 @@ __all__ = [
     "Cleanup",
     "Generation",
     "Health",
+    "HeardTranscript",
     "ImagePage",
     "ImageRow",
     "JobAccepted",
     "JobPage",
     "JobView",
+    "PromptChange",
+    "PromptFromSpeech",
     "Ready",
     "ServerConfig",
     "ServerStatus",
@@ -90,6 +93,28 @@ class TranscriptSummary(_Open):
     duration: float | None
 
 
+class PromptChange(_Open):
+    """One edit spoken-prompt understanding made: the rule, the words before and after, why."""
+
+    rule: Literal["translate", "filler", "framing", "negative"]
+    before: str
+    after: str
+    why: str
+
+
+class PromptFromSpeech(_Open):
+    """How a transcript became the image prompt and negative prompt (/speech-to-image)."""
+
+    transcript: str = Field(description="What was said, in the language it was said in.")
+    language: str | None
+    translated: bool = Field(description="Whisper translated the speech to English.")
+    changes: list[PromptChange]
+    prompt: str
+    negative_prompt: str | None = Field(
+        description="The caller's negative prompt, then the spoken negatives."
+    )
+
+
 class Generation(_Open):
     """Images made from one prompt, with the model choice and every parameter used."""
 
@@ -102,7 +127,7 @@ class Generation(_Open):
     timings: dict[str, float]
     batch_size: int | None = None
     transcript: TranscriptSummary | None = None
-    prompt_from_speech: dict[str, Any] | None = Field(
+    prompt_from_speech: PromptFromSpeech | None = Field(
         None, description="/speech-to-image: how the transcript became the prompt."
     )
 
@@ -163,6 +188,14 @@ class Transcription(_Open):
     words: list[dict[str, Any]] | None = None
 
 
+class HeardTranscript(_Open):
+    """The transcript an image was made from (listings only)."""
+
+    id: str
+    text: str
+    language: str | None
+
+
 class ImageRow(_Open):
     """A stored image and every parameter it was made with."""
 
@@ -183,6 +216,7 @@ class ImageRow(_Open):
     bytes: int
     created_at: str
     transcript_id: str | None
+    transcript: HeardTranscript | None = None
 
 
 class ImagePage(_Open):

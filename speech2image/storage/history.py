@@ -260,6 +260,19 @@ class Storage:
                 )
             )
 
+    def transcripts(self, owner: str, ids: list[str]) -> dict[str, TranscriptRecord]:
+        """The owner's transcripts among ``ids``, by id (for the history listing)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(TranscriptRecord).where(
+                    TranscriptRecord.id.in_(wanted), TranscriptRecord.owner == owner
+                )
+            ).all()
+        return {row.id: row for row in rows}
+
     def image_path(self, record: ImageRecord) -> Path | None:
         """The file of ``record`` if it exists inside the image folder."""
         path = (self.image_dir / record.filename).resolve()
