@@ -551,3 +551,15 @@ def test_understand_steps_travel_to_a_distributed_worker(tmp_path: Path) -> None
     payload, upload = job_payload(Job(kind="speech_to_image", owner="o", work=work))
     rebuilt = job_work("speech_to_image", json.loads(json.dumps(payload)), upload)
     assert rebuilt.understand == steps
+
+
+def test_task_translate_keeps_the_original_words_even_with_understanding_off(
+    make_app, speech
+) -> None:
+    response = _speak(make_app().test_client(), speech["german"], task="translate", understand="0")
+    assert response.status_code == 200, response.json
+    heard = response.json["prompt_from_speech"]
+    assert (heard["language"], heard["translated"]) == ("de", True)
+    assert "Katze" in heard["transcript"] and "Katze" in response.json["transcript"]["text"]
+    assert [change["rule"] for change in heard["changes"]] == ["translate"]
+    assert heard["prompt"] == heard["changes"][0]["after"] != heard["transcript"]
