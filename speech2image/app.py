@@ -12,14 +12,17 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Flask, g, request
+from flask_cors import CORS
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, speech, system
+from .api import errors, identity, images, jobs, openai, speech, system
+from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
+from .metrics import Metrics, start_metrics_server
 from .model_loader import ModelLoader
 from .speech_service import SpeechService
 from .storage import Storage
@@ -32,6 +35,17 @@ log = logging.getLogger("speech2image.requests")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small text fields
+# Response headers a browser script on another origin may read.
+CORS_EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Location",
+    "ETag",
+    "Content-Disposition",
+]
 
 
 class RequestStats:
@@ -87,13 +101,20 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     configure_logging(
-        settings.log_dir, settings.log_level, int(settings.log_max_bytes), settings.log_backup_count
+        settings.log_dir,
+        settings.log_level,
+        int(settings.log_max_bytes),
+        settings.log_backup_count,
+        settings.log_format,
     )
 
+    metrics = Metrics()
+    metrics.init_app(app)
     loader = ModelLoader(
         budgets=_memory_budgets(settings),
         max_models=settings.max_models_in_memory,
         idle_seconds=settings.model_idle_seconds,
+        observer=metrics,
     )
     loader.init_app(app)
     storage = Storage(settings.resolved_database_url(), settings.image_dir)
@@ -113,12 +134,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_queued_per_owner=settings.queue_max_per_owner,
         is_resident=loader.is_resident,
         keep_finished_seconds=settings.job_keep_seconds,
+        observer=metrics,
     )
     register_tasks(runner, speech_service, image_service)
     runner.init_app(app)
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
-    app.extensions["request_stats"] = RequestStats()
+    request_stats = RequestStats()
+    app.extensions["request_stats"] = request_stats
+    metrics.watch(loader=loader, runner=runner, in_flight=lambda: request_stats.in_flight)
 
     limiter = Limiter(
         identity.rate_limit_key,
@@ -131,7 +155,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     limiter.limit(settings.ratelimit_transcribe)(speech.bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"])(images.bp)
     limiter.limit(settings.ratelimit_generate)(speech.pipeline_bp)
+    limiter.limit(settings.ratelimit_transcribe)(openai.audio_bp)
+    limiter.limit(settings.ratelimit_generate)(openai.images_bp)
     limiter.exempt(system.health)
+    limiter.exempt(metrics_api.metrics)
+    # A CORS preflight carries no credentials and does no work: never refuse or count it.
+    limiter.request_filter(lambda: request.method == "OPTIONS")
     # Order of before-request hooks: request id and timing, then identity, then limits.
     _register_request_logging(app)
     identity.register_identity(app)
@@ -143,8 +172,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(metrics_api.bp)
+    app.register_blueprint(openai.bp)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
+    if settings.cors_origins:
+        any_origin = "*" in settings.cors_origins
+        CORS(
+            app,
+            origins="*" if any_origin else settings.cors_origins,
+            # Browsers refuse credentials with a wildcard origin: only for listed origins.
+            supports_credentials=not any_origin,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
+    if settings.metrics_port:
+        app.extensions["metrics_server"] = start_metrics_server(
+            metrics, settings.metrics_port, settings.host
+        )
 
     if settings.model_idle_seconds > 0:
         app.extensions["model_idle_reaper"] = loader.start_idle_reaper()
@@ -166,6 +211,7 @@ def _preload_names(loader: ModelLoader, wanted: list[str]) -> list[str]:
 
 def _register_request_logging(app: Flask) -> None:
     stats: RequestStats = app.extensions["request_stats"]
+    metrics: Metrics = app.extensions["metrics"]
 
     @app.before_request
     def _start() -> None:
@@ -191,15 +237,26 @@ def _register_request_logging(app: Flask) -> None:
         g.logged = True
         status = getattr(g, "response_status", None)
         duration_ms = (time.perf_counter() - g.started) * 1000
-        stats.finished(request.endpoint or "unknown", status or 500)
+        endpoint = request.endpoint or "unknown"
+        stats.finished(endpoint, status or 500)
+        metrics.request_done(endpoint, request.method, status or 500, duration_ms / 1000)
+        # Percent-encoded: a path is client input and must not forge log lines.
+        path = quote(request.path, safe="/:@!$&'()*+,;=-._~")
         log.info(
             "%s %s %s %.1fms client=%s",
             request.method,
-            # Percent-encoded: a path is client input and must not forge log lines.
-            quote(request.path, safe="/:@!$&'()*+,;=-._~"),
+            path,
             status or 500,
             duration_ms,
             request.remote_addr,
+            extra={
+                "method": request.method,
+                "path": path,
+                "endpoint": endpoint,
+                "status": status or 500,
+                "duration_ms": round(duration_ms, 1),
+                "client": request.remote_addr,
+            },
         )
 
     @app.after_request

@@ -46,6 +46,8 @@ def _identify() -> None:
     g.is_admin = not keys  # auth off: the one local identity may do everything
     if not keys or request.endpoint in ("system.health", "static"):
         return
+    if request.method == "OPTIONS":  # a CORS preflight never carries credentials
+        return
     presented = _presented_key()
     given = (presented or "").encode("utf-8", "surrogateescape")
     if presented is None or not _matches(given, keys):

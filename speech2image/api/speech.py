@@ -33,7 +33,11 @@ def _upload_and_options() -> tuple[Any, TranscribeOptions]:
     if upload is None:
         raise InvalidRequest("send the audio as multipart/form-data field `audio` (or `file`)")
     options = service.validate_options(
-        request.form.get("language"), request.form.get("task"), request.form.get("word_timestamps")
+        request.form.get("language"),
+        request.form.get("task"),
+        request.form.get("word_timestamps"),
+        prompt=request.form.get("prompt"),
+        temperature=request.form.get("temperature"),
     )
     return upload, options
 
