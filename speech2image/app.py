@@ -19,7 +19,7 @@ from .api import errors, identity, images, jobs, openai, speech, system
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
-from .jobs import LocalJobRunner
+from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .metrics import Metrics, start_metrics_server

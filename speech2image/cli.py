@@ -1,4 +1,4 @@
-"""The `speech2image` command: serve, transcribe, generate, models, build-tiny-model, cleanup."""
+"""The `speech2image` command: serve, transcribe, generate, models, cleanup, db, ..."""
 
 from __future__ import annotations
 
@@ -234,3 +234,45 @@ def cleanup() -> None:
     settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
     report = create_app(settings).extensions["maintenance"].run()
     click.echo(json.dumps(report, indent=2))
+
+
+def _history_engine() -> Any:
+    from .storage import make_engine
+
+    settings = _settings()
+    if not settings.database_url:  # the default SQLite file lives in the image folder
+        settings.image_dir.mkdir(parents=True, exist_ok=True)
+    return make_engine(settings.resolved_database_url())
+
+
+@main.group()
+def db() -> None:
+    """The history database's schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Migrate to this revision.")
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations the database lacks (create_app does this at start-up too)."""
+    from .storage import migrate
+
+    engine = _history_engine()
+    try:
+        before, after = migrate.upgrade(engine, revision)
+    finally:
+        engine.dispose()
+    click.echo(f"history database: {before or 'empty'} -> {after}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision and the newest one this version knows."""
+    from .storage import migrate
+
+    engine = _history_engine()
+    try:
+        with engine.connect() as connection:
+            current = migrate.current_revision(connection)
+    finally:
+        engine.dispose()
+    click.echo(f"current: {current or 'none'}\nhead: {migrate.head_revision()}")
