@@ -174,10 +174,12 @@ def test_validation_errors_are_bad_request_naming_the_param(shared_app, live_ser
 
 def test_rate_limit_is_the_sdk_rate_limit_error(make_app, live_server) -> None:
     client = sdk(live_server(make_app(ratelimit_generate="1/minute")))
-    with pytest.raises(openai.BadRequestError):  # counted, then refused for its size
+    with pytest.raises(openai.BadRequestError):  # refused as invalid: not counted
         client.images.generate(prompt="a cat", size="1x1")
+    small = {"size": "64x64", "extra_body": {"steps": 1}}
+    assert client.images.generate(prompt="a cat", **small).data
     with pytest.raises(openai.RateLimitError) as caught:
-        client.images.generate(prompt="a cat", size="1x1")
+        client.images.generate(prompt="a cat", **small)
     assert int(caught.value.response.headers["Retry-After"]) >= 1
     assert caught.value.body["type"] == "rate_limit_error"
 
