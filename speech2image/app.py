@@ -15,7 +15,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, openai, speech, system
+from .api import errors, identity, images, jobs, openai, openapi, speech, system
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(openai.bp)
+    openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
     if settings.cors_origins:

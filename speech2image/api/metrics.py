@@ -7,6 +7,7 @@ from flask.typing import ResponseReturnValue
 
 from ..metrics import get_metrics, render_metrics
 from .identity import operators_only
+from .openapi import Content, endpoint
 
 __all__ = ["bp", "metrics"]
 
@@ -14,6 +15,17 @@ bp = Blueprint("metrics", __name__)
 
 
 @bp.get("/metrics")
+@endpoint(
+    responses={
+        200: Content(
+            {"text/plain": {"type": "string"}, "application/openmetrics-text": {"type": "string"}},
+            "Prometheus text exposition (OpenMetrics when the Accept header asks for it)",
+        )
+    },
+    tags=("system",),
+    operators=True,
+    rate_limited=False,
+)
 @operators_only
 def metrics() -> ResponseReturnValue:
     """Counters, histograms and live gauges in the Prometheus (or OpenMetrics) text format."""

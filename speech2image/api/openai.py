@@ -13,20 +13,23 @@ import base64
 import logging
 import re
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ..errors import InvalidRequest, ResourceNotFound, ServiceError
 from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
-from ..speech_service import get_speech_service
+from ..schemas import safe_text
+from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
 from ..storage import get_storage
 from ..tasks import TranscribeWork
 from .identity import client_owner
 from .jobs import wait_for
+from .openapi import Content, Upload, endpoint
 from .speech import RESPONSE_FORMATS, _submit_with_upload, to_srt, to_vtt
 
 __all__ = ["IMAGE_ALIASES", "WHISPER_ALIASES", "audio_bp", "bp", "images_bp"]
@@ -58,12 +61,178 @@ SEGMENT_FIELDS = (
     "no_speech_prob",
 )
 
+# Extras of POST /v1/images/generations: the native fields with no OpenAI name.
+IMAGE_EXTRAS = ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler")
+ERROR_STATUSES = (400, 401, 409, 413, 415, 422, 429, 500, 503)
+
 _ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
     429: "rate_limit_error",
 }
+
+
+# --- request and answer models (they validate requests and make the OpenAPI spec) ----------
+class OpenAIErrorInfo(BaseModel):
+    """What went wrong, as OpenAI's clients read it."""
+
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="This service's stable error code.")
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape (the /v1 routes only)."""
+
+    error: OpenAIErrorInfo
+
+
+class TranscriptionSegment(BaseModel):
+    """One decoded segment."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionWord(BaseModel):
+    """One word with its timing."""
+
+    word: str
+    start: float
+    end: float
+
+
+class Transcription(BaseModel):
+    """`json` has the text only; `verbose_json` adds language, duration, segments (and words)."""
+
+    text: str
+    task: str | None = None
+    language: str | None = None
+    duration: float | None = None
+    segments: list[TranscriptionSegment] | None = None
+    words: list[TranscriptionWord] | None = None
+
+
+class ImageData(BaseModel):
+    """One image: a URL (needs the same API key) or the PNG in base64."""
+
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str
+
+
+class ImagesResponse(BaseModel):
+    """Generated images."""
+
+    created: int
+    data: list[ImageData]
+    model: str = Field(description="The model that made them (after the automatic choice).")
+
+
+class ModelObject(BaseModel):
+    """A model a /v1 request may name."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    kind: Literal["whisper", "image"]
+
+
+class ModelList(BaseModel):
+    """Every model a /v1 request may name."""
+
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+def _errors(*statuses: int) -> dict[int, Any]:
+    return {status: OpenAIErrorBody for status in statuses}
+
+
+def _audio_form(app: Any) -> type[BaseModel]:
+    settings = app.config["S2I_SETTINGS"]
+    names = tuple(dict.fromkeys((*WHISPER_ALIASES, settings.whisper_model)))
+    return create_model(
+        "OpenAIAudioForm",
+        # OpenAI's clients may send fields this service has no use for: ignore them.
+        __config__=ConfigDict(extra="ignore", populate_by_name=True),
+        file=(Upload, Field(description="The audio file (any common format).")),
+        model=(
+            Literal[names],  # type: ignore[valid-type]
+            Field(WHISPER_ALIASES[0], description="whisper-1 is the configured Whisper model."),
+        ),
+        language=(
+            safe_text(8) | None,
+            Field(None, description="ISO 639-1 code of the speech; empty: detect it."),
+        ),
+        prompt=(
+            safe_text(MAX_PROMPT_CHARS) | None,
+            Field(None, description="Whisper's initial prompt: spellings of names and jargon."),
+        ),
+        response_format=(
+            Literal[RESPONSE_FORMATS],  # type: ignore[valid-type]
+            Field("json", description="json, text, srt, verbose_json or vtt."),
+        ),
+        temperature=(
+            Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None,
+            Field(None, description="Sampling temperature; none: 0, then 0.4 and 0.8."),
+        ),
+        timestamp_granularities=(
+            Literal[GRANULARITIES] | None,  # type: ignore[valid-type]
+            Field(
+                None,
+                alias="timestamp_granularities[]",
+                description="word and/or segment (repeat the field); word adds `words`.",
+            ),
+        ),
+    )
+
+
+def _image_body(app: Any) -> type[BaseModel]:
+    settings = app.config["S2I_SETTINGS"]
+    native = get_image_service(app).request_model
+    extras: dict[str, Any] = {}
+    for name in ("prompt", *IMAGE_EXTRAS):
+        info = native.model_fields[name]
+        annotation = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[misc]
+        if name == "prompt":
+            extras[name] = (annotation, Field(description=info.description))
+        else:
+            extras[name] = (annotation | None, Field(None, description=info.description))
+    return create_model(
+        "OpenAIImageRequest",
+        __config__=ConfigDict(extra="forbid"),
+        model=(
+            str | None,
+            Field(None, description="dall-e-2 or dall-e-3 (the automatic choice), or a model."),
+        ),
+        n=(
+            Annotated[int, Field(ge=1, le=settings.max_num_images)] | None,
+            Field(None, description="Images to make."),
+        ),
+        size=(
+            Annotated[str, Field(pattern=r"^(auto|\d{1,5}x\d{1,5})$")] | None,
+            Field(None, description="WIDTHxHEIGHT, each a multiple of 8."),
+        ),
+        response_format=(Literal[IMAGE_FORMATS], Field("url")),  # type: ignore[valid-type]
+        user=(safe_text(256) | None, Field(None, description="Accepted; the API key is who.")),
+        quality=(str | None, Field(None, description="Accepted and ignored.")),
+        style=(str | None, Field(None, description="Accepted and ignored.")),
+        **extras,
+    )
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -127,20 +296,11 @@ def _whisper_model(requested: str | None) -> str:
     )
 
 
-def _audio(task: str) -> ResponseReturnValue:
-    form = request.form
-    upload = request.files.get("file")
-    if upload is None:
-        raise _field("file", "send the audio as multipart/form-data field `file`")
-    _whisper_model(form.get("model"))
-    response_format = (form.get("response_format") or "json").strip().lower()
-    if response_format not in RESPONSE_FORMATS:
-        raise _field(
-            "response_format",
-            f"`response_format` must be one of {', '.join(RESPONSE_FORMATS)}, "
-            f"not {response_format!r}",
-        )
-    granularities = form.getlist("timestamp_granularities[]") + form.getlist(
+def _audio(task: str, form: Any) -> ResponseReturnValue:
+    _whisper_model(form.model)
+    response_format = form.response_format
+    # Repeated fields: the form model saw the first; every one must be known.
+    granularities = request.form.getlist("timestamp_granularities[]") + request.form.getlist(
         "timestamp_granularities"
     )
     for item in granularities:
@@ -150,14 +310,10 @@ def _audio(task: str) -> ResponseReturnValue:
                 f"`timestamp_granularities[]` items must be word or segment, not {item!r}",
             )
     options = get_speech_service(current_app).validate_options(
-        form.get("language"),
-        task,
-        "word" in granularities,
-        prompt=form.get("prompt"),
-        temperature=form.get("temperature"),
+        form.language, task, "word" in granularities, form.prompt, form.temperature
     )
     job = _submit_with_upload(
-        upload,
+        form.file,
         lambda path: Job(
             kind="transcribe", owner=client_owner(), work=TranscribeWork(path, options)
         ),
@@ -190,16 +346,36 @@ def _render_transcript(body: dict[str, Any], response_format: str, words: bool) 
     return jsonify(answer)
 
 
+_AUDIO_ENDPOINT = {
+    "form": _audio_form,
+    "responses": {
+        200: Content(
+            {
+                "application/json": Transcription,
+                "text/plain": {"type": "string"},
+                "application/x-subrip": {"type": "string"},
+                "text/vtt": {"type": "string"},
+            },
+            "The transcript in the requested `response_format`",
+        ),
+        **_errors(*ERROR_STATUSES),
+    },
+    "tags": ("openai",),
+}
+
+
 @audio_bp.post("/audio/transcriptions")
-def create_transcription() -> ResponseReturnValue:
+@endpoint(**_AUDIO_ENDPOINT)
+def create_transcription(form: Any) -> ResponseReturnValue:
     """Transcribe audio in its own language (OpenAI's createTranscription)."""
-    return _audio("transcribe")
+    return _audio("transcribe", form)
 
 
 @audio_bp.post("/audio/translations")
-def create_translation() -> ResponseReturnValue:
+@endpoint(**_AUDIO_ENDPOINT)
+def create_translation(form: Any) -> ResponseReturnValue:
     """Translate speech into English text (OpenAI's createTranslation)."""
-    return _audio("translate")
+    return _audio("translate", form)
 
 
 # --- images -------------------------------------------------------------------------------
@@ -239,22 +415,24 @@ def _openai_param(field: str | None) -> str | None:
 
 
 @images_bp.post("/images/generations")
-def create_image() -> ResponseReturnValue:
+@endpoint(
+    body=_image_body,
+    responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
+    tags=("openai",),
+)
+def create_image(body: Any) -> ResponseReturnValue:
     """Generate images (OpenAI's createImage), plus this service's extra fields."""
-    payload = request.get_json(silent=True)
-    if not isinstance(payload, dict):
-        raise InvalidRequest(
-            "send a JSON object with at least `prompt` (Content-Type: application/json)"
-        )
-    fields, response_format = _image_fields(payload)
+    fields, response_format = _image_fields(body.model_dump(exclude_none=True))
     service = get_image_service(current_app)
     try:
         item = service.prepare(service.validate(fields))
     except InvalidRequest as exc:
-        field = exc.details.get("field") if exc.details else None
-        raise InvalidRequest(
-            exc.description, details={"field": _openai_param(field)} if field else None
-        ) from None
+        details = dict(exc.details or {})
+        if "field" in details:
+            details["field"] = _openai_param(details["field"])
+        for error in details.get("errors") or []:
+            error["field"] = _openai_param(error["field"])
+        raise InvalidRequest(exc.description, details=details or None) from None
     job = Job(
         kind="generate",
         owner=client_owner(),
@@ -299,12 +477,18 @@ def _models() -> list[dict[str, Any]]:
 
 
 @bp.get("/models")
+@endpoint(responses={200: ModelList, **_errors(401, 429, 500)}, tags=("openai",))
 def list_models() -> ResponseReturnValue:
     """The configured Whisper and image models, with the OpenAI names that map onto them."""
     return jsonify(object="list", data=_models())
 
 
 @bp.get("/models/<path:model_id>")
+@endpoint(
+    responses={200: ModelObject, **_errors(400, 401, 404, 429, 500)},
+    tags=("openai",),
+    path={"model_id": "A model id from GET /v1/models."},
+)
 def get_model(model_id: str) -> ResponseReturnValue:
     """One model by id."""
     for model in _models():
