@@ -187,14 +187,44 @@ def test_rate_limit_is_the_sdk_rate_limit_error(make_app, live_server) -> None:
 def test_error_shape_on_v1_routes(client) -> None:
     response = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"})
     assert response.status_code == 400
-    assert response.json == {
-        "error": {
-            "message": "send the audio as multipart/form-data field `file`",
-            "type": "invalid_request_error",
-            "param": "file",
-            "code": "invalid_request",
-        }
-    }
+    error = response.json["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "file",
+        "invalid_request",
+    )
+    assert "`file`" in error["message"]
     response = client.get("/v1/models/nothing-here")
     assert response.status_code == 404
     assert response.json["error"]["type"] == "not_found_error"
+
+
+def test_prompt_and_temperature_are_checked_before_any_work(client, speech) -> None:
+    for form, field in (({"prompt": "x" * 1001}, "prompt"), ({"temperature": "2"}, "temperature")):
+        with open(speech["english"], "rb") as fh:
+            response = client.post(
+                "/transcribe-audio",
+                data={"audio": (fh, "a.wav"), **form},
+                content_type="multipart/form-data",
+            )
+        assert response.status_code == 400
+        assert response.json["error"]["details"]["field"] == field
+
+
+def test_spec_describes_the_v1_routes_with_openai_errors(client) -> None:
+    spec = client.get("/openapi.json").json
+    for path, method in (
+        ("/v1/audio/transcriptions", "post"),
+        ("/v1/audio/translations", "post"),
+        ("/v1/images/generations", "post"),
+        ("/v1/models", "get"),
+    ):
+        responses = spec["paths"][path][method]["responses"]
+        error = responses["429"]["content"]["application/json"]["schema"]["$ref"]
+        assert error.endswith("/OpenAIErrorBody"), (path, error)
+    form = spec["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]
+    ref = form["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert {"file", "model", "prompt", "timestamp_granularities[]"} <= set(
+        spec["components"]["schemas"][ref]["properties"]
+    )
