@@ -21,7 +21,7 @@ from .engines.diffusers_sd import prompt_token_count as count_tokens
 from .errors import InvalidRequest, ModelUnavailable
 from .model_loader import DeviceOutOfMemory, ModelLoader
 from .schemas import MAX_SEED, image_request_model, invalid_request
-from .storage import ImageRecord, NewImage, NewTranscript, Storage
+from .storage import ImageRecord, NewImage, NewTranscript, Storage, keyed_id
 from .style import StyleChoice, StyleChooser
 
 __all__ = [
@@ -252,15 +252,21 @@ class ImageService:
         truncated: bool,
         timings: dict[str, float],
         transcript: NewTranscript | None = None,
+        job_id: str | None = None,
     ) -> GenerationResult:
-        """Encode and store one item's images (files and rows together)."""
+        """Encode and store one item's images (files and rows together).
+
+        With ``job_id``, image ids derive from it, so a job delivered twice stores once.
+        """
         request, choice = item.request, item.choice
         started = time.perf_counter()
         records = self.storage.save_images(
             owner,
             [
-                self._encode(image, seed, request, choice)
-                for image, seed in zip(images, request.seeds(), strict=True)
+                self._encode(
+                    image, seed, request, choice, keyed_id(job_id, str(i)) if job_id else None
+                )
+                for i, (image, seed) in enumerate(zip(images, request.seeds(), strict=True))
             ],
             transcript=transcript,
         )
@@ -299,7 +305,12 @@ class ImageService:
             ) from None
 
     def _encode(
-        self, image: Any, seed: int, request: ImageRequest, choice: StyleChoice
+        self,
+        image: Any,
+        seed: int,
+        request: ImageRequest,
+        choice: StyleChoice,
+        image_id: str | None = None,
     ) -> NewImage:
         """PNG bytes carrying the same parameters as the history row."""
         from PIL.PngImagePlugin import PngInfo
@@ -335,6 +346,7 @@ class ImageService:
             width=request.width,
             height=request.height,
             parameters=parameters,
+            **({"id": image_id} if image_id else {}),
         )
 
 

@@ -217,6 +217,15 @@ class LiveCollector(Collector):
             for state, n in sorted(counts.items()):
                 jobs.add_metric([kind, state], n)
         yield jobs
+        if isinstance(stats.get("queues"), dict):  # the distributed runner: one queue per model
+            queues = GaugeMetricFamily(
+                "s2i_queue_depth_by_model",
+                "Jobs waiting in each model's queue (distributed mode).",
+                labels=["model"],
+            )
+            for model, n in sorted(stats["queues"].items()):
+                queues.add_metric([model], n)
+            yield queues
 
     def _models(self) -> Iterator[Metric]:
         resident = GaugeMetricFamily(

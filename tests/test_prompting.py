@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -503,3 +504,19 @@ def test_german_speech_becomes_an_english_prompt(make_app, speech) -> None:
     assert row["prompt"] == prompt
     stored = _stored_transcript(app, row["transcript_id"])
     assert (stored.text, stored.language) == (heard["transcript"], "de")
+
+
+def test_politeness_alone_leaves_no_prompt() -> None:
+    # /speech-to-image answers 422 "nothing to draw was heard" for this
+    assert understand_speech("Please. Thank you.", "en").prompt == ""
+    assert understand_speech("Um.", "en").prompt == ""
+
+
+def test_speech_with_nothing_to_draw_is_a_clear_422(make_app, speech) -> None:
+    app = make_app()
+    response = _speak(app.test_client(), speech["politeness"])
+    assert response.status_code == 422, response.json
+    assert response.json["error"]["code"] == "invalid_audio"
+    assert "nothing to draw" in response.json["error"]["message"]
+    assert app.test_client().get("/images").json["images"] == []
+    assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []

@@ -47,7 +47,8 @@ def _matches(given: bytes, keys: list[str]) -> bool:
 
 
 def _is_public(endpoint: str | None) -> bool:
-    # Declared with @endpoint(public=True) (health, the spec), or the docs UI's files.
+    # Declared with @endpoint(public=True) (health, the spec, the web page that asks for a
+    # key), or the docs UI's files.
     if endpoint in ("static", "docs.show"):
         return True
     view = current_app.view_functions.get(endpoint or "")

@@ -12,7 +12,7 @@ from ..errors import ResourceNotFound
 from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
 from ..schemas import UtcDateTime, safe_text
-from ..storage import ImageRecord, get_storage
+from ..storage import ImageRecord, TranscriptRecord, get_storage
 from .identity import client_owner
 from .jobs import respond
 from .openapi import Content, endpoint
@@ -26,10 +26,15 @@ MAX_PAGE_SIZE = 100
 ONE_YEAR = 365 * 24 * 3600
 
 
-def image_json(record: ImageRecord) -> dict[str, Any]:
-    """A history row as the API shows it, with the URL of its file."""
+def image_json(record: ImageRecord, transcript: TranscriptRecord | None = None) -> dict[str, Any]:
+    """A history row as the API shows it, with the URL of its file and its transcript."""
     return record.as_dict() | {
-        "url": url_for("images.get_image", filename=record.filename, _external=False)
+        "url": url_for("images.get_image", filename=record.filename, _external=False),
+        "transcript": (
+            {"id": transcript.id, "text": transcript.text, "language": transcript.language}
+            if transcript is not None
+            else None
+        ),
     }
 
 
@@ -88,8 +93,11 @@ def list_images(query: Any) -> ResponseReturnValue:
         since=query.since,
         until=query.until,
     )
+    transcripts = get_storage(current_app).transcripts(
+        client_owner(), [r.transcript_id for r in records if r.transcript_id]
+    )
     return jsonify(
-        images=[image_json(r) for r in records],
+        images=[image_json(r, transcripts.get(r.transcript_id or "")) for r in records],
         page=query.page,
         per_page=per_page,
         total=total,

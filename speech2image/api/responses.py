@@ -10,6 +10,7 @@ __all__ = [
     "Cleanup",
     "Generation",
     "Health",
+    "HeardTranscript",
     "ImagePage",
     "ImageRow",
     "JobAccepted",
@@ -159,6 +160,14 @@ class Transcription(_Open):
     words: list[dict[str, Any]] | None = None
 
 
+class HeardTranscript(_Open):
+    """The transcript an image was made from (listings only)."""
+
+    id: str
+    text: str
+    language: str | None
+
+
 class ImageRow(_Open):
     """A stored image and every parameter it was made with."""
 
@@ -179,6 +188,7 @@ class ImageRow(_Open):
     bytes: int
     created_at: str
     transcript_id: str | None
+    transcript: HeardTranscript | None = None
 
 
 class ImagePage(_Open):
