@@ -170,6 +170,9 @@ def test_validation_errors_are_bad_request_naming_the_param(shared_app, live_ser
     with pytest.raises(openai.BadRequestError) as caught:
         client.audio.transcriptions.create(model="gpt-4o-transcribe", file=b"RIFF")
     assert caught.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.audio.transcriptions.create(model="whisper-1", file=b"RIFF", language="xx")
+    assert caught.value.body["param"] == "language"
 
 
 def test_rate_limit_is_the_sdk_rate_limit_error(make_app, live_server) -> None:
