@@ -270,10 +270,42 @@ def test_phone_sized_upload(server, browser, spoken_wav, artifacts) -> None:
         assert unlabelled == []
         page.locator("#options-box summary").click()
         page.fill("#opt-steps", "2")
+        page.uncheck("#understand")  # sent as understand=false: the words are the prompt
         page.set_input_files("#audio-file", spoken_wav)
         sync_api.expect(page.locator("#stage")).to_have_text("Done", timeout=60_000)
         assert "cliff" in page.locator("#transcript").inner_text().lower()
+        assert "please" in page.locator("#prompt-used").inner_text().lower()
+        sync_api.expect(page.locator("#fact-changes")).to_be_hidden()
         sync_api.expect(page.locator("#images img")).to_have_attribute("src", BLOB)
         page.screenshot(path=artifacts / "5-phone.png", full_page=True)
     finally:
         context.close()
+
+
+def test_unusable_upload_is_explained(server, page, tmp_path) -> None:
+    _open(page, server)
+    before = _gallery_size(page)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("these are words, not a recording")
+    page.set_input_files("#audio-file", not_audio)
+    error = page.locator("#error")
+    sync_api.expect(error).to_contain_text("The recording cannot be used")
+    sync_api.expect(error).to_contain_text("not a supported audio file")
+    sync_api.expect(page.locator("#stage")).to_have_text("Failed")
+    assert _gallery_size(page) == before
+
+
+def test_limits_and_models_come_from_the_server(server, page) -> None:
+    config = page.request.get(f"{server}/config")
+    if config.status == 404:
+        pytest.skip("this server has no GET /config yet; the page falls back to server checks")
+    limits = config.json()["limits"]
+    _open(page, server)
+    steps = page.locator("#opt-steps")
+    sync_api.expect(steps).to_have_attribute("max", str(limits["steps"]["max"]))
+    sync_api.expect(page.locator("#opt-width")).to_have_attribute(
+        "max", str(limits["width"]["max"])
+    )
+    models = page.locator("#opt-model option").evaluate_all("(o) => o.map((x) => x.value)")
+    assert models[0] == "auto" and {"tiny-art", "tiny-photo"} <= set(models)
+    sync_api.expect(page.locator("#limits")).to_contain_text(f"steps {limits['steps']['min']}")
