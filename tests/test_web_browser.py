@@ -314,3 +314,23 @@ def test_limits_and_models_come_from_the_server(server, page) -> None:
     models = page.locator("#opt-model option").evaluate_all("(o) => o.map((x) => x.value)")
     assert models[0] == "auto" and {"tiny-art", "tiny-photo"} <= set(models)
     sync_api.expect(page.locator("#limits")).to_contain_text(f"steps {limits['steps']['min']}")
+
+
+def test_history_is_paged(server, page) -> None:
+    for _ in range(3):  # twelve more images through the API: more than one page of eight
+        answer = page.request.post(
+            f"{server}/generate-image", data={"prompt": "a red kite", "num_images": 4, "steps": 1}
+        )
+        assert answer.status == 200, answer.text()
+    _open(page, server)
+    total = page.request.get(f"{server}/images?per_page=1").json()["total"]
+    pages = -(-total // 8)
+    sync_api.expect(page.locator("#gallery figure")).to_have_count(8)
+    sync_api.expect(page.locator("#page-info")).to_have_text(f"Page 1 of {pages} · {total} images")
+    sync_api.expect(page.locator("#newer")).to_be_disabled()
+    page.click("#older")
+    sync_api.expect(page.locator("#page-info")).to_contain_text(f"Page 2 of {pages}")
+    sync_api.expect(page.locator("#gallery figure img").first).to_have_attribute("src", BLOB)
+    sync_api.expect(page.locator("#newer")).to_be_enabled()
+    page.click("#newer")
+    sync_api.expect(page.locator("#page-info")).to_contain_text("Page 1 of")
