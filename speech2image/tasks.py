@@ -77,6 +77,7 @@ def job_payload(job: Job) -> tuple[dict[str, Any], Path | None]:
     payload: dict[str, Any] = {"options": dataclasses.asdict(work.options)}
     if job.kind == "speech_to_image":
         payload["image_fields"] = work.image_fields
+        payload["understand"] = dataclasses.asdict(work.understand)
     return payload, work.path
 
 
@@ -92,7 +93,8 @@ def job_work(kind: str, payload: dict[str, Any], upload: Path | None) -> Any:
     options = TranscribeOptions(**payload["options"])
     if kind == "transcribe":
         return TranscribeWork(upload, options)
-    return SpeechToImageWork(upload, options, payload["image_fields"])
+    steps = UnderstandSteps(**payload.get("understand", {}))
+    return SpeechToImageWork(upload, options, payload["image_fields"], steps)
 
 
 def local_job(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ..errors import QueueFull, ServiceBusy, ServiceError
@@ -98,6 +98,24 @@ class LocalJobRunner:
         """The owner's job by id."""
         job = self._jobs.get(job_id)
         return job if job is not None and job.owner == owner else None
+
+    def list_jobs(
+        self,
+        owner: str,
+        *,
+        states: Collection[JobState] = (),
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        """The owner's jobs this process still knows, newest first."""
+        with self._cond:
+            mine = [
+                job
+                for job in list(self._jobs.values())
+                if job.owner == owner and (not states or job.state in states)
+            ]
+        mine.sort(key=lambda job: job.created_at, reverse=True)
+        return mine[offset : offset + limit], len(mine)
 
     def cancel(self, owner: str, job_id: str) -> Job | None:
         """Cancel: a queued job at once; a running one between denoising steps."""
