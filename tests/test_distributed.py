@@ -109,6 +109,12 @@ def test_generate_sync_and_async_through_workers_from_any_api(cluster: Cluster) 
     assert done["worker"] in cluster.worker_names(first).values()
     status, _, listing = http("GET", f"{second}/images?per_page=10")
     assert {i["id"] for i in done["result"]["images"]} <= {i["id"] for i in listing["images"]}
+    # GET /jobs on either API process lists it, newest first, filtered by state.
+    status, _, jobs = http("GET", f"{first}/jobs?state=succeeded")
+    assert status == 200, jobs
+    assert jobs["jobs"][0]["id"] == job["id"] and jobs["total"] >= 1
+    status, _, queued = http("GET", f"{first}/jobs?state=queued")
+    assert job["id"] not in {j["id"] for j in queued["jobs"]}
 
 
 def test_api_process_never_imports_model_libraries(cluster: Cluster) -> None:
