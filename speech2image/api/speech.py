@@ -23,8 +23,14 @@ from ..errors import InvalidRequest
 from ..image_service import get_image_service
 from ..jobs import Job, get_job_runner
 from ..prompting import UnderstandSteps
-from ..schemas import check_text, invalid_request, parse_json_text
-from ..speech_service import TASKS, TranscribeOptions, discard_upload, get_speech_service
+from ..schemas import check_text, invalid_request, parse_json_text, safe_text
+from ..speech_service import (
+    MAX_PROMPT_CHARS,
+    TASKS,
+    TranscribeOptions,
+    discard_upload,
+    get_speech_service,
+)
 from ..tasks import SpeechToImageWork, TranscribeWork
 from .identity import client_owner
 from .jobs import respond, wait_for, wants_async
@@ -75,6 +81,18 @@ def _audio_fields(app: Any) -> dict[str, Any]:
             Field("transcribe", description="`translate`: English text from any language."),
         ),
         "word_timestamps": (bool, Field(False, description="Word-level timestamps.")),
+        "prompt": (
+            safe_text(MAX_PROMPT_CHARS),
+            Field(
+                None,
+                description="Whisper's initial prompt: spellings of names and jargon it should "
+                "prefer (e.g. ComfyUI).",
+            ),
+        ),
+        "temperature": (
+            Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+            Field(None, description="Fixed sampling temperature; absent: 0, then 0.4 and 0.8."),
+        ),
         "async_": (
             bool,
             Field(False, alias="async", description="Answer 202 with a job at once."),
@@ -176,7 +194,13 @@ def _options_text(value: Any) -> Any:
 
 
 def _options(form: Any) -> TranscribeOptions:
-    return TranscribeOptions(form.language or None, form.task, form.word_timestamps)
+    return TranscribeOptions(
+        form.language or None,
+        form.task,
+        form.word_timestamps,
+        form.prompt or None,
+        form.temperature,
+    )
 
 
 def _submit_with_upload(upload: Any, make_job: Any) -> Job:
@@ -251,6 +275,7 @@ def speech_to_image(form: Any) -> ResponseReturnValue:
         except ValidationError as exc:
             raise invalid_request(exc, service.request_model, prefix="options.") from None
     shared = {"audio", "file", "language", "task", "word_timestamps", "options", "async_"}
+    shared |= {"prompt", "temperature"}
     shared |= {"understand", *UNDERSTAND_STEPS}
     given = form.model_dump(include=form.model_fields_set - shared, exclude_none=True)
     fields.update(given)
