@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 #   so the job is not expected to be gone afterwards ("use after free" does not apply there).
 CONFIG = """
 [[operations]]
-include-path-regex = "^/(transcribe-audio|speech-to-image)$"
+include-path-regex = "^/(transcribe-audio|speech-to-image|v1/audio/.*)$"
 checks.positive_data_acceptance.expected-statuses = [
   "2XX", "3XX", 401, 403, 404, 409, 415, 422, 429, "5XX",
 ]

@@ -37,7 +37,7 @@ from .jobs import respond, wait_for, wants_async
 from .openapi import Content, Upload, endpoint
 from .responses import Generation, JobAccepted, Transcription
 
-__all__ = ["RESPONSE_FORMATS", "bp", "pipeline_bp"]
+__all__ = ["RESPONSE_FORMATS", "bp", "language_type", "pipeline_bp"]
 
 bp = Blueprint("speech", __name__)
 # Its own blueprint, so it carries the generation rate limit rather than transcription's.
@@ -63,17 +63,21 @@ def _whisper_languages() -> tuple[str, ...]:
     return tuple(sorted(codes))
 
 
+def language_type() -> Any:
+    """A form's `language`: a code Whisper knows (either case), or empty for "detect"."""
+    return Annotated[
+        Literal[("", *_whisper_languages())],  # type: ignore[valid-type]
+        BeforeValidator(_language),
+    ]
+
+
 def _audio_fields(app: Any) -> dict[str, Any]:
     """The fields every audio upload form shares (the file and the transcription options)."""
-    languages = _whisper_languages()
     return {
         "audio": (Upload, Field(None, description="The audio file (any common format).")),
         "file": (Upload, Field(None, description="Same as `audio` (OpenAI's name).")),
         "language": (
-            Annotated[
-                Literal[("", *languages)],  # type: ignore[valid-type]
-                BeforeValidator(_language),
-            ],
+            language_type(),
             Field(None, description="ISO 639-1 code of the speech; empty or absent: detect it."),
         ),
         "task": (
