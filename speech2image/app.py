@@ -113,9 +113,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_queued_per_owner=settings.queue_max_per_owner,
         is_resident=loader.is_resident,
         keep_finished_seconds=settings.job_keep_seconds,
+        store=storage.jobs,
     )
     register_tasks(runner, speech_service, image_service)
     runner.init_app(app)
+    if settings.job_recover_on_start:
+        runner.recover()
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
     app.extensions["request_stats"] = RequestStats()

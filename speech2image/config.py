@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     queue_max: int = Field(64, ge=1, description="Jobs waiting at most (503 beyond).")
     queue_max_per_owner: int = Field(16, ge=1, description="Jobs per client (429 beyond).")
     job_keep_seconds: float = Field(3600.0, ge=1, description="Keep finished jobs this long.")
+    job_recover_on_start: bool = Field(
+        True, description="At start-up, run again the jobs a crashed process left unfinished."
+    )
 
     # --- identity and rate limits -------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -20,7 +20,7 @@ from .engines.diffusers_sd import SCHEDULERS, DiffusersFactory, GenerationSpec, 
 from .engines.diffusers_sd import prompt_token_count as count_tokens
 from .errors import InvalidRequest, ModelUnavailable
 from .model_loader import DeviceOutOfMemory, ModelLoader
-from .storage import ImageRecord, NewImage, NewTranscript, Storage
+from .storage import ImageRecord, NewImage, NewTranscript, Storage, keyed_id
 from .style import StyleChoice, StyleChooser
 
 __all__ = [
@@ -317,18 +317,25 @@ class ImageService:
         truncated: bool,
         timings: dict[str, float],
         transcript: NewTranscript | None = None,
+        job_id: str | None = None,
     ) -> GenerationResult:
-        """Encode and store one item's images (files and rows together)."""
+        """Encode and store one item's images (files and rows together).
+
+        With ``job_id``, image ids derive from the job id and the image's index, so storing
+        the same job's images again (a rerun, a redelivery) stores nothing twice.
+        """
         request, choice = item.request, item.choice
         started = time.perf_counter()
-        records = self.storage.save_images(
-            owner,
-            [
-                self._encode(image, seed, request, choice)
-                for image, seed in zip(images, request.seeds(), strict=True)
-            ],
-            transcript=transcript,
-        )
+        encoded = [
+            self._encode(image, seed, request, choice)
+            for image, seed in zip(images, request.seeds(), strict=True)
+        ]
+        if job_id is not None:
+            encoded = [
+                dataclasses.replace(image, id=keyed_id(job_id, index))
+                for index, image in enumerate(encoded)
+            ]
+        records = self.storage.save_images(owner, encoded, transcript=transcript)
         timings = {**timings, "save": time.perf_counter() - started}
         log.info(
             "generated %d image(s) %dx%d with %s",

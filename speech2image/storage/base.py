@@ -7,7 +7,9 @@ import uuid
 
 from sqlalchemy.orm import DeclarativeBase
 
-__all__ = ["Base", "aware", "new_id", "utcnow"]
+__all__ = ["Base", "aware", "keyed_id", "new_id", "utcnow"]
+
+_KEYED = uuid.UUID("6f1c2d4e-8b1a-4f7e-9c55-5e2a1b0d7c3f")
 
 
 def utcnow() -> dt.datetime:
@@ -20,10 +22,15 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def keyed_id(key: str, part: str | int) -> str:
+    """A stable id for ``part`` of ``key`` (image N of job J): a job run twice stores once."""
+    return uuid.uuid5(_KEYED, f"{key}/{part}").hex
+
+
 class Base(DeclarativeBase):
     """Declarative base of the history tables."""
 
 
 def aware(moment: dt.datetime) -> dt.datetime:
-    # SQLite gives naive datetimes back; every stored time is UTC.
+    """``moment`` as timezone-aware UTC (SQLite gives naive datetimes back)."""
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)

@@ -171,7 +171,20 @@ class Storage:
     def save_images(
         self, owner: str, images: list[NewImage], transcript: NewTranscript | None = None
     ) -> list[ImageRecord]:
-        """Store a batch of images (and the transcript they came from), or nothing at all."""
+        """Store a batch of images (and the transcript they came from), or nothing at all.
+
+        Idempotent for stable ids (see ``keyed_id``): a batch already stored is returned as it
+        was stored, so a job that runs again after a crash or a redelivery stores nothing twice.
+        """
+        with self._sessions() as session:
+            existing = {
+                record.id: record
+                for record in session.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
+                )
+            }
+        if images and len(existing) == len(images):
+            return [existing[image.id] for image in images]
         transcript_id = transcript.id if transcript is not None else None
         staged: list[tuple[Path, Path]] = []
         records: list[ImageRecord] = []
@@ -180,7 +193,8 @@ class Storage:
             now = utcnow()
             for image in images:
                 final = self.image_dir / f"{image.id}.png"
-                temporary = self.image_dir / f".{image.id}.png.tmp"
+                # Unique even when a job runs twice at once (a redelivered task).
+                temporary = self.image_dir / f".{image.id}.{new_id()[:8]}.png.tmp"
                 with open(temporary, "xb") as out:
                     out.write(image.png)
                     out.flush()
