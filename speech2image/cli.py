@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import click
 
 from .config import Settings, SettingsError, load_settings
+from .server import gunicorn_hooks
 
 __all__ = ["gunicorn_options", "main"]
 
@@ -24,10 +26,12 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "worker_class": "gthread",
         "threads": settings.threads,
         "timeout": 600,  # long transcriptions and generations are normal
-        "graceful_timeout": 30,
+        # On SIGTERM running jobs get this long before the worker is killed (speech2image.server).
+        "graceful_timeout": math.ceil(settings.shutdown_grace_seconds),
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
+        **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
 
 
