@@ -17,6 +17,7 @@ from flask_limiter import Limiter
 from .api import errors, identity, images, jobs, openapi, speech, system
 from .config import Settings, load_settings
 from .image_service import ImageService
+from .imagestore import make_image_store
 from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
@@ -99,7 +100,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         idle_seconds=settings.model_idle_seconds,
     )
     loader.init_app(app)
-    storage = Storage(settings.resolved_database_url(), settings.image_dir)
+    storage = Storage(
+        settings.resolved_database_url(), settings.image_dir, images=make_image_store(settings)
+    )
     storage.init_app(app)
     speech_service = SpeechService(settings, loader)
     speech_service.init_app(app)

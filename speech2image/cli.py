@@ -228,7 +228,7 @@ def generate(
     click.echo(f"model: {result['model']} ({result['model_choice']['reason']})")
     for image in result["images"]:
         click.echo(
-            f"{app.extensions['storage'].image_dir / image['filename']}  seed={image['seed']}"
+            f"{app.extensions['storage'].images.location(image['filename'])}  seed={image['seed']}"
         )
 
 

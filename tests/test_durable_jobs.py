@@ -23,7 +23,6 @@ from sqlalchemy import create_engine, text, update
 from speech2image.jobs.local import MAX_ATTEMPTS
 from speech2image.storage import JobRecord
 
-from .test_images import image_files
 from .test_jobs import sse_events, submit, wait_state
 
 LONG = 24  # steps: long enough to be killed in the middle
@@ -133,20 +132,6 @@ def test_start_up_reruns_or_fails_what_a_dead_process_left(make_app, tmp_path) -
     )
     assert store.get(ids["alive"]).state == "queued"
     assert store.get(ids["rerun"]).attempts == 1
-
-
-def test_a_job_that_runs_twice_stores_its_images_once(make_app) -> None:
-    from speech2image.image_service import get_image_service
-
-    app = make_app()
-    service = get_image_service(app)
-    item = service.prepare(service.validate({"prompt": "a castle", "steps": 1, "seed": 1}))
-    output = service.run_batch([item])
-    first = service.store("local", item, output.images[0], truncated=False, timings={}, job_id="j1")
-    again = service.store("local", item, output.images[0], truncated=False, timings={}, job_id="j1")
-    assert [r.id for r in again.records] == [r.id for r in first.records]
-    assert app.test_client().get("/images").json["total"] == 1
-    assert len(image_files(app)) == 1
 
 
 # --- a real server process, killed with SIGKILL mid-job --------------------------------------
