@@ -227,6 +227,9 @@ class ImageService:
                     lease.model, lease.device, first.choice.model, spec, on_step
                 )
                 inference = time.perf_counter() - started
+                self.loader.observer.denoised(
+                    model_key(first.choice.model), r.steps, len(spec.prompts), inference
+                )
         finally:
             with self._lock:
                 if waiting:
@@ -253,21 +256,20 @@ class ImageService:
     ) -> GenerationResult:
         """Encode and store one item's images (files and rows together).
 
-        With ``job_id``, image ids derive from the job id and the image's index, so storing
-        the same job's images again (a rerun, a redelivery) stores nothing twice.
+        With ``job_id``, image ids derive from it, so a job delivered twice stores once.
         """
         request, choice = item.request, item.choice
         started = time.perf_counter()
-        encoded = [
-            self._encode(image, seed, request, choice)
-            for image, seed in zip(images, request.seeds(), strict=True)
-        ]
-        if job_id is not None:
-            encoded = [
-                dataclasses.replace(image, id=keyed_id(job_id, index))
-                for index, image in enumerate(encoded)
-            ]
-        records = self.storage.save_images(owner, encoded, transcript=transcript)
+        records = self.storage.save_images(
+            owner,
+            [
+                self._encode(
+                    image, seed, request, choice, keyed_id(job_id, str(i)) if job_id else None
+                )
+                for i, (image, seed) in enumerate(zip(images, request.seeds(), strict=True))
+            ],
+            transcript=transcript,
+        )
         timings = {**timings, "save": time.perf_counter() - started}
         log.info(
             "generated %d image(s) %dx%d with %s",
@@ -303,7 +305,12 @@ class ImageService:
             ) from None
 
     def _encode(
-        self, image: Any, seed: int, request: ImageRequest, choice: StyleChoice
+        self,
+        image: Any,
+        seed: int,
+        request: ImageRequest,
+        choice: StyleChoice,
+        image_id: str | None = None,
     ) -> NewImage:
         """PNG bytes carrying the same parameters as the history row."""
         from PIL.PngImagePlugin import PngInfo
@@ -339,6 +346,7 @@ class ImageService:
             width=request.width,
             height=request.height,
             parameters=parameters,
+            **({"id": image_id} if image_id else {}),
         )
 
 

@@ -27,8 +27,16 @@ from .speech_service import (
     discard_upload,
 )
 from .storage import JobRecord, NewTranscript, keyed_id
+from .style import StyleChoice
 
-__all__ = ["SpeechToImageWork", "TranscribeWork", "register_tasks"]
+__all__ = [
+    "SpeechToImageWork",
+    "TranscribeWork",
+    "job_payload",
+    "job_work",
+    "local_job",
+    "register_tasks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,58 @@ def restore_speech_to_image(speech: SpeechService, record: JobRecord) -> Job:
         UnderstandSteps(**data.get("understand", {})),
     )
     return Job.restored(record, work, cleanup=partial(discard_upload, path))
+
+
+def job_payload(job: Job) -> tuple[dict[str, Any], Path | None]:
+    """A job's work as JSON for a distributed worker, and the upload it carries (if any)."""
+    work = job.work
+    if job.kind == "generate":
+        return {
+            "request": dataclasses.asdict(work.request),
+            "choice": dataclasses.asdict(work.choice),
+        }, None
+    payload: dict[str, Any] = {"options": dataclasses.asdict(work.options)}
+    if job.kind == "speech_to_image":
+        payload["image_fields"] = work.image_fields
+        payload["understand"] = dataclasses.asdict(work.understand)
+    return payload, work.path
+
+
+def job_work(kind: str, payload: dict[str, Any], upload: Path | None) -> Any:
+    """Rebuild a job's work from :func:`job_payload` (on the worker)."""
+    if kind == "generate":
+        choice = dict(payload["choice"])
+        choice["matched"] = {
+            style: [tuple(cue) for cue in cues] for style, cues in choice["matched"].items()
+        }
+        return PreparedImage(ImageRequest(**payload["request"]), StyleChoice(**choice))
+    assert upload is not None, f"a {kind} job needs its upload"
+    options = TranscribeOptions(**payload["options"])
+    if kind == "transcribe":
+        return TranscribeWork(upload, options)
+    steps = UnderstandSteps(**payload.get("understand", {}))
+    return SpeechToImageWork(upload, options, payload["image_fields"], steps)
+
+
+def local_job(
+    job_id: str, kind: str, owner: str, payload: dict[str, Any], upload: Path | None
+) -> Job:
+    """The in-process job a worker runs for a delivered task (same id as the API's job)."""
+    work = job_work(kind, payload, upload)
+    if kind == "generate":
+        return Job(
+            kind=kind,
+            owner=owner,
+            work=work,
+            model=model_key(work.choice.model),
+            batch_key=work.batch_key(),
+            images=work.request.num_images,
+            steps=work.request.steps,
+            id=job_id,
+        )
+    job = Job(kind=kind, owner=owner, work=work, id=job_id)
+    job.cleanup = partial(discard_upload, work.path)  # also when cancelled before it ran
+    return job
 
 
 def _progress_all(jobs: list[Job], stage: str, done: int, total: int) -> None:

@@ -12,11 +12,12 @@ from ..errors import ResourceNotFound
 from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
 from ..schemas import UtcDateTime, safe_text
-from ..storage import ImageRecord, get_storage
+from ..storage import ImageRecord, TranscriptRecord, get_storage
+from ..storage.base import aware
 from .identity import client_owner
 from .jobs import respond
 from .openapi import Content, endpoint
-from .responses import Generation, ImagePage, JobAccepted
+from .responses import Generation, ImagePage, JobAccepted, TranscriptRow
 
 __all__ = ["bp"]
 
@@ -26,10 +27,15 @@ MAX_PAGE_SIZE = 100
 ONE_YEAR = 365 * 24 * 3600
 
 
-def image_json(record: ImageRecord) -> dict[str, Any]:
-    """A history row as the API shows it, with the URL of its file."""
+def image_json(record: ImageRecord, transcript: TranscriptRecord | None = None) -> dict[str, Any]:
+    """A history row as the API shows it, with the URL of its file and its transcript."""
     return record.as_dict() | {
-        "url": url_for("images.get_image", filename=record.filename, _external=False)
+        "url": url_for("images.get_image", filename=record.filename, _external=False),
+        "transcript": (
+            {"id": transcript.id, "text": transcript.text, "language": transcript.language}
+            if transcript is not None
+            else None
+        ),
     }
 
 
@@ -88,8 +94,11 @@ def list_images(query: Any) -> ResponseReturnValue:
         since=query.since,
         until=query.until,
     )
+    transcripts = get_storage(current_app).transcripts(
+        client_owner(), [r.transcript_id for r in records if r.transcript_id]
+    )
     return jsonify(
-        images=[image_json(r) for r in records],
+        images=[image_json(r, transcripts.get(r.transcript_id or "")) for r in records],
         page=query.page,
         per_page=per_page,
         total=total,
@@ -146,3 +155,41 @@ def get_image(filename: str) -> ResponseReturnValue:
     )
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response
+
+
+@bp.delete("/images/<path:filename>")
+@endpoint(
+    responses={204: None},
+    errors=(404,),
+    tags=("images",),
+    path={"filename": "The image's file name (or id), as listed"},
+)
+def delete_image(filename: str) -> ResponseReturnValue:
+    """Delete one of the caller's images: its history row and its file together."""
+    name = filename if filename.endswith(".png") else f"{filename}.png"
+    if not get_storage(current_app).delete_image(client_owner(), name):
+        raise ResourceNotFound("no such image")
+    return "", 204
+
+
+@bp.get("/transcripts/<transcript_id>")
+@endpoint(
+    responses={200: TranscriptRow},
+    errors=(404,),
+    tags=("images",),
+    path={"transcript_id": "The transcript's id (`transcript.id` of /speech-to-image)"},
+)
+def get_transcript(transcript_id: str) -> ResponseReturnValue:
+    """A transcript the caller's images were made from, with those images."""
+    found = get_storage(current_app).get_transcript(client_owner(), transcript_id)
+    if found is None:
+        raise ResourceNotFound("no such transcript")
+    transcript, records = found
+    return jsonify(
+        id=transcript.id,
+        text=transcript.text,
+        language=transcript.language,
+        duration=transcript.duration,
+        created_at=aware(transcript.created_at).isoformat(),
+        images=[image_json(r, transcript) for r in records],
+    )

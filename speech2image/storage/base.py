@@ -9,8 +9,6 @@ from sqlalchemy.orm import DeclarativeBase
 
 __all__ = ["Base", "aware", "keyed_id", "new_id", "utcnow"]
 
-_KEYED = uuid.UUID("6f1c2d4e-8b1a-4f7e-9c55-5e2a1b0d7c3f")
-
 
 def utcnow() -> dt.datetime:
     """Now, timezone-aware UTC."""
@@ -22,9 +20,12 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def keyed_id(key: str, part: str | int) -> str:
-    """A stable id for ``part`` of ``key`` (image N of job J): a job run twice stores once."""
-    return uuid.uuid5(_KEYED, f"{key}/{part}").hex
+_KEYED = uuid.UUID("6f0c2a57-93a4-4c1e-9d7b-2f1d8c5e4a10")
+
+
+def keyed_id(key: str, part: str) -> str:
+    """A stable id (32 hex digits) for ``part`` of the thing ``key`` names, e.g. a job's image."""
+    return uuid.uuid5(_KEYED, f"{key}:{part}").hex
 
 
 class Base(DeclarativeBase):
