@@ -364,7 +364,8 @@ function render(snapshot) {
     bar.value = progress.step;
     const unit = progress.stage === "transcribing" ? "s of audio" : "steps";
     const eta = progress.eta_seconds != null ? ` · about ${seconds(progress.eta_seconds)} left` : "";
-    $("step").textContent = `${progress.step} of ${progress.total} ${unit}${eta}`;
+    const count = (n) => (Number.isInteger(n) ? String(n) : n.toFixed(1)); // audio: seconds
+    $("step").textContent = `${count(progress.step)} of ${count(progress.total)} ${unit}${eta}`;
   } else if (!FINAL_STATES.has(snapshot.state)) {
     bar.removeAttribute("value");
     $("step").textContent = "";
