@@ -371,8 +371,10 @@ class Storage:
             ).rowcount
         if not deleted:
             return False
-        with contextlib.suppress(FileNotFoundError):
-            (self.image_dir / filename).unlink()
+        try:
+            self.images.delete(filename)
+        except Exception:  # the orphan sweep removes it later
+            log.exception("could not remove %s after deleting its row", filename)
         return True
 
     def stats(self) -> dict[str, int]:
