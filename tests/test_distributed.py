@@ -263,3 +263,34 @@ def test_status_lists_workers_models_and_queues(cluster: Cluster) -> None:
     assert {"sd:tiny-art", "sd:tiny-photo", "whisper:base"} <= set(jobs["queues"])
     for worker in jobs["workers"]:
         assert {"name", "models", "resident_bytes", "running", "pid"} <= set(worker)
+
+
+def test_every_distributed_job_is_a_row_that_answers_after_redis_forgets_it(
+    cluster: Cluster,
+) -> None:
+    import redis
+    from sqlalchemy import create_engine
+
+    from speech2image.storage import JobStore
+
+    from .distributed_cluster import REDIS_URL
+
+    first, second = _urls(cluster)
+    job = _submit(first, prompt="a red fox", seed=8, steps=2)
+    done = _wait_job(second, job["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    engine = create_engine(cluster.database_url)
+    try:
+        row = JobStore(engine).get(job["id"])
+        assert row is not None and row.state == "succeeded" and row.kind == "generate"
+        assert row.work["request"]["seed"] == 8 and row.attempts == 1
+        assert row.worker in cluster.worker_names(first).values()
+        assert row.result == done["result"]
+    finally:
+        engine.dispose()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(f"{cluster.prefix}:job:{job['id']}")  # expired, or Redis lost its data
+    client.close()
+    status, _, body = http("GET", f"{second}/jobs/{job['id']}")
+    assert status == 200, body
+    assert body["state"] == "succeeded" and body["result"] == done["result"]
