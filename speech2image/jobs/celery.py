@@ -320,6 +320,14 @@ class CeleryJobRunner:
                 "the job database is unavailable; retry in a moment", retry_after=5
             ) from None
 
+    def _finish_row(self, job_id: str, state: str) -> None:
+        if self.rows is None:
+            return
+        try:
+            self.rows.store.finish(job_id, state)
+        except SQLAlchemyError:
+            log.exception("could not record the end of job %s in the job table", job_id)
+
     def _from_row(self, owner: str, job_id: str) -> Job | None:
         return self.rows.load(owner, job_id) if self.rows is not None else None
 
@@ -372,6 +380,7 @@ class CeleryJobRunner:
                 if self.states.transition(cancelled, {JobState.QUEUED.value}):
                     self.states.release(job_id, owner)
                     self.states.redis.delete(self.states.key("upload", job_id))
+                    self._finish_row(job_id, JobState.CANCELLED.value)
                     return job_from_record(cancelled)
             return job_from_record(self.states.load(job_id) or record)
         except REDIS_ERRORS as exc:
@@ -657,6 +666,7 @@ class JobWorker:
                 return
             if record["state"] in TERMINAL:
                 log.info("job %s: already %s; delivery dropped", job_id, record["state"])
+                self._row("finish", job_id, record)  # a no-op unless its row missed the end
                 return
             if keeper.acquire():
                 break
