@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     role = role or ("api" if settings.distributed else "embedded")
     app.config["S2I_ROLE"] = role
     if role == "api":
-        _init_api_jobs(app, settings, speech_service)
+        _init_api_jobs(app, settings, speech_service, storage)
     else:
         runner = LocalJobRunner(
             workers=settings.job_workers,
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
         register_tasks(runner, speech_service, image_service)
         runner.init_app(app)
         if role == "worker":
-            _init_worker(app, settings, runner, loader, speech_service)
+            _init_worker(app, settings, runner, loader, storage)
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
     app.extensions["request_stats"] = RequestStats()
@@ -184,7 +184,9 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     return app
 
 
-def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService) -> None:
+def _init_api_jobs(
+    app: Flask, settings: Settings, speech_service: SpeechService, storage: Storage
+) -> None:
     """Jobs of an API process go to Celery workers."""
     from .jobs.celery import CeleryJobRunner, JobStates, celery_init_app, redis_client
 
@@ -193,6 +195,7 @@ def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService
         settings,
         celery_init_app(app),
         states,
+        storage.jobs,
         default_model=speech_service.model_name,
         check_upload=speech_service.check_upload,
     ).init_app(app)
@@ -203,7 +206,7 @@ def _init_worker(
     settings: Settings,
     runner: LocalJobRunner,
     loader: ModelLoader,
-    speech_service: SpeechService,
+    storage: Storage,
 ) -> None:
     """A Celery worker's app: delivered tasks run through the local runner."""
     from .jobs.celery import JobStates, JobWorker, celery_init_app, redis_client
@@ -214,6 +217,7 @@ def _init_worker(
     JobWorker(
         settings,
         states,
+        storage.jobs,
         runner,
         models=worker_models(loader, settings.worker_models),
         loader=loader,

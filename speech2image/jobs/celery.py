@@ -14,8 +14,9 @@ index) and holds a lease, so a job longer than the visibility timeout still runs
 Each delivery counts an attempt; past ``S2I_JOB_MAX_ATTEMPTS`` the job is failed as poison.
 
 Redis keys, all under ``S2I_QUEUE_PREFIX``: ``job:<id>`` (state), ``events`` (pub/sub),
-``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``attempts:<id>``, ``active`` and
-``active:<owner>`` (admission), ``worker:<name>`` (heartbeats).
+``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``deliveries:<id>``, ``active`` and
+``active:<owner>`` (admission), ``worker:<name>`` (heartbeats). The job row in the history
+database is the durable truth (state, result, attempts); Redis carries the live state.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from celery.exceptions import Reject
 
 from ..config import Settings
 from ..errors import QueueFull, ServiceBusy
+from ..storage.base import utcnow
 from . import TERMINAL, Job, JobState
 
 __all__ = [
@@ -54,7 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TASK_NAME = "speech2image.run_job"
+ACTIVE = ("queued", "running")
 REDIS_ERRORS = (redis.RedisError, OSError)
+ROW_PROGRESS_SECONDS = 1.0  # progress reaches the job row at most this often
 HEARTBEAT_SECONDS = 2.0
 WORKER_TTL = 10  # a worker silent this long is gone
 LEASE_TTL = 15  # a lease not refreshed this long belongs to a dead worker
@@ -175,6 +179,37 @@ def job_from_record(record: dict[str, Any]) -> Job:
     return job
 
 
+def record_from_row(row: Any) -> dict[str, Any]:
+    """A job record (the snapshot shape) from its database row."""
+    record: dict[str, Any] = {
+        "id": row.id,
+        "kind": row.kind,
+        "owner": row.owner,
+        "state": row.state,
+        "created_at": row.times()["created_at"].isoformat(),
+        "progress": {"stage": row.stage, "step": row.step, "total": row.total, "eta_seconds": None},
+        "request_id": row.request_id,
+    }
+    for name in ("model", "result", "error", "worker"):
+        if getattr(row, name) is not None:
+            record[name] = getattr(row, name)
+    return record
+
+
+def _row_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The columns of a job row that a record updates."""
+    progress = record.get("progress") or {}
+    fields = {
+        "stage": progress.get("stage"),
+        "step": progress.get("step") or 0,
+        "total": progress.get("total") or 0,
+    }
+    for name in ("result", "error", "worker"):
+        if record.get(name) is not None:
+            fields[name] = record[name]
+    return fields
+
+
 def _record(job: Job, owner: str) -> dict[str, Any]:
     return job.snapshot() | {"owner": owner, "request_id": job.request_id}
 
@@ -190,6 +225,7 @@ class CeleryJobRunner:
         settings: Settings,
         celery: Celery,
         states: JobStates,
+        rows: Any,
         *,
         default_model: str,
         check_upload: Callable[[Path], None],
@@ -197,6 +233,7 @@ class CeleryJobRunner:
         self.settings = settings
         self.celery = celery
         self.states = states
+        self.rows = rows  # the JobStore: the durable record of every accepted job
         self.default_model = default_model
         self.check_upload = check_upload
         self._tracked: dict[int, tuple[Job, float]] = {}
@@ -235,6 +272,20 @@ class CeleryJobRunner:
                 retry_after=5,
             )
         try:
+            self.rows.add(
+                id=job.id,
+                owner=job.owner,
+                kind=job.kind,
+                model=model,
+                work=payload,
+                request_id=job.request_id,
+                created_at=job.created_at,
+            )
+        except Exception as exc:
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.states.release(job.id, job.owner)
+            raise _database_down(exc) from None
+        try:
             if upload is not None:
                 self.states.redis.set(
                     self.states.key("upload", job.id),
@@ -250,6 +301,12 @@ class CeleryJobRunner:
                 retry=False,
             )
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.rows.finish(
+                    job.id,
+                    "failed",
+                    error={"status": 503, "code": "service_busy", "message": "not queued"},
+                )
             with contextlib.suppress(*REDIS_ERRORS):
                 self.states.release(job.id, job.owner)
                 self.states.redis.delete(
@@ -266,11 +323,16 @@ class CeleryJobRunner:
         return job
 
     def get(self, owner: str, job_id: str) -> Job | None:
-        """The owner's job, from its record."""
-        try:
+        """The owner's job: live state from Redis, else (Redis away, or expired) its row."""
+        record = None
+        with contextlib.suppress(*REDIS_ERRORS):
             record = self.states.load(job_id)
-        except REDIS_ERRORS as exc:
-            raise _broker_down(exc) from None
+        if record is None:
+            try:
+                row = self.rows.get(job_id, owner)
+            except Exception as exc:
+                raise _database_down(exc) from None
+            record = record_from_row(row) if row is not None else None
         if record is None or record["owner"] != owner:
             return None
         return job_from_record(record)
@@ -286,9 +348,13 @@ class CeleryJobRunner:
             self.states.redis.set(
                 self.states.key("cancel", job_id), b"1", ex=self.states.keep_seconds
             )
+            with contextlib.suppress(Exception):
+                self.rows.update(job_id, cancel_requested=True)
             if record["state"] == JobState.QUEUED:
                 cancelled = record | {"state": JobState.CANCELLED.value}
                 if self.states.transition(cancelled, {JobState.QUEUED.value}):
+                    with contextlib.suppress(Exception):
+                        self.rows.finish(job_id, "cancelled")
                     self.states.release(job_id, owner)
                     self.states.redis.delete(self.states.key("upload", job_id))
                     return job_from_record(cancelled)
@@ -377,6 +443,11 @@ def _is_connection_error(exc: BaseException) -> bool:
     from kombu.exceptions import OperationalError
 
     return isinstance(exc, OperationalError)
+
+
+def _database_down(exc: BaseException) -> ServiceBusy:
+    log.warning("database unreachable: %s", exc)
+    return ServiceBusy("the job database is unreachable; retry shortly", retry_after=5)
 
 
 def _broker_down(exc: BaseException) -> ServiceBusy:
@@ -476,6 +547,7 @@ class JobWorker:
         self,
         settings: Settings,
         states: JobStates,
+        rows: Any,
         local: Any,
         *,
         models: list[str],
@@ -484,6 +556,7 @@ class JobWorker:
     ) -> None:
         self.settings = settings
         self.states = states
+        self.rows = rows
         self.local = local
         self.models = models
         self.loader = loader
@@ -567,13 +640,17 @@ class JobWorker:
         with self._lock:
             tag = self._delivery_tags.pop(job_id, None)
         keeper = _Keeper(client, self.states, job_id, self.name, tag, self.settings)
+        deliveries = states.key("deliveries", job_id)
+        client.pipeline().incr(deliveries).expire(deliveries, states.keep_seconds).execute()
         while True:
             record = states.load(job_id)
             if record is None:
                 log.warning("job %s: no record (expired); dropped", job_id)
                 return
-            if record["state"] in TERMINAL:
-                log.info("job %s: already %s; delivery dropped", job_id, record["state"])
+            row = self.rows.get(job_id)
+            state = row.state if row is not None else record["state"]
+            if record["state"] in TERMINAL or state in TERMINAL:
+                log.info("job %s: already %s; delivery dropped", job_id, state)
                 return
             if keeper.acquire():
                 break
@@ -599,8 +676,12 @@ class JobWorker:
         keeper: _Keeper,
     ) -> None:
         states, client, job_id = self.states, self.states.redis, record["id"]
-        attempts = int(client.incr(states.key("attempts", job_id)))
-        client.expire(states.key("attempts", job_id), states.keep_seconds)
+        from ..storage.jobs import JobRecord
+
+        # Each delivery counts in the row: a job that kills its worker every time ends here.
+        self.rows.update(job_id, only_if=ACTIVE, attempts=JobRecord.attempts + 1, worker=self.name)
+        row = self.rows.get(job_id)
+        attempts = row.attempts if row is not None else 1
         if attempts > self.settings.job_max_attempts:
             log.error("job %s: delivered %d times; failed as poison", job_id, attempts)
             self._finish(
@@ -647,24 +728,34 @@ class JobWorker:
         self.local.submit(job)
         started = time.monotonic()
         timed_out = False
+        row_state, row_written = JobState.QUEUED.value, 0.0
         for snapshot in self.local.watch(job, timeout=1.0):
             keeper.refresh()
             if client.exists(states.key("cancel", job_id)) and not job.done:
                 self.local.cancel(owner, job_id)
             if self.shutting_down.is_set() and job.state == JobState.QUEUED:
                 self.local.cancel(owner, job_id)  # not started: leave it to another worker
-                client.decr(states.key("attempts", job_id))
+                self.rows.update(job_id, attempts=JobRecord.attempts - 1, worker=None)
                 states.transition(record, {JobState.RUNNING.value})
                 raise Reject("worker shutting down", requeue=True)
             if time.monotonic() - started > self.settings.job_time_limit and not job.done:
                 timed_out = True
                 self.local.cancel(owner, job_id)
             if snapshot is not None and not job.done:
+                current = running | _progress_fields(snapshot)
                 with contextlib.suppress(*REDIS_ERRORS):
-                    states.transition(
-                        running | _progress_fields(snapshot),
-                        {JobState.QUEUED.value, JobState.RUNNING.value},
-                    )
+                    states.transition(current, {JobState.QUEUED.value, JobState.RUNNING.value})
+                if current["state"] != row_state or time.monotonic() - row_written > 1.0:
+                    row_state, row_written = current["state"], time.monotonic()
+                    extra = {"started_at": utcnow()} if row_state == "running" else {}
+                    with contextlib.suppress(Exception):
+                        self.rows.update(
+                            job_id,
+                            only_if=ACTIVE,
+                            state=row_state,
+                            **_row_fields(current),
+                            **extra,
+                        )
         final = running | _progress_fields(job.snapshot())
         if timed_out and job.state == JobState.CANCELLED:
             final |= {
@@ -678,14 +769,12 @@ class JobWorker:
         self._finish(final, owner)
 
     def _finish(self, record: dict[str, Any], owner: str) -> None:
+        """Record the end in the row first (the durable truth), then in Redis."""
         states, job_id = self.states, record["id"]
+        self.rows.finish(job_id, record["state"], **_row_fields(record))
         states.transition(record, {JobState.QUEUED.value, JobState.RUNNING.value})
         states.release(job_id, owner)
-        states.redis.delete(
-            states.key("upload", job_id),
-            states.key("cancel", job_id),
-            states.key("attempts", job_id),
-        )
+        states.redis.delete(states.key("upload", job_id), states.key("cancel", job_id))
         self.jobs_done += 1
 
 

@@ -298,6 +298,11 @@ class Storage:
             ).all()
         return list(rows), int(total or 0)
 
+    def ping(self) -> None:
+        """Raise if the database does not answer."""
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
+
     def stats(self) -> dict[str, int]:
         """Image count and total bytes."""
         with self._sessions() as session:
