@@ -6,7 +6,7 @@ It synthesises a German and an English spoken request with espeak-ng and times, 
 ``base`` on CPU (int8) and the service's decoding options, interleaved on every repeat:
 
 - transcribe: one pass, ``task=transcribe`` (it detects the language as it goes);
-- translate: one pass, ``task=translate`` with the detected language;
+- translate: one pass, ``task=translate`` with the clip's language;
 - detect: ``WhisperModel.detect_language`` alone (one encoder pass over the first 30 s).
 
 /speech-to-image uses transcribe, then translate only when the language is not English: the
@@ -29,7 +29,7 @@ from speech2image.audio import decode_audio
 from speech2image.engines.whisper import resolve_whisper_model, transcribe
 
 CLIPS = {
-    "de": ("de", "Ich möchte ein Bild von einem roten Auto vor einem Haus, aber ohne Menschen."),
+    "de": ("de", "Ich habe einen kleinen Hund und eine schwarze Katze."),
     "en": ("en", "Um, can you draw me a lighthouse on a cliff, but without any people?"),
 }
 
@@ -55,7 +55,9 @@ def main() -> None:
         print(f"{'clip':<5} {'transcribe':>11} {'translate':>10} {'detect':>8}  text")
         for name, (voice, text) in CLIPS.items():
             wav = root / f"{name}.wav"
-            subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), text], check=True)
+            subprocess.run(
+                ["espeak-ng", "-v", voice, "-s", "150", "-w", str(wav), text], check=True
+            )
             samples = decode_audio(wav, 60).samples
             times: dict[str, list[float]] = {"transcribe": [], "translate": [], "detect": []}
             options = {"word_timestamps": False, "beam_size": 5, "vad": False}
@@ -65,7 +67,7 @@ def main() -> None:
                 )
                 times["transcribe"].append(seconds)
                 seconds, english = _timed(
-                    transcribe, model, samples, language=heard.language, task="translate", **options
+                    transcribe, model, samples, language=voice, task="translate", **options
                 )
                 times["translate"].append(seconds)
                 times["detect"].append(_timed(model.detect_language, samples)[0])
@@ -74,7 +76,7 @@ def main() -> None:
                 f"{name:<5} {med['transcribe']:>10.2f}s {med['translate']:>9.2f}s "
                 f"{med['detect']:>7.2f}s  {heard.language}: {heard.text!r} -> {english.text!r}"
             )
-            if heard.language != "en":
+            if voice != "en":
                 both = med["transcribe"] + med["translate"]
                 print(
                     f"      transcribe+translate / transcribe: {both / med['transcribe']:.2f}x; "

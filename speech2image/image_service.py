@@ -227,6 +227,9 @@ class ImageService:
                     lease.model, lease.device, first.choice.model, spec, on_step
                 )
                 inference = time.perf_counter() - started
+                self.loader.observer.denoised(
+                    model_key(first.choice.model), r.steps, len(spec.prompts), inference
+                )
         finally:
             with self._lock:
                 if waiting:

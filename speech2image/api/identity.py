@@ -47,7 +47,8 @@ def _matches(given: bytes, keys: list[str]) -> bool:
 
 
 def _is_public(endpoint: str | None) -> bool:
-    # Declared with @endpoint(public=True) (health, the spec), or the docs UI's files.
+    # Declared with @endpoint(public=True) (health, the spec, the web page that asks for a
+    # key), or the docs UI's files.
     if endpoint in ("static", "docs.show"):
         return True
     view = current_app.view_functions.get(endpoint or "")
@@ -60,6 +61,8 @@ def _identify() -> None:
     g.owner = LOCAL_OWNER
     g.is_admin = not keys  # auth off: the one local identity may do everything
     if not keys or _is_public(request.endpoint):
+        return
+    if request.method == "OPTIONS":  # a CORS preflight never carries credentials
         return
     _refuse_if_guessing(settings.ratelimit_auth_failures)
     presented = _presented_key()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from flask import Blueprint, current_app, jsonify, send_file, url_for
+from flask import Blueprint, current_app, jsonify, redirect, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -12,11 +12,12 @@ from ..errors import ResourceNotFound
 from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
 from ..schemas import UtcDateTime, safe_text
-from ..storage import ImageRecord, get_storage
+from ..storage import ImageRecord, TranscriptRecord, get_storage
+from ..storage.base import aware
 from .identity import client_owner
 from .jobs import respond
 from .openapi import Content, endpoint
-from .responses import Generation, ImagePage, JobAccepted
+from .responses import Generation, ImagePage, JobAccepted, TranscriptRow
 
 __all__ = ["bp"]
 
@@ -26,10 +27,15 @@ MAX_PAGE_SIZE = 100
 ONE_YEAR = 365 * 24 * 3600
 
 
-def image_json(record: ImageRecord) -> dict[str, Any]:
-    """A history row as the API shows it, with the URL of its file."""
+def image_json(record: ImageRecord, transcript: TranscriptRecord | None = None) -> dict[str, Any]:
+    """A history row as the API shows it, with the URL of its file and its transcript."""
     return record.as_dict() | {
-        "url": url_for("images.get_image", filename=record.filename, _external=False)
+        "url": url_for("images.get_image", filename=record.filename, _external=False),
+        "transcript": (
+            {"id": transcript.id, "text": transcript.text, "language": transcript.language}
+            if transcript is not None
+            else None
+        ),
     }
 
 
@@ -88,8 +94,11 @@ def list_images(query: Any) -> ResponseReturnValue:
         since=query.since,
         until=query.until,
     )
+    transcripts = get_storage(current_app).transcripts(
+        client_owner(), [r.transcript_id for r in records if r.transcript_id]
+    )
     return jsonify(
-        images=[image_json(r) for r in records],
+        images=[image_json(r, transcripts.get(r.transcript_id or "")) for r in records],
         page=query.page,
         per_page=per_page,
         total=total,
@@ -105,6 +114,11 @@ def list_images(query: Any) -> ResponseReturnValue:
             "The PNG (with its parameters in a `parameters` text chunk)",
             {"ETag": "SHA-256 of the file", "Cache-Control": "Immutable; private behind auth"},
         ),
+        302: Content(
+            {},
+            "With S2I_S3_PRESIGNED_REDIRECT_SECONDS: a short-lived presigned URL of the object",
+            {"Location": "The presigned URL"},
+        ),
         304: None,
     },
     errors=(404,),
@@ -114,14 +128,68 @@ def list_images(query: Any) -> ResponseReturnValue:
 def get_image(filename: str) -> ResponseReturnValue:
     """Serve one PNG, only if the history records it for the caller."""
     storage = get_storage(current_app)
+    settings = current_app.config["S2I_SETTINGS"]
     record = storage.get_image(client_owner(), filename)
-    path = storage.image_path(record) if record is not None else None
-    if record is None or path is None:
+    if record is None:
+        raise ResourceNotFound("no such image")
+    # Files never change under their id. Behind auth, only private caches may keep them.
+    scope = "private" if settings.api_keys else "public"
+    if request.if_none_match.contains(record.sha256):  # answered without touching the store
+        response = current_app.response_class(status=304)
+        response.set_etag(record.sha256)
+        response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
+        return response
+    expires = settings.s3_presigned_redirect_seconds
+    if expires:
+        url = storage.images.presigned_url(record.filename, expires)
+        if url is not None:
+            response = redirect(url, code=302)
+            # The URL expires: caches may keep the redirect for a fraction of its life only.
+            response.headers["Cache-Control"] = f"private, max-age={max(expires // 2, 1)}"
+            return response
+    source = storage.image_source(record)
+    if source is None:
         raise ResourceNotFound("no such image")
     response = send_file(
-        path, mimetype="image/png", etag=record.sha256, conditional=True, max_age=ONE_YEAR
+        source, mimetype="image/png", etag=record.sha256, conditional=True, max_age=ONE_YEAR
     )
-    # Files never change under their id. Behind auth, only private caches may keep them.
-    scope = "private" if current_app.config["S2I_SETTINGS"].api_keys else "public"
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response
+
+
+@bp.delete("/images/<path:filename>")
+@endpoint(
+    responses={204: None},
+    errors=(404,),
+    tags=("images",),
+    path={"filename": "The image's file name (or id), as listed"},
+)
+def delete_image(filename: str) -> ResponseReturnValue:
+    """Delete one of the caller's images: its history row and its file together."""
+    name = filename if filename.endswith(".png") else f"{filename}.png"
+    if not get_storage(current_app).delete_image(client_owner(), name):
+        raise ResourceNotFound("no such image")
+    return "", 204
+
+
+@bp.get("/transcripts/<transcript_id>")
+@endpoint(
+    responses={200: TranscriptRow},
+    errors=(404,),
+    tags=("images",),
+    path={"transcript_id": "The transcript's id (`transcript.id` of /speech-to-image)"},
+)
+def get_transcript(transcript_id: str) -> ResponseReturnValue:
+    """A transcript the caller's images were made from, with those images."""
+    found = get_storage(current_app).get_transcript(client_owner(), transcript_id)
+    if found is None:
+        raise ResourceNotFound("no such transcript")
+    transcript, records = found
+    return jsonify(
+        id=transcript.id,
+        text=transcript.text,
+        language=transcript.language,
+        duration=transcript.duration,
+        created_at=aware(transcript.created_at).isoformat(),
+        images=[image_json(r, transcript) for r in records],
+    )

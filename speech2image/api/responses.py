@@ -10,12 +10,16 @@ __all__ = [
     "Cleanup",
     "Generation",
     "Health",
+    "HeardTranscript",
     "ImagePage",
     "ImageRow",
     "JobAccepted",
     "JobPage",
     "JobView",
+    "PromptChange",
+    "PromptFromSpeech",
     "Ready",
+    "ServerConfig",
     "ServerStatus",
     "TranscriptRow",
     "Transcription",
@@ -89,6 +93,28 @@ class TranscriptSummary(_Open):
     duration: float | None
 
 
+class PromptChange(_Open):
+    """One edit spoken-prompt understanding made: the rule, the words before and after, why."""
+
+    rule: Literal["translate", "filler", "framing", "negative"]
+    before: str
+    after: str
+    why: str
+
+
+class PromptFromSpeech(_Open):
+    """How a transcript became the image prompt and negative prompt (/speech-to-image)."""
+
+    transcript: str = Field(description="What was said, in the language it was said in.")
+    language: str | None
+    translated: bool = Field(description="Whisper translated the speech to English.")
+    changes: list[PromptChange]
+    prompt: str
+    negative_prompt: str | None = Field(
+        description="The caller's negative prompt, then the spoken negatives."
+    )
+
+
 class Generation(_Open):
     """Images made from one prompt, with the model choice and every parameter used."""
 
@@ -101,7 +127,7 @@ class Generation(_Open):
     timings: dict[str, float]
     batch_size: int | None = None
     transcript: TranscriptSummary | None = None
-    prompt_from_speech: dict[str, Any] | None = Field(
+    prompt_from_speech: PromptFromSpeech | None = Field(
         None, description="/speech-to-image: how the transcript became the prompt."
     )
 
@@ -137,10 +163,13 @@ class JobAccepted(JobView):
 
 
 class JobPage(_Open):
-    """The caller's jobs, newest first."""
+    """One page of the caller's jobs, newest first."""
 
     jobs: list[JobView]
+    page: int
+    per_page: int
     total: int
+    pages: int
 
 
 class Transcription(_Open):
@@ -157,6 +186,14 @@ class Transcription(_Open):
     duration_after_vad: float | None = None
     segments: list[dict[str, Any]] | None = None
     words: list[dict[str, Any]] | None = None
+
+
+class HeardTranscript(_Open):
+    """The transcript an image was made from (listings only)."""
+
+    id: str
+    text: str
+    language: str | None
 
 
 class ImageRow(_Open):
@@ -179,6 +216,7 @@ class ImageRow(_Open):
     bytes: int
     created_at: str
     transcript_id: str | None
+    transcript: HeardTranscript | None = None
 
 
 class ImagePage(_Open):
@@ -192,7 +230,7 @@ class ImagePage(_Open):
 
 
 class TranscriptRow(_Open):
-    """A stored transcript and the images made from it."""
+    """A stored transcript and the images made from it (newest first)."""
 
     id: str
     text: str
@@ -200,3 +238,36 @@ class TranscriptRow(_Open):
     duration: float | None
     created_at: str
     images: list[ImageRow]
+
+
+class Limit(_Open):
+    """A numeric range a form needs."""
+
+    min: int | float | None = None
+    max: int | float
+    default: int | float | None = None
+    multiple_of: int | None = None
+
+
+class ModelInfo(_Open):
+    """A configured model."""
+
+    name: str
+    source: str | None = None
+
+
+class ModelLists(_Open):
+    """The configured models."""
+
+    image: list[ModelInfo]
+    whisper: list[ModelInfo]
+    default_image: str
+
+
+class ServerConfig(_Open):
+    """What a client needs to build its forms: models, schedulers, limits, whether auth is on."""
+
+    models: ModelLists
+    schedulers: list[str]
+    limits: dict[str, Limit]
+    auth: dict[str, bool]
