@@ -116,7 +116,6 @@ class Cluster:
             "S2I_BROKER_URL": REDIS_URL,
             "S2I_QUEUE_PREFIX": self.prefix,
             "S2I_DATABASE_URL": self.database_url,
-            "S2I_IMAGE_DIR": str(root / "images"),
             "S2I_LOG_DIR": str(root / "logs"),
             **{k: str(v) for k, v in settings.items()},
         }
@@ -138,6 +137,9 @@ class Cluster:
             if not k.startswith("S2I_") and k not in ("HOST", "PORT", "DEBUG")
         }
         env.update(self.settings)
+        # Each process its own folders: what crosses processes goes through Redis and S3.
+        own = self.root / f"process-{uuid.uuid4().hex[:8]}"
+        env.update(S2I_IMAGE_DIR=str(own / "images"), S2I_UPLOAD_DIR=str(own / "uploads"))
         env.update({k: str(v) for k, v in extra.items()})
         return env
 

@@ -34,16 +34,26 @@ HEAVY = ("torch", "ctranslate2", "faster_whisper", "diffusers", "transformers")
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny_models: dict[str, Path]
+    tmp_path_factory: pytest.TempPathFactory,
+    model_cache: Path,
+    tiny_models: dict[str, Path],
+    s3_server: Any,
 ):  # type: ignore[no-untyped-def]
-    """Worker `a` serves every model; worker `b` only Whisper and tiny-art; two APIs."""
+    """Worker `a` serves every model; worker `b` only Whisper and tiny-art; two APIs.
+
+    Images go to SeaweedFS and each process has its own folders: nothing on a shared disk.
+    """
     problem = redis_problem() or postgres_problem()
     if problem:
         pytest.skip(problem)
     root = tmp_path_factory.mktemp("cluster")
+    s3 = {
+        f"S2I_{name.upper()}": value
+        for name, value in s3_server.settings(s3_server.new_bucket()).items()
+    }
     settings = {
+        **s3,
         "S2I_MODEL_CACHE_DIR": model_cache,
-        "S2I_UPLOAD_DIR": root / "uploads",
         "S2I_IMAGE_MODELS": json.dumps(
             {name: {"source": str(path)} for name, path in tiny_models.items()}
         ),
@@ -316,8 +326,10 @@ def _running_on(cluster: Cluster, url: str, job_id: str) -> str:
     raise AssertionError(f"job {job_id} is not running on a live worker")
 
 
-def _image_files(cluster: Cluster, result: dict[str, Any]) -> list[Path]:
-    return [cluster.root / "images" / i["filename"] for i in result["images"]]
+def _stored_objects(cluster: Cluster, s3_server: Any) -> list[str]:
+    bucket = cluster.settings["S2I_S3_BUCKET"]
+    listing = s3_server.client().list_objects_v2(Bucket=bucket)
+    return [item["Key"] for item in listing.get("Contents", [])]
 
 
 def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: Cluster) -> None:
@@ -333,10 +345,10 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: Cluster) ->
 
 
 def test_kill_9_mid_generation_redelivers_to_another_worker_without_duplicates(
-    cluster: Cluster,
+    cluster: Cluster, s3_server: Any
 ) -> None:
     first, second = _urls(cluster)
-    job = _submit(first, prompt="a painted sky", model="tiny-art", steps=120, num_images=2)
+    job = _submit(first, prompt="a painted sky", model="tiny-art", steps=60, num_images=2)
     victim = _running_on(cluster, second, job["id"])
     killed_name = _wait_job(second, job["id"], ("running",))["worker"]
     time.sleep(1)  # in the middle of the denoising steps
@@ -349,7 +361,10 @@ def test_kill_9_mid_generation_redelivers_to_another_worker_without_duplicates(
     ids = [i["id"] for i in done["result"]["images"]]
     listing = http("GET", f"{second}/images?per_page=100")[2]["images"]
     assert sorted(i["id"] for i in listing if i["id"] in ids) == sorted(ids)
-    assert all(path.is_file() for path in _image_files(cluster, done["result"]))
+    objects = _stored_objects(cluster, s3_server)
+    assert sorted(k for k in objects if any(i in k for i in ids)) == sorted(
+        f"images/{i}.png" for i in ids
+    )
     cluster.restart_worker(victim)
     cluster.wait_ready(first, workers=2)
 
@@ -378,7 +393,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_work_queued(
     import signal
 
     first, second = _urls(cluster)
-    running = _submit(first, prompt="a photo of a field", model="tiny-photo", steps=100)
+    running = _submit(first, prompt="a photo of a field", model="tiny-photo", steps=40)
     _wait_job(first, running["id"], ("running",))
     waiting = _submit(second, prompt="a photo of a river", model="tiny-photo", steps=3)
     time.sleep(1.0)  # worker a holds it behind the running job
@@ -404,7 +419,6 @@ def test_redis_unreachable_gives_503_keeps_history_readable_and_recovers(
             broker_url=broker.url,
             database_url=cluster.database_url,
             queue_prefix=cluster.prefix + "x",
-            image_dir=cluster.root / "images",
         )
         url = live_server(app)
         job = _submit(url, prompt="never run: no worker on this broker")
@@ -438,7 +452,6 @@ def test_postgresql_unreachable_gives_503_and_recovers_without_restart(
             broker_url=cluster.settings["S2I_BROKER_URL"],
             database_url=url_db,
             queue_prefix=cluster.prefix,
-            image_dir=cluster.root / "images",
         )
         url = live_server(app)
         assert http("GET", f"{url}/images")[0] == 200
