@@ -252,9 +252,9 @@ def _init_api_jobs(
         settings,
         celery_init_app(app),
         states,
-        storage.jobs,
         default_model=speech_service.model_name,
         check_upload=speech_service.check_upload,
+        rows=storage.jobs,
     ).init_app(app)
 
 
@@ -274,11 +274,11 @@ def _init_worker(
     JobWorker(
         settings,
         states,
-        storage.jobs,
         runner,
         models=worker_models(loader, settings.worker_models),
         loader=loader,
         make_local_job=local_job,
+        rows=storage.jobs,
     ).init_app(app)
 
 

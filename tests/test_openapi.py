@@ -57,10 +57,19 @@ def test_uploads_are_multipart_with_a_binary_file(make_app) -> None:
     spec = build_spec(make_app())
     content = spec["paths"]["/transcribe-audio"]["post"]["requestBody"]["content"]
     ref = content["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
-    form = spec["components"]["schemas"][ref]["properties"]
-    assert form["audio"]["anyOf"][0] == {"type": "string", "format": "binary"}
-    assert "en" in form["language"]["anyOf"][0]["enum"]
+    schema = spec["components"]["schemas"][ref]
+    form = schema["properties"]
+    assert {k: form["audio"][k] for k in ("type", "format")} == {
+        "type": "string",
+        "format": "binary",
+    }
+    assert schema["anyOf"] == [{"required": ["audio"]}, {"required": ["file"]}]
+    assert "en" in form["language"]["enum"]
     assert set(form["response_format"]["enum"]) == {"json", "text", "srt", "vtt", "verbose_json"}
+    pipeline = spec["paths"]["/speech-to-image"]["post"]["requestBody"]["content"]
+    assert pipeline["multipart/form-data"]["encoding"] == {
+        "options": {"contentType": "application/json"}
+    }
 
 
 def test_auth_shows_in_the_spec_when_keys_are_configured(make_app) -> None:

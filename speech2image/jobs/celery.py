@@ -13,10 +13,15 @@ A running job keeps its task invisible (it refreshes the task's place in kombu's
 index) and holds a lease, so a job longer than the visibility timeout still runs once.
 Each delivery counts an attempt; past ``S2I_JOB_MAX_ATTEMPTS`` the job is failed as poison.
 
+Every job is also a row of the history database's job table (when the app gives the runner
+and the worker a :class:`~speech2image.storage.jobs.JobStore`): written by the API when the job
+is accepted, marked running and finished by the worker. ``GET /jobs/<id>`` falls back to the
+row when Redis no longer has the job (expired, flushed) or cannot be reached.
+
 Redis keys, all under ``S2I_QUEUE_PREFIX``: ``job:<id>`` (state), ``events`` (pub/sub),
-``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``deliveries:<id>``, ``active`` and
-``active:<owner>`` (admission), ``worker:<name>`` (heartbeats). The job row in the history
-database is the durable truth (state, result, attempts); Redis carries the live state.
+``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``attempts:<id>``, ``deliveries:<id>``,
+``active`` and
+``active:<owner>`` (admission), ``worker:<name>`` (heartbeats).
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ import redis
 from celery import Celery, Task
 from celery import signals as celery_signals
 from celery.exceptions import Reject
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import Settings
 from ..errors import QueueFull, ServiceBusy
-from ..storage.base import utcnow
+from ..storage.jobs import JobStore
 from . import TERMINAL, Job, JobState
+from .recorder import JobRecorder, batch_key_json
 
 __all__ = [
     "TASK_NAME",
@@ -56,9 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TASK_NAME = "speech2image.run_job"
-ACTIVE = ("queued", "running")
 REDIS_ERRORS = (redis.RedisError, OSError)
-ROW_PROGRESS_SECONDS = 1.0  # progress reaches the job row at most this often
 HEARTBEAT_SECONDS = 2.0
 WORKER_TTL = 10  # a worker silent this long is gone
 LEASE_TTL = 15  # a lease not refreshed this long belongs to a dead worker
@@ -193,37 +198,6 @@ def job_from_record(record: dict[str, Any]) -> Job:
     return job
 
 
-def record_from_row(row: Any) -> dict[str, Any]:
-    """A job record (the snapshot shape) from its database row."""
-    record: dict[str, Any] = {
-        "id": row.id,
-        "kind": row.kind,
-        "owner": row.owner,
-        "state": row.state,
-        "created_at": row.times()["created_at"].isoformat(),
-        "progress": {"stage": row.stage, "step": row.step, "total": row.total, "eta_seconds": None},
-        "request_id": row.request_id,
-    }
-    for name in ("model", "result", "error", "worker"):
-        if getattr(row, name) is not None:
-            record[name] = getattr(row, name)
-    return record
-
-
-def _row_fields(record: dict[str, Any]) -> dict[str, Any]:
-    """The columns of a job row that a record updates."""
-    progress = record.get("progress") or {}
-    fields = {
-        "stage": progress.get("stage"),
-        "step": progress.get("step") or 0,
-        "total": progress.get("total") or 0,
-    }
-    for name in ("result", "error", "worker"):
-        if record.get(name) is not None:
-            fields[name] = record[name]
-    return fields
-
-
 def _record(job: Job, owner: str) -> dict[str, Any]:
     return job.snapshot() | {"owner": owner, "request_id": job.request_id}
 
@@ -239,15 +213,17 @@ class CeleryJobRunner:
         settings: Settings,
         celery: Celery,
         states: JobStates,
-        rows: Any,
         *,
         default_model: str,
         check_upload: Callable[[Path], None],
+        rows: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.celery = celery
         self.states = states
-        self.rows = rows  # the JobStore: the durable record of every accepted job
+        self.rows = (
+            JobRecorder(rows, "api", settings.job_keep_seconds) if rows is not None else None
+        )
         self.default_model = default_model
         self.check_upload = check_upload
         self._tracked: dict[int, tuple[Job, float]] = {}
@@ -286,20 +262,6 @@ class CeleryJobRunner:
                 retry_after=5,
             )
         try:
-            self.rows.add(
-                id=job.id,
-                owner=job.owner,
-                kind=job.kind,
-                model=model,
-                work=payload,
-                request_id=job.request_id,
-                created_at=job.created_at,
-            )
-        except Exception as exc:
-            with contextlib.suppress(*REDIS_ERRORS):
-                self.states.release(job.id, job.owner)
-            raise _database_down(exc) from None
-        try:
             if upload is not None:
                 self.states.redis.set(
                     self.states.key("upload", job.id),
@@ -307,6 +269,7 @@ class CeleryJobRunner:
                     ex=self.states.keep_seconds,
                 )
             self.states.create(_record(job, job.owner))
+            self._accept_row(job, model, payload)
             self.celery.send_task(
                 TASK_NAME,
                 args=[job.id, job.kind, job.owner, payload, job.request_id],
@@ -315,12 +278,13 @@ class CeleryJobRunner:
                 retry=False,
             )
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                self.rows.finish(
-                    job.id,
-                    "failed",
-                    error={"status": 503, "code": "service_busy", "message": "not queued"},
-                )
+            if self.rows is not None and not isinstance(exc, ServiceBusy):
+                with contextlib.suppress(SQLAlchemyError):  # accepted by nobody after all
+                    self.rows.store.finish(
+                        job.id,
+                        JobState.FAILED.value,
+                        error={"status": 503, "code": "service_busy", "message": "not queued"},
+                    )
             with contextlib.suppress(*REDIS_ERRORS):
                 self.states.release(job.id, job.owner)
                 self.states.redis.delete(
@@ -336,18 +300,51 @@ class CeleryJobRunner:
         self._track(job)
         return job
 
+    def _accept_row(self, job: Job, model: str, payload: dict[str, Any]) -> None:
+        """The job's row in the history database, before its task is sent."""
+        if self.rows is None:
+            return
+        try:
+            self.rows.store.add(
+                id=job.id,
+                owner=job.owner,
+                kind=job.kind,
+                model=model,
+                batch_key=batch_key_json(job.batch_key),
+                work=payload,
+                created_at=job.created_at,
+                request_id=job.request_id,
+            )
+        except SQLAlchemyError as exc:
+            log.error("cannot record job %s: %s", job.id, exc)
+            raise ServiceBusy(
+                "the job database is unavailable; retry in a moment", retry_after=5
+            ) from None
+
+    def _finish_row(self, job_id: str, state: str) -> None:
+        if self.rows is None:
+            return
+        try:
+            self.rows.store.finish(job_id, state)
+        except SQLAlchemyError:
+            log.exception("could not record the end of job %s in the job table", job_id)
+
+    def _from_row(self, owner: str, job_id: str) -> Job | None:
+        return self.rows.load(owner, job_id) if self.rows is not None else None
+
     def get(self, owner: str, job_id: str) -> Job | None:
-        """The owner's job: live state from Redis, else (Redis away, or expired) its row."""
-        record = None
-        with contextlib.suppress(*REDIS_ERRORS):
+        """The owner's job, from its record (or its row, when Redis lost or cannot say it)."""
+        try:
             record = self.states.load(job_id)
+        except REDIS_ERRORS as exc:
+            with contextlib.suppress(ServiceBusy):
+                job = self._from_row(owner, job_id)
+                if job is not None and job.done:  # finished jobs stay readable
+                    return job
+            raise _broker_down(exc) from None
         if record is None:
-            try:
-                row = self.rows.get(job_id, owner)
-            except Exception as exc:
-                raise _database_down(exc) from None
-            record = record_from_row(row) if row is not None else None
-        if record is None or record["owner"] != owner:
+            return self._from_row(owner, job_id)
+        if record["owner"] != owner:
             return None
         return job_from_record(record)
 
@@ -379,15 +376,12 @@ class CeleryJobRunner:
             self.states.redis.set(
                 self.states.key("cancel", job_id), b"1", ex=self.states.keep_seconds
             )
-            with contextlib.suppress(Exception):
-                self.rows.update(job_id, cancel_requested=True)
             if record["state"] == JobState.QUEUED:
                 cancelled = record | {"state": JobState.CANCELLED.value}
                 if self.states.transition(cancelled, {JobState.QUEUED.value}):
-                    with contextlib.suppress(Exception):
-                        self.rows.finish(job_id, "cancelled")
                     self.states.release(job_id, owner)
                     self.states.redis.delete(self.states.key("upload", job_id))
+                    self._finish_row(job_id, JobState.CANCELLED.value)
                     return job_from_record(cancelled)
             return job_from_record(self.states.load(job_id) or record)
         except REDIS_ERRORS as exc:
@@ -474,11 +468,6 @@ def _is_connection_error(exc: BaseException) -> bool:
     from kombu.exceptions import OperationalError
 
     return isinstance(exc, OperationalError)
-
-
-def _database_down(exc: BaseException) -> ServiceBusy:
-    log.warning("database unreachable: %s", exc)
-    return ServiceBusy("the job database is unreachable; retry shortly", retry_after=5)
 
 
 def _broker_down(exc: BaseException) -> ServiceBusy:
@@ -578,12 +567,12 @@ class JobWorker:
         self,
         settings: Settings,
         states: JobStates,
-        rows: Any,
         local: Any,
         *,
         models: list[str],
         loader: Any,
         make_local_job: Callable[[str, str, str, dict[str, Any], Path | None], Job],
+        rows: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.states = states
@@ -678,10 +667,9 @@ class JobWorker:
             if record is None:
                 log.warning("job %s: no record (expired); dropped", job_id)
                 return
-            row = self.rows.get(job_id)
-            state = row.state if row is not None else record["state"]
-            if record["state"] in TERMINAL or state in TERMINAL:
-                log.info("job %s: already %s; delivery dropped", job_id, state)
+            if record["state"] in TERMINAL:
+                log.info("job %s: already %s; delivery dropped", job_id, record["state"])
+                self._row("finish", job_id, record)  # a no-op unless its row missed the end
                 return
             if keeper.acquire():
                 break
@@ -707,12 +695,8 @@ class JobWorker:
         keeper: _Keeper,
     ) -> None:
         states, client, job_id = self.states, self.states.redis, record["id"]
-        from ..storage.jobs import JobRecord
-
-        # Each delivery counts in the row: a job that kills its worker every time ends here.
-        self.rows.update(job_id, only_if=ACTIVE, attempts=JobRecord.attempts + 1, worker=self.name)
-        row = self.rows.get(job_id)
-        attempts = row.attempts if row is not None else 1
+        attempts = int(client.incr(states.key("attempts", job_id)))
+        client.expire(states.key("attempts", job_id), states.keep_seconds)
         if attempts > self.settings.job_max_attempts:
             log.error("job %s: delivered %d times; failed as poison", job_id, attempts)
             self._finish(
@@ -732,6 +716,7 @@ class JobWorker:
         running = record | {"worker": self.name}
         if not states.transition(running, {JobState.QUEUED.value, JobState.RUNNING.value}):
             return  # cancelled while queued
+        self._row("start", job_id)
         upload: Path | None = None
         if kind in ("transcribe", "speech_to_image"):
             data = client.get(states.key("upload", job_id))
@@ -759,34 +744,24 @@ class JobWorker:
         self.local.submit(job)
         started = time.monotonic()
         timed_out = False
-        row_state, row_written = JobState.QUEUED.value, 0.0
         for snapshot in self.local.watch(job, timeout=1.0):
             keeper.refresh()
             if client.exists(states.key("cancel", job_id)) and not job.done:
                 self.local.cancel(owner, job_id)
             if self.shutting_down.is_set() and job.state == JobState.QUEUED:
                 self.local.cancel(owner, job_id)  # not started: leave it to another worker
-                self.rows.update(job_id, attempts=JobRecord.attempts - 1, worker=None)
+                client.decr(states.key("attempts", job_id))
                 states.transition(record, {JobState.RUNNING.value})
                 raise Reject("worker shutting down", requeue=True)
             if time.monotonic() - started > self.settings.job_time_limit and not job.done:
                 timed_out = True
                 self.local.cancel(owner, job_id)
             if snapshot is not None and not job.done:
-                current = running | _progress_fields(snapshot)
                 with contextlib.suppress(*REDIS_ERRORS):
-                    states.transition(current, {JobState.QUEUED.value, JobState.RUNNING.value})
-                if current["state"] != row_state or time.monotonic() - row_written > 1.0:
-                    row_state, row_written = current["state"], time.monotonic()
-                    extra = {"started_at": utcnow()} if row_state == "running" else {}
-                    with contextlib.suppress(Exception):
-                        self.rows.update(
-                            job_id,
-                            only_if=ACTIVE,
-                            state=row_state,
-                            **_row_fields(current),
-                            **extra,
-                        )
+                    states.transition(
+                        running | _progress_fields(snapshot),
+                        {JobState.QUEUED.value, JobState.RUNNING.value},
+                    )
         final = running | _progress_fields(job.snapshot())
         if timed_out and job.state == JobState.CANCELLED:
             final |= {
@@ -799,13 +774,38 @@ class JobWorker:
             }
         self._finish(final, owner)
 
+    def _row(self, event: str, job_id: str, record: dict[str, Any] | None = None) -> None:
+        """Mirror a change into the job's row; Redis stays the live state if the write fails."""
+        if self.rows is None:
+            return
+        try:
+            if event == "start":
+                self.rows.start(job_id, self.name)
+            elif record is not None:
+                progress = record.get("progress") or {}
+                self.rows.finish(
+                    job_id,
+                    record["state"],
+                    stage=progress.get("stage"),
+                    step=progress.get("step") or 0,
+                    total=progress.get("total") or 0,
+                    result=record.get("result"),
+                    error=record.get("error"),
+                    worker=self.name,
+                )
+        except (SQLAlchemyError, ValueError):
+            log.exception("could not record %s of job %s in the job table", event, job_id)
+
     def _finish(self, record: dict[str, Any], owner: str) -> None:
-        """Record the end in the row first (the durable truth), then in Redis."""
         states, job_id = self.states, record["id"]
-        self.rows.finish(job_id, record["state"], **_row_fields(record))
         states.transition(record, {JobState.QUEUED.value, JobState.RUNNING.value})
+        self._row("finish", job_id, record)
         states.release(job_id, owner)
-        states.redis.delete(states.key("upload", job_id), states.key("cancel", job_id))
+        states.redis.delete(
+            states.key("upload", job_id),
+            states.key("cancel", job_id),
+            states.key("attempts", job_id),
+        )
         self.jobs_done += 1
 
 
