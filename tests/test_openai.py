@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -201,6 +202,11 @@ def test_error_shape_on_v1_routes(client) -> None:
     response = client.get("/v1/models/nothing-here")
     assert response.status_code == 404
     assert response.json["error"]["type"] == "not_found_error"
+    response = client.get("/v1/images/generations")  # routing errors too, under /v1
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    assert set(response.json["error"]) == {"message", "type", "param", "code"}
+    assert client.get("/v1/no-such-route").json["error"]["type"] == "not_found_error"
+    assert "status" in client.get("/no-such-route").json["error"]  # the native shape elsewhere
 
 
 def test_prompt_and_temperature_are_checked_before_any_work(client, speech) -> None:
@@ -231,3 +237,26 @@ def test_spec_describes_the_v1_routes_with_openai_errors(client) -> None:
     assert {"file", "model", "prompt", "timestamp_granularities[]"} <= set(
         spec["components"]["schemas"][ref]["properties"]
     )
+
+
+def test_concurrent_generations_share_one_batch(make_app, live_server) -> None:
+    app = make_app(batch_max_wait_ms=3000)
+    client = sdk(live_server(app))
+    results: list[object] = []
+
+    def ask(prompt: str) -> None:
+        results.append(
+            client.images.generate(
+                model="tiny-art", prompt=prompt, size="64x64", extra_body={"steps": 1}
+            )
+        )
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in ("a red boat", "a blue kite")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 's2i_batch_jobs_count{kind="generate"} 1.0' in metrics
+    assert 's2i_batch_jobs_sum{kind="generate"} 2.0' in metrics
