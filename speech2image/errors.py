@@ -24,6 +24,7 @@ __all__ = [
     "ResourceNotFound",
     "ServiceBusy",
     "ServiceError",
+    "StorageFull",
     "UnsupportedAudio",
 ]
 
@@ -95,3 +96,10 @@ class ServiceBusy(ServiceError, ServiceUnavailable):
     """The whole queue is full; retry later."""
 
     error = "service_busy"
+
+
+class StorageFull(ServiceError):
+    """The image folder or the history database has no space left; nothing was stored."""
+
+    code = 507  # Insufficient Storage (werkzeug has no class for it)
+    error = "storage_full"

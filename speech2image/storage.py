@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import logging
 import os
@@ -33,7 +34,10 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from .errors import StorageFull
 
 __all__ = [
     "FILENAME_PATTERN",
@@ -199,11 +203,11 @@ class Storage:
             for image in images:
                 final = self.image_dir / f"{image.id}.png"
                 temporary = self.image_dir / f".{image.id}.png.tmp"
+                staged.append((temporary, final))  # before writing: a failed write is cleaned up
                 with open(temporary, "xb") as out:
                     out.write(image.png)
                     out.flush()
                     os.fsync(out.fileno())
-                staged.append((temporary, final))
                 records.append(
                     ImageRecord(
                         id=image.id,
@@ -243,13 +247,20 @@ class Storage:
                 for temporary, final in staged:
                     os.replace(temporary, final)
                     placed.append(final)
-        except BaseException:
+        except BaseException as exc:
             for temporary, final in staged:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     temporary.unlink()
                 if final in placed:
-                    with contextlib.suppress(FileNotFoundError):
+                    with contextlib.suppress(OSError):
                         final.unlink()
+            if _out_of_space(exc):
+                log.error("no space left to store %d image(s): %s", len(images), exc)
+                raise StorageFull(
+                    "no space left to store the images (the image folder or the history "
+                    "database is full); nothing was stored. Free space, or lower "
+                    "S2I_IMAGE_MAX_BYTES / S2I_IMAGE_RETENTION_DAYS and run cleanup"
+                ) from None
             raise
         return records
 
@@ -381,6 +392,14 @@ class Storage:
                     path.unlink()
                     removed += 1
         return removed
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """True for a write that failed because the disk or a quota is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # SQLite reports SQLITE_FULL as "database or disk is full".
+    return isinstance(exc, OperationalError) and "disk is full" in str(exc.orig)
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
