@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from .audio import decode_audio
 from .config import Settings
-from .engines.whisper import Transcript, WhisperFactory, transcribe
+from .engines.whisper import Transcript, WhisperFactory, import_whisper, transcribe
 from .errors import InvalidRequest
 from .model_loader import ModelLoader
 
@@ -93,6 +93,7 @@ class SpeechService:
         if lang is not None and (not lang.isalpha() or not 2 <= len(lang) <= 3):
             raise InvalidRequest(f"`language` must be {WHISPER_LANGUAGES_HINT}, not {language!r}")
         if lang is not None:
+            import_whisper()
             from faster_whisper.tokenizer import _LANGUAGE_CODES
 
             if lang not in _LANGUAGE_CODES:
