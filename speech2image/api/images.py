@@ -111,6 +111,7 @@ def get_image(filename: str) -> ResponseReturnValue:
         path, mimetype="image/png", etag=record.sha256, conditional=True, max_age=ONE_YEAR
     )
     # Files never change under their id. Behind auth, only private caches may keep them.
-    scope = "private" if current_app.config["S2I_SETTINGS"].api_keys else "public"
+    settings = current_app.config["S2I_SETTINGS"]
+    scope = "private" if settings.api_keys or settings.admin_api_keys else "public"
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response

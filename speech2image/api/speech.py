@@ -91,8 +91,10 @@ def speech_to_image() -> ResponseReturnValue:
         if name in request.form:
             fields[name] = _form_int(name)
     fields.pop("async", None)
-    # Check the image fields now, with a stand-in prompt, before any audio is decoded.
-    get_image_service(current_app).validate({**fields, "prompt": "placeholder"})
+    # Check the image fields now, with a stand-in prompt, before any audio is decoded, and
+    # that the image model can be had: a transcription must not be spent on a certain 503.
+    images = get_image_service(current_app)
+    images.ensure_available(images.validate({**fields, "prompt": "placeholder"}).model)
     job = _submit_with_upload(
         upload,
         lambda path: Job(
