@@ -11,27 +11,30 @@ from collections import Counter
 from typing import Any
 from urllib.parse import quote
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
 from flask_limiter import Limiter
 
 from .api import errors, identity, images, jobs, speech, system
 from .config import Settings, load_settings
 from .image_service import ImageService
-from .jobs import LocalJobRunner
+from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .model_loader import ModelLoader
+from .server import ServerState
 from .speech_service import SpeechService
 from .storage import Storage
 from .style import StyleChooser
 from .tasks import register_tasks
 
-__all__ = ["create_app"]
+__all__ = ["counts_against_work_limits", "create_app"]
 
 log = logging.getLogger("speech2image.requests")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small text fields
+# Refusals of the request itself (invalid, too large, not audio, undecodable audio).
+INVALID_REQUEST_STATUSES = frozenset({400, 413, 415, 422})
 
 
 class RequestStats:
@@ -84,8 +87,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         S2I_STARTED_AT=time.time(),
         MAX_CONTENT_LENGTH=int(settings.max_upload_bytes) + FORM_OVERHEAD,
         DEBUG=settings.debug,
-        JSON_SORT_KEYS=False,
     )
+    app.json.sort_keys = False  # answers keep the order the README shows (JSON_SORT_KEYS is gone)
     configure_logging(
         settings.log_dir, settings.log_level, int(settings.log_max_bytes), settings.log_backup_count
     )
@@ -124,16 +127,25 @@ def create_app(settings: Settings | None = None) -> Flask:
         identity.rate_limit_key,
         default_limits=[settings.ratelimit_default],
         storage_uri=settings.ratelimit_storage_uri,
+        # A dead Redis must not fail requests: count in memory meanwhile (logged), and go
+        # back to Redis once it answers again (Flask-Limiter checks it with back-off).
+        storage_options=_ratelimit_storage_options(settings),
+        in_memory_fallback_enabled=True,
         headers_enabled=True,
         enabled=settings.ratelimit_enabled,
         key_prefix="s2i",
     )
-    limiter.limit(settings.ratelimit_transcribe)(speech.bp)
-    limiter.limit(settings.ratelimit_generate, methods=["POST"])(images.bp)
-    limiter.limit(settings.ratelimit_generate)(speech.pipeline_bp)
+    # The work limits count only requests that passed validation: a developer iterating on
+    # a form must not be locked out by their own 400s.
+    counted = {"deduct_when": counts_against_work_limits}
+    limiter.limit(settings.ratelimit_transcribe, **counted)(speech.bp)
+    limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(images.bp)
+    limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
     limiter.exempt(system.health)
-    # Order of before-request hooks: request id and timing, then identity, then limits.
+    # Order of before-request hooks: request id and timing, then the stop gate, then
+    # identity (and its failed-authentication limit), then limits.
     _register_request_logging(app)
+    ServerState(settings.shutdown_grace_seconds).init_app(app)
     identity.register_identity(app)
     limiter.init_app(app)
     app.extensions["s2i_limiter"] = limiter
@@ -151,6 +163,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.preload_models:
         loader.preload(_preload_names(loader, settings.preload_models))
     return app
+
+
+def counts_against_work_limits(response: Response) -> bool:
+    """Whether a response counts against the generation and transcription limits."""
+    return response.status_code not in INVALID_REQUEST_STATUSES
+
+
+def _ratelimit_storage_options(settings: Settings) -> dict[str, Any]:
+    if settings.ratelimit_storage_uri.startswith("memory://"):
+        return {}
+    # Without timeouts a Redis that stops answering would hang every request.
+    return {"socket_connect_timeout": 1.0, "socket_timeout": 1.0}
 
 
 def _preload_names(loader: ModelLoader, wanted: list[str]) -> list[str]:
@@ -177,8 +201,8 @@ def _register_request_logging(app: Flask) -> None:
     @app.after_request
     def _finish(response):  # type: ignore[no-untyped-def]
         # Registered before the rate limiter, so this runs after it: Flask-Limiter puts a
-        # Retry-After on every response, which only means something on a refusal.
-        if response.status_code < 400:
+        # Retry-After on every response, which only means something on 429 and 503.
+        if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)
         response.headers["X-Request-ID"] = g.get("request_id", "-")
         # Browsers must not guess a type: an image or a JSON error is never run as a script.

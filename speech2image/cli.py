@@ -1,10 +1,11 @@
-"""The `speech2image` command: serve, transcribe, generate, models, build-tiny-model, cleanup."""
+"""The `speech2image` command: serve, transcribe, generate, models, cleanup, db, ..."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from .config import Settings, SettingsError, exposure_warning, load_settings
+from .server import gunicorn_hooks
 
 __all__ = ["gunicorn_options", "main", "warn_if_exposed"]
 
@@ -26,11 +28,13 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "worker_class": "gthread",
         "threads": settings.threads,
         "timeout": 600,  # long transcriptions and generations are normal
-        "graceful_timeout": 30,
+        # On SIGTERM running jobs get this long before the worker is killed (speech2image.server).
+        "graceful_timeout": math.ceil(settings.shutdown_grace_seconds),
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
         "when_ready": partial(_warn_if_exposed, settings),
+        **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
 
 
@@ -257,3 +261,45 @@ def cleanup() -> None:
     settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
     report = create_app(settings).extensions["maintenance"].run()
     click.echo(json.dumps(report, indent=2))
+
+
+def _history_engine() -> Any:
+    from .storage import make_engine
+
+    settings = _settings()
+    if not settings.database_url:  # the default SQLite file lives in the image folder
+        settings.image_dir.mkdir(parents=True, exist_ok=True)
+    return make_engine(settings.resolved_database_url())
+
+
+@main.group()
+def db() -> None:
+    """The history database's schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Migrate to this revision.")
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations the database lacks (create_app does this at start-up too)."""
+    from .storage import migrate
+
+    engine = _history_engine()
+    try:
+        before, after = migrate.upgrade(engine, revision)
+    finally:
+        engine.dispose()
+    click.echo(f"history database: {before or 'empty'} -> {after}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision and the newest one this version knows."""
+    from .storage import migrate
+
+    engine = _history_engine()
+    try:
+        with engine.connect() as connection:
+            current = migrate.current_revision(connection)
+    finally:
+        engine.dispose()
+    click.echo(f"current: {current or 'none'}\nhead: {migrate.head_revision()}")

@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     port: int = Field(5000, ge=1, le=65535, validation_alias="PORT", description="TCP port.")
     debug: bool = Field(False, validation_alias="DEBUG", description="Flask debug mode.")
     threads: int = Field(8, ge=1, le=256, description="Request threads (gunicorn / run.py).")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Probe listener (/health, /ready) of `serve`; empty: PORT+1; 0: off.",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, le=3600, description="On SIGTERM, let running jobs finish this long."
+    )
 
     # --- files and logs -----------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Folder of app.log.")
@@ -149,6 +158,15 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_IMAGE_DIR."
     )
+    database_connect_timeout_seconds: float = Field(
+        5.0, gt=0, le=600, description="Give up connecting to the database after this long."
+    )
+    database_statement_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="PostgreSQL statement timeout; SQLite busy timeout."
+    )
+    ready_min_free_bytes: ByteSize = Field(
+        ByteSize(100 * 1024**2), description="/ready fails below this much free space for images."
+    )
     default_width: int = Field(512, ge=64, le=4096)
     default_height: int = Field(512, ge=64, le=4096)
     max_width: int = Field(1024, ge=64, le=4096)
@@ -205,6 +223,9 @@ class Settings(BaseSettings):
     ratelimit_default: str = Field("300/minute", description="Limit on every endpoint.")
     ratelimit_transcribe: str = Field("30/minute", description="Limit on POST /transcribe-audio.")
     ratelimit_generate: str = Field("10/minute", description="Limit on POST /generate-image.")
+    ratelimit_auth_failures: str = Field(
+        "20/minute", description="Failed authentications per address before 429."
+    )
 
     @field_validator("preload_models", "api_keys", "admin_api_keys", mode="before")
     @classmethod
@@ -213,7 +234,9 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("ratelimit_default", "ratelimit_transcribe", "ratelimit_generate")
+    @field_validator(
+        "ratelimit_default", "ratelimit_transcribe", "ratelimit_generate", "ratelimit_auth_failures"
+    )
     @classmethod
     def _check_limit(cls, value: str) -> str:
         from limits import parse_many  # light: pure Python
@@ -242,6 +265,8 @@ class Settings(BaseSettings):
             raise ValueError("S2I_DEFAULT_WIDTH/HEIGHT must not exceed S2I_MAX_WIDTH/HEIGHT")
         if self.default_steps > self.max_steps:
             raise ValueError("S2I_DEFAULT_STEPS must not exceed S2I_MAX_STEPS")
+        if self.health_port is not None and self.health_port == self.port:
+            raise ValueError("S2I_HEALTH_PORT must differ from PORT")
         models = self.image_model_specs()
         for style, model in self.style_models.items():
             if model not in models:
@@ -253,6 +278,12 @@ class Settings(BaseSettings):
     def image_model_specs(self) -> dict[str, ImageModelSpec]:
         """The presets overlaid with S2I_IMAGE_MODELS."""
         return IMAGE_MODEL_PRESETS | self.image_models
+
+    def resolved_health_port(self) -> int:
+        """S2I_HEALTH_PORT, PORT+1 when unset, 0 when there is no probe listener."""
+        if self.health_port is None:
+            return self.port + 1 if self.port < 65535 else 0
+        return self.health_port
 
     def resolved_database_url(self) -> str:
         """S2I_DATABASE_URL, or SQLite inside the image folder."""

@@ -17,6 +17,8 @@ from werkzeug.exceptions import (
 __all__ = [
     "AudioError",
     "AudioTooLong",
+    "AuthFailuresLimited",
+    "DatabaseUnavailable",
     "InvalidAudio",
     "InvalidRequest",
     "ModelUnavailable",
@@ -24,6 +26,7 @@ __all__ = [
     "ResourceNotFound",
     "ServiceBusy",
     "ServiceError",
+    "ShuttingDown",
     "StorageFull",
     "UnsupportedAudio",
 ]
@@ -96,6 +99,24 @@ class ServiceBusy(ServiceError, ServiceUnavailable):
     """The whole queue is full; retry later."""
 
     error = "service_busy"
+
+
+class ShuttingDown(ServiceError, ServiceUnavailable):
+    """The server is stopping: it finishes its running jobs and takes no new work."""
+
+    error = "shutting_down"
+
+
+class DatabaseUnavailable(ServiceError, ServiceUnavailable):
+    """The history database did not answer in time, or refused the connection."""
+
+    error = "database_unavailable"
+
+
+class AuthFailuresLimited(ServiceError, TooManyRequests):
+    """The address failed authentication too often; it is refused for a while."""
+
+    error = "rate_limited"
 
 
 class StorageFull(ServiceError):

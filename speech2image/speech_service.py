@@ -44,11 +44,12 @@ class TranscribeOptions:
 
 @dataclasses.dataclass(frozen=True)
 class TranscriptionResult:
-    """A transcript plus where the time went."""
+    """A transcript plus where the time went; ``translation`` is Whisper's English, if asked."""
 
     transcript: Transcript
     model: str
     timings: dict[str, float]
+    translation: Transcript | None = None
 
 
 class SpeechService:
@@ -121,10 +122,16 @@ class SpeechService:
         path: Path,
         options: TranscribeOptions,
         on_progress: Callable[[int, int], None] | None = None,
+        *,
+        english: bool = False,
+        on_english_progress: Callable[[int, int], None] | None = None,
     ) -> TranscriptionResult:
         """Decode ``path`` safely, then transcribe it with the leased Whisper model.
 
-        ``on_progress(seconds_done, seconds_total)`` follows the decoded segments.
+        ``on_progress(seconds_done, seconds_total)`` follows the decoded segments. With
+        ``english``, speech in another language is also translated to English by a second pass
+        over the same decoded audio (``on_english_progress`` follows it); English speech costs
+        nothing more, since the first pass already detected its language.
         """
         with self._lock:
             self._active += 1
@@ -145,22 +152,37 @@ class SpeechService:
                     word_timestamps=options.word_timestamps,
                     beam_size=self.settings.whisper_beam_size,
                     vad=self.settings.whisper_vad,
-                    on_segment=(
-                        None
-                        if on_progress is None
-                        else lambda end: on_progress(
-                            min(int(end), int(audio.duration)), int(audio.duration)
-                        )
-                    ),
+                    on_segment=_follow(on_progress, audio.duration),
                 )
+                inference_done = time.perf_counter()
+                translation = None
+                if (
+                    english
+                    and options.task == "transcribe"
+                    and transcript.text
+                    and transcript.language != "en"
+                    and model.model.is_multilingual
+                ):
+                    translation = transcribe(
+                        model,
+                        audio.samples,
+                        language=transcript.language,
+                        task="translate",
+                        word_timestamps=False,
+                        beam_size=self.settings.whisper_beam_size,
+                        vad=self.settings.whisper_vad,
+                        on_segment=_follow(on_english_progress, audio.duration),
+                    )
             done = time.perf_counter()
             timings = {
                 "decode": decoded - started,
                 "wait": lease.wait_seconds,
                 "load": lease.load_seconds,
-                "inference": done - inference_start,
+                "inference": inference_done - inference_start,
                 "total": done - started,
             }
+            if translation is not None:
+                timings["translation"] = done - inference_done
             log.info(
                 "transcribed %.1fs of %s audio in %.2fs (language %s)",
                 audio.duration,
@@ -169,7 +191,10 @@ class SpeechService:
                 transcript.language,
             )
             return TranscriptionResult(
-                transcript, self.model_name, {k: round(v, 4) for k, v in timings.items()}
+                transcript,
+                self.model_name,
+                {k: round(v, 4) for k, v in timings.items()},
+                translation,
             )
         finally:
             with self._lock:
@@ -194,6 +219,16 @@ class SpeechService:
             words = [w for s in transcript.segments for w in (s.words or [])]
             body["words"] = [dataclasses.asdict(w) for w in words] if words else None
         return body
+
+
+def _follow(
+    on_progress: Callable[[int, int], None] | None, duration: float
+) -> Callable[[float], None] | None:
+    """A segment callback that reports whole seconds done out of the audio's duration."""
+    if on_progress is None:
+        return None
+    total = int(duration)
+    return lambda end: on_progress(min(int(end), total), total)
 
 
 def discard_upload(path: Path) -> None:

@@ -17,7 +17,9 @@ from typing import Any
 from .engines.diffusers_sd import GenerationCancelled
 from .errors import InvalidAudio, ServiceError
 from .image_service import ImageService, PreparedImage
-from .jobs import Job, JobCancelled, LocalJobRunner
+from .jobs import Job, JobCancelled
+from .jobs.local import LocalJobRunner
+from .prompting import UnderstandSteps, understand_speech
 from .speech_service import (
     SpeechService,
     TranscribeOptions,
@@ -46,6 +48,7 @@ class SpeechToImageWork:
     path: Path
     options: TranscribeOptions
     image_fields: dict[str, Any]  # the image request without its prompt
+    understand: UnderstandSteps = dataclasses.field(default_factory=UnderstandSteps)
 
 
 def register_tasks(runner: LocalJobRunner, speech: SpeechService, images: ImageService) -> None:
@@ -69,7 +72,12 @@ def _elapsed(job: Job) -> float:
 
 
 def _transcribe_upload(
-    speech: SpeechService, job: Job, path: Path, options: TranscribeOptions
+    speech: SpeechService,
+    job: Job,
+    path: Path,
+    options: TranscribeOptions,
+    *,
+    english: bool = False,
 ) -> TranscriptionResult:
     """Transcribe a stored upload with progress, removing the file as soon as it is read."""
     try:
@@ -78,6 +86,8 @@ def _transcribe_upload(
             path,
             options,
             on_progress=lambda done, total: job.progress("transcribing", done, total),
+            english=english,
+            on_english_progress=lambda done, total: job.progress("translating", done, total),
         )
     finally:
         discard_upload(path)
@@ -142,16 +152,36 @@ def clip_prompt(text: str, limit: int) -> str:
 
 
 def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[Job]) -> None:
-    """Transcribe, choose the model from the transcript, generate, link images to it."""
+    """Transcribe, turn the words into prompts, choose the model, generate, link images."""
     (job,) = jobs
     work: SpeechToImageWork = job.work
-    heard = _transcribe_upload(speech, job, work.path, work.options)
+    steps = work.understand
+    options = work.options
+    # `task=translate` asks for English: the original is transcribed and kept as well.
+    english = steps.translate or options.task == "translate"
+    if options.task == "translate":
+        options = dataclasses.replace(options, task="transcribe")
+    heard = _transcribe_upload(speech, job, work.path, options, english=english)
     transcript = heard.transcript
     if not transcript.text:
         raise InvalidAudio("no speech was recognised in the audio, so there is no prompt")
+    spoken = understand_speech(
+        transcript.text,
+        transcript.language,
+        translation=heard.translation.text if heard.translation is not None else None,
+        clean=steps.clean,
+        negatives=steps.negatives,
+        negative_prompt=work.image_fields.get("negative_prompt"),
+    )
+    if not spoken.prompt:
+        raise InvalidAudio(
+            f"nothing to draw was heard in {transcript.text!r}, so there is no prompt"
+        )
     # Long speech is truncated like a long typed prompt, never refused after the work is done.
-    prompt = clip_prompt(transcript.text, images.settings.max_prompt_chars)
-    request = images.validate({**work.image_fields, "prompt": prompt})
+    limit = images.settings.max_prompt_chars
+    prompt = clip_prompt(spoken.prompt, limit)
+    negative = clip_prompt(spoken.negative_prompt, limit) if spoken.negative_prompt else None
+    request = images.validate({**work.image_fields, "prompt": prompt, "negative_prompt": negative})
     item = images.prepare(request)
     output = images.run_batch(
         [item], on_step=lambda done, total: job.progress("generating", done, total)
@@ -159,16 +189,19 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
     if job.cancel_requested:
         job.mark_cancelled()
         return
+    # The row keeps what was said, in the language it was said in.
     record = NewTranscript(transcript.text, transcript.language, transcript.duration)
+    clipped = prompt != spoken.prompt or negative != spoken.negative_prompt
     result = images.store(
         job.owner,
         item,
         output.images[0],
-        truncated=output.truncated[0] or prompt != transcript.text,
+        truncated=output.truncated[0] or clipped,
         timings={
             **output.timings,
             "queue": _queued(job),
-            "transcription": heard.timings["total"],
+            "transcription": heard.timings["total"],  # translation included
+            **{k: v for k, v in heard.timings.items() if k == "translation"},
         },
         transcript=record,
     )
@@ -181,6 +214,8 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
                 "text": transcript.text,
                 "language": transcript.language,
                 "duration": transcript.duration,
-            }
+            },
+            "prompt_from_speech": spoken.as_dict()
+            | {"prompt": prompt, "negative_prompt": negative},
         }
     )

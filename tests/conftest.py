@@ -141,6 +141,10 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "german": _espeak(
             root / "german.wav", "Ich habe einen kleinen Hund und eine schwarze Katze.", "de"
         ),
+        "spoken_request": _espeak(
+            root / "spoken-request.wav",
+            "Um, can you draw me a lighthouse on a cliff, but without any people?",
+        ),
         "spanish_as_english": _espeak(
             root / "spanish.wav", "el perro come una manzana roja bajo el sol de la tarde", "en"
         ),

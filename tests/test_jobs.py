@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech2image.jobs import Job, LocalJobRunner
+from speech2image.jobs import Job
+from speech2image.jobs.local import LocalJobRunner
 
 from .audio_samples import multipart_body
 from .test_images import generate, image_files, pixels
@@ -318,7 +319,7 @@ def test_failed_speech_to_image_leaves_no_transcript_or_image(
 ) -> None:
     from sqlalchemy import func, select
 
-    import speech2image.storage as storage_module
+    import speech2image.storage.history as storage_module
     from speech2image.storage import TranscriptRecord
 
     def full_disk(src, dst):  # type: ignore[no-untyped-def]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.audio_samples import silence_wav
 
 REDIS_URL = os.environ.get("S2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -25,13 +30,34 @@ def test_limit_reached_gives_json_429_with_headers(make_app) -> None:
     assert "X-RateLimit-Reset" in limited.headers
 
 
-def test_transcribe_has_its_own_limit(make_app) -> None:
-    client = make_app(ratelimit_transcribe="1/minute").test_client()
-    first = client.post("/transcribe-audio", data={})
-    assert first.status_code == 400  # counted, refused for the missing file
-    second = client.post("/transcribe-audio", data={})
+def _silence_upload(tmp_path: Path) -> dict[str, Any]:
+    return {"audio": (silence_wav(tmp_path / "quiet.wav", 0.5).open("rb"), "quiet.wav")}
+
+
+def test_transcribe_has_its_own_limit(make_app, tmp_path) -> None:
+    # A Whisper model that cannot be had: a valid request is answered 503, quickly, and counts.
+    client = make_app(ratelimit_transcribe="1/minute", whisper_model="large-v3").test_client()
+    first = client.post("/transcribe-audio", data=_silence_upload(tmp_path))
+    assert first.status_code == 503
+    second = client.post("/transcribe-audio", data=_silence_upload(tmp_path))
     assert second.status_code == 429
     assert client.get("/status").status_code == 200  # other endpoints unaffected
+
+
+def test_invalid_requests_do_not_count_against_the_work_limits(make_app, tmp_path) -> None:
+    client = make_app(ratelimit_generate="1/minute", ratelimit_transcribe="1/minute").test_client()
+    for _ in range(3):  # a developer iterating on a form
+        assert client.post("/generate-image", json={"prompt": ""}).status_code == 400
+        assert client.post("/generate-image", json={"prompt": "x", "width": 9}).status_code == 400
+        assert client.post("/transcribe-audio", data={}).status_code == 400
+        assert client.post("/speech-to-image", data={}).status_code == 400
+        bogus = {"audio": (io.BytesIO(b"not audio at all"), "notes.txt")}
+        assert client.post("/transcribe-audio", data=bogus).status_code == 415
+    valid = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 1}
+    first = client.post("/generate-image", json=valid)
+    assert first.status_code == 200
+    assert first.headers["X-RateLimit-Remaining"] == "0"
+    assert client.post("/generate-image", json=valid).status_code == 429
 
 
 def test_health_is_exempt(make_app) -> None:
@@ -96,12 +122,12 @@ def test_non_ascii_api_key_is_401_not_500(make_app) -> None:
     assert response.status_code == 401
 
 
-def test_speech_to_image_counts_against_the_generation_limit(make_app) -> None:
-    client = make_app(ratelimit_generate="1/minute").test_client()
-    first = client.post("/speech-to-image", data={})
-    assert first.status_code == 400  # counted, refused for the missing audio
+def test_speech_to_image_counts_against_the_generation_limit(make_app, tmp_path) -> None:
+    client = make_app(ratelimit_generate="1/minute", whisper_model="large-v3").test_client()
+    first = client.post("/speech-to-image", data=_silence_upload(tmp_path))
+    assert first.status_code == 503  # valid, counted, refused for the missing Whisper model
     assert first.headers["X-RateLimit-Limit"] == "1"
-    assert client.post("/speech-to-image", data={}).status_code == 429
+    assert client.post("/speech-to-image", data=_silence_upload(tmp_path)).status_code == 429
 
 
 def test_retry_after_only_on_refusals(make_app) -> None:
@@ -109,3 +135,39 @@ def test_retry_after_only_on_refusals(make_app) -> None:
     ok = client.get("/images")
     assert ok.status_code == 200 and "X-RateLimit-Remaining" in ok.headers
     assert "Retry-After" not in ok.headers
+
+    for response in (
+        client.post("/generate-image", json={"prompt": ""}),  # 400
+        client.get("/images/" + "0" * 32 + ".png"),  # 404
+        client.post("/generate-image", data="x", content_type="text/plain"),  # 415
+        client.post("/transcribe-audio", data={"audio": (io.BytesIO(b"no"), "a.txt")}),  # 415
+    ):
+        assert response.status_code in (400, 404, 415)
+        assert "Retry-After" not in response.headers, response.status_code
+    for _ in range(5):
+        client.get("/images")
+    limited = client.get("/images")
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+
+
+def test_failed_authentication_is_limited_per_address(make_app) -> None:
+    client = make_app(api_keys="alpha", ratelimit_auth_failures="5/minute").test_client()
+    guesser = {"REMOTE_ADDR": "10.0.0.9"}
+    for guess in range(5):
+        refused = client.get(
+            "/images", headers={"X-API-Key": f"guess{guess}"}, environ_base=guesser
+        )
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "Retry-After" not in refused.headers
+    limited = client.get("/images", headers={"X-API-Key": "guess5"}, environ_base=guesser)
+    assert limited.status_code == 429
+    assert limited.json["error"]["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) > 0
+    # Even the right key is refused from that address now: the guesser learns nothing.
+    right = {"X-API-Key": "alpha"}
+    assert client.get("/images", headers=right, environ_base=guesser).status_code == 429
+    # Another address, with or without the right key, is not affected.
+    other = {"REMOTE_ADDR": "10.0.0.10"}
+    assert client.get("/images", headers=right, environ_base=other).status_code == 200
+    assert client.get("/images", environ_base=other).status_code == 401

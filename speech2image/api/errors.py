@@ -61,6 +61,10 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
             status, exc.description or "", exc.error, exc.details, exc.retry_after
         )
     message = exc.description or exc.name
+    if status == 401:
+        response = error_response(status, message)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'  # type: ignore[union-attr]
+        return response
     if status == 429:
         message = f"rate limit exceeded: {exc.description}"
     response = error_response(status, message)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, current_app, g, request
+from limits import parse
 from werkzeug.exceptions import Forbidden, Unauthorized
+
+from ..errors import AuthFailuresLimited
 
 __all__ = [
     "LOCAL_OWNER",
@@ -20,6 +25,8 @@ __all__ = [
 ]
 
 LOCAL_OWNER = "local"
+
+log = logging.getLogger(__name__)
 
 
 def _presented_key() -> str | None:
@@ -46,12 +53,53 @@ def _identify() -> None:
     g.is_admin = not keys  # auth off: the one local identity may do everything
     if not keys or request.endpoint in ("system.health", "static"):
         return
+    _refuse_if_guessing(settings.ratelimit_auth_failures)
     presented = _presented_key()
     given = (presented or "").encode("utf-8", "surrogateescape")
     if presented is None or not _matches(given, keys):
+        _count_auth_failure(settings.ratelimit_auth_failures)
         raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
     g.owner = _owner_for(presented)
     g.is_admin = _matches(given, settings.admin_api_keys)
+
+
+def _auth_failure_counter(limit_text: str) -> tuple[Any, Any, tuple[str, ...]] | None:
+    limiter = current_app.extensions.get("s2i_limiter")
+    if limiter is None or not limiter.enabled:
+        return None
+    # The limiter's current strategy: Redis, or memory while Redis is down.
+    ids = ("s2i", "auth-failures", request.remote_addr or "unknown")
+    return limiter.limiter, parse(limit_text), ids
+
+
+def _refuse_if_guessing(limit_text: str) -> None:
+    """429 for an address past its failed-authentication limit, whatever key it sends now."""
+    counter = _auth_failure_counter(limit_text)
+    if counter is None:
+        return
+    strategy, limit, ids = counter
+    try:
+        if strategy.test(limit, *ids):
+            return
+        reset = strategy.get_window_stats(limit, *ids).reset_time
+    except Exception:  # the limit storage is down: the request limits handle that (fallback)
+        log.warning("cannot read the failed-authentication count", exc_info=True)
+        return
+    raise AuthFailuresLimited(
+        f"too many failed authentications from this address (limit {limit}); retry later",
+        retry_after=max(1.0, reset - time.time()),
+    )
+
+
+def _count_auth_failure(limit_text: str) -> None:
+    counter = _auth_failure_counter(limit_text)
+    if counter is None:
+        return
+    strategy, limit, ids = counter
+    try:
+        strategy.hit(limit, *ids)
+    except Exception:
+        log.warning("cannot count a failed authentication", exc_info=True)
 
 
 def operators_only(view: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,6 +11,7 @@ from flask.typing import ResponseReturnValue
 from ..errors import InvalidRequest
 from ..image_service import get_image_service
 from ..jobs import Job, get_job_runner
+from ..prompting import UnderstandSteps
 from ..speech_service import TranscribeOptions, discard_upload, get_speech_service
 from ..tasks import SpeechToImageWork, TranscribeWork
 from .identity import client_owner
@@ -91,6 +92,7 @@ def speech_to_image() -> ResponseReturnValue:
         if name in request.form:
             fields[name] = _form_int(name)
     fields.pop("async", None)
+    steps = _understand_steps()
     # Check the image fields now, with a stand-in prompt, before any audio is decoded, and
     # that the image model can be had: a transcription must not be spent on a certain 503.
     images = get_image_service(current_app)
@@ -100,10 +102,33 @@ def speech_to_image() -> ResponseReturnValue:
         lambda path: Job(
             kind="speech_to_image",
             owner=client_owner(),
-            work=SpeechToImageWork(path, options, fields),
+            work=SpeechToImageWork(path, options, fields, steps),
         ),
     )
     return respond(job)
+
+
+UNDERSTAND_STEPS = ("translate", "clean", "negatives")
+
+
+def _form_switch(name: str, default: bool) -> bool:
+    """A true/false form field; absent or empty means ``default``."""
+    value = (request.form.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise InvalidRequest(
+        f"`{name}` must be true or false, not {request.form[name]!r}", details={"field": name}
+    )
+
+
+def _understand_steps() -> UnderstandSteps:
+    """Spoken-prompt understanding: `understand` sets every step; a step's own field wins."""
+    understand = _form_switch("understand", True)
+    return UnderstandSteps(**{step: _form_switch(step, understand) for step in UNDERSTAND_STEPS})
 
 
 def _form_int(name: str) -> int:

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,43 +33,31 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from .errors import StorageFull
+from ..errors import StorageFull
+from . import migrate
+from .base import Base, aware, new_id, utcnow
+from .jobs import JobStore
 
 __all__ = [
     "FILENAME_PATTERN",
     "ORPHAN_GRACE_SECONDS",
-    "Base",
     "ImageRecord",
     "NewImage",
     "NewTranscript",
     "Storage",
     "TranscriptRecord",
     "get_storage",
-    "new_id",
-    "utcnow",
+    "make_engine",
 ]
 
 log = logging.getLogger(__name__)
 
 FILENAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.png$")
 ORPHAN_GRACE_SECONDS = 600
-
-
-def utcnow() -> dt.datetime:
-    """Now, timezone-aware UTC."""
-    return dt.datetime.now(dt.UTC)
-
-
-def new_id() -> str:
-    """A server-made id: 32 hex digits."""
-    return uuid.uuid4().hex
-
-
-class Base(DeclarativeBase):
-    """Declarative base of the history tables."""
 
 
 class TranscriptRecord(Base):
@@ -129,14 +116,9 @@ class ImageRecord(Base):
             "height": self.height,
             "parameters": self.parameters,
             "bytes": self.bytes,
-            "created_at": _aware(self.created_at).isoformat(),
+            "created_at": aware(self.created_at).isoformat(),
             "transcript_id": self.transcript_id,
         }
-
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    # SQLite gives naive datetimes back; every stored time is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,17 +151,16 @@ class NewTranscript:
 
 
 class Storage:
-    """The image history: rows in a SQL database, PNG files in one folder."""
+    """The image history: rows in a SQL database, PNG files in one folder; and the job rows."""
 
-    def __init__(self, database_url: str, image_dir: Path) -> None:
+    def __init__(self, database_url: str, image_dir: Path, *, migrate_schema: bool = True) -> None:
         self.image_dir = Path(image_dir).resolve()
         self.image_dir.mkdir(parents=True, exist_ok=True)
-        connect_args = {"check_same_thread": False} if database_url.startswith("sqlite") else {}
-        self.engine = create_engine(database_url, connect_args=connect_args, pool_pre_ping=True)
-        if database_url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self.engine = make_engine(database_url)
+        if migrate_schema:
+            migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.jobs = JobStore(self.engine)
 
     def init_app(self, app: Any) -> None:
         """Store on a Flask app as ``app.extensions['storage']``."""
@@ -343,7 +324,7 @@ class Storage:
             ).all()
         kept_count = kept_bytes = 0
         for image_id, filename, size, created in rows:  # newest first
-            too_old = max_age is not None and _aware(created) < now - max_age
+            too_old = max_age is not None and aware(created) < now - max_age
             over_count = max_count and kept_count >= max_count
             over_bytes = max_bytes and kept_bytes + size > max_bytes
             if too_old or over_count or over_bytes:
@@ -404,6 +385,15 @@ def _out_of_space(exc: BaseException) -> bool:
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def make_engine(database_url: str) -> Engine:
+    """An engine for the history database (SQLite gets WAL, foreign keys, a busy timeout)."""
+    connect_args = {"check_same_thread": False} if database_url.startswith("sqlite") else {}
+    engine = create_engine(database_url, connect_args=connect_args, pool_pre_ping=True)
+    if database_url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -1,8 +1,4 @@
-"""Job execution: submit, progress, result, cancel. The in-process runner (threads) is the default.
-
-Every model call runs as a job. Views and services only use the :class:`JobRunner` interface
-(submit, get, cancel, wait, watch), so a distributed implementation (Celery workers with
-Redis) can replace :class:`LocalJobRunner` without touching them.
+"""The in-process job runner (threads): the embedded mode's implementation of JobRunner.
 
 The local runner keeps one queue. A free worker takes, in order of preference, the oldest job
 whose model is already resident (avoiding a needless model switch), unless the oldest job of
@@ -13,232 +9,19 @@ waiting a short while for companions to arrive.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime as dt
-import enum
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable, Hashable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from .errors import QueueFull, ServiceBusy, ServiceError
-from .logging_setup import current_request_id, job_request_id
+from ..errors import QueueFull, ServiceBusy, ServiceError
+from ..logging_setup import job_request_id
+from . import Handler, Job, JobCancelled, JobState
 
-__all__ = [
-    "Job",
-    "JobCancelled",
-    "JobRunner",
-    "JobState",
-    "LocalJobRunner",
-    "get_job_runner",
-]
+__all__ = ["LocalJobRunner"]
 
 log = logging.getLogger(__name__)
-
-
-class JobState(enum.StrEnum):
-    """Where a job is in its life."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-
-class JobCancelled(Exception):
-    """Raised inside a handler when every job it works for was cancelled."""
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One unit of model work, its progress and its outcome. Thread-safe."""
-
-    kind: str
-    owner: str
-    work: Any
-    model: str | None = None
-    batch_key: Hashable | None = None
-    images: int = 1  # how much of a batch it takes
-    steps: int = 1  # expected denoising steps (for estimates)
-    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
-    created_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    state: JobState = JobState.QUEUED
-    stage: str | None = None
-    step: int = 0
-    total_steps: int = 0
-    eta_seconds: float | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    cancel_requested: bool = False
-    waiters: int = 0
-    cleanup: Callable[[], None] | None = None  # called once when the job ends, however
-    request_id: str | None = dataclasses.field(default_factory=current_request_id)
-    queued_at: float = dataclasses.field(default_factory=time.monotonic)
-    started_at: float | None = None
-    finished_at: float | None = None
-    version: int = 0
-    _stage_started: float = dataclasses.field(default=0.0, repr=False)
-    _exception: BaseException | None = dataclasses.field(default=None, repr=False)
-    _cond: threading.Condition = dataclasses.field(default_factory=threading.Condition, repr=False)
-
-    # --- updates (from the runner and handlers) ------------------------------------------
-    def _bump(self) -> None:
-        self.version += 1
-        self._cond.notify_all()
-
-    def start(self) -> None:
-        """The job left the queue."""
-        with self._cond:
-            self.state = JobState.RUNNING
-            self.started_at = time.monotonic()
-            self._bump()
-
-    def progress(self, stage: str, step: int, total: int) -> None:
-        """Report progress in ``stage``; the ETA comes from this job's own step times."""
-        with self._cond:
-            now = time.monotonic()
-            if self.stage != stage:
-                self.stage, self._stage_started = stage, now
-            self.step, self.total_steps = step, total
-            elapsed = now - self._stage_started
-            self.eta_seconds = round(elapsed / step * (total - step), 2) if step else None
-            self._bump()
-        if self.cancel_requested:
-            raise JobCancelled(self.id)
-
-    def succeed(self, result: dict[str, Any]) -> None:
-        """Finish with ``result``."""
-        self._finish(JobState.SUCCEEDED, result=result)
-
-    def fail(self, error: BaseException) -> None:
-        """Finish with an error, in the API's error shape."""
-        if isinstance(error, ServiceError):
-            body: dict[str, Any] = {
-                "status": error.code,
-                "code": error.error,
-                "message": error.description,
-            }
-            if error.details:
-                body["details"] = error.details
-        else:
-            body = {"status": 500, "code": "internal_error", "message": "internal error"}
-        self._exception = error  # before waiters wake up
-        self._finish(JobState.FAILED, error=body)
-
-    def mark_cancelled(self) -> None:
-        """Finish as cancelled."""
-        self._finish(JobState.CANCELLED)
-
-    def _finish(self, state: JobState, **fields: Any) -> None:
-        with self._cond:
-            if self.state in TERMINAL:
-                return
-            self.state = state
-            for key, value in fields.items():
-                setattr(self, key, value)
-            self.finished_at = time.monotonic()
-            self.eta_seconds = 0.0 if state == JobState.SUCCEEDED else None
-            self._bump()
-        if self.cleanup is not None:
-            try:
-                self.cleanup()
-            except Exception:
-                log.exception("cleanup of job %s failed", self.id)
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Count a client waiting on this job (a sync request, an SSE stream) while inside."""
-        with self._cond:
-            self.waiters += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.waiters -= 1
-
-    def abandon(self) -> bool:
-        """A waiter left; ask the job to stop if no other waiter holds it. True if asked."""
-        with self._cond:
-            if self.waiters > 1 or self.done:  # others still wait (the caller counts as one)
-                return False
-            self.cancel_requested = True
-            return True
-
-    # --- reading ---------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        """True once succeeded, failed or cancelled."""
-        return self.state in TERMINAL
-
-    @property
-    def exception(self) -> BaseException | None:
-        """The exception a failed job ended with (for synchronous callers)."""
-        return self._exception
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job is done or ``timeout`` passes; True if done."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self.done, timeout)
-
-    def wait_for_change(self, seen: int, timeout: float) -> int:
-        """Block until the version moves past ``seen`` (or timeout); returns the version."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.version != seen, timeout)
-            return self.version
-
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-ready state."""
-        with self._cond:
-            body: dict[str, Any] = {
-                "id": self.id,
-                "kind": self.kind,
-                "state": self.state.value,
-                "created_at": self.created_at.isoformat(),
-                "progress": {
-                    "stage": self.stage,
-                    "step": self.step,
-                    "total": self.total_steps,
-                    "eta_seconds": self.eta_seconds,
-                },
-            }
-            if self.model:
-                body["model"] = self.model
-            if self.started_at is not None:
-                body["queued_seconds"] = round(self.started_at - self.queued_at, 3)
-            if self.result is not None:
-                body["result"] = self.result
-            if self.error is not None:
-                body["error"] = self.error
-            return body
-
-
-Handler = Callable[[list[Job]], None]
-
-
-class JobRunner(Protocol):
-    """What views and services need from a job system (local threads, or Celery later)."""
-
-    def submit(self, job: Job) -> Job:
-        """Queue ``job``; raise QueueFull (429) or ServiceBusy (503) when full."""
-
-    def get(self, owner: str, job_id: str) -> Job | None:
-        """The owner's job, or None (also for another owner's job)."""
-
-    def cancel(self, owner: str, job_id: str) -> Job | None:
-        """Cancel a queued job now, or ask a running one to stop between steps."""
-
-    def watch(self, job: Job, timeout: float) -> Iterator[dict[str, Any] | None]:
-        """Snapshots as the job changes; None as a keep-alive after ``timeout`` quiet seconds."""
-
-    def stats(self) -> dict[str, Any]:
-        """Queue depth and running jobs, for /status."""
 
 
 class LocalJobRunner:
@@ -445,8 +228,3 @@ class LocalJobRunner:
         for job_id, job in list(self._jobs.items()):
             if job.done and job.finished_at is not None and job.finished_at < limit:
                 del self._jobs[job_id]
-
-
-def get_job_runner(app: Any) -> JobRunner:
-    """The app's job runner (views depend on the interface, not the local implementation)."""
-    return app.extensions["jobs"]

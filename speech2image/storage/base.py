@@ -1,0 +1,29 @@
+"""What every table of the history shares: the declarative base, ids and UTC times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy.orm import DeclarativeBase
+
+__all__ = ["Base", "aware", "new_id", "utcnow"]
+
+
+def utcnow() -> dt.datetime:
+    """Now, timezone-aware UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id() -> str:
+    """A server-made id: 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the history tables."""
+
+
+def aware(moment: dt.datetime) -> dt.datetime:
+    # SQLite gives naive datetimes back; every stored time is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
