@@ -14,7 +14,7 @@ from urllib.parse import quote
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, speech, system
+from .api import errors, identity, images, jobs, openapi, speech, system, web
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs.local import LocalJobRunner
@@ -78,10 +78,16 @@ def _memory_budgets(settings: Settings) -> dict[str, int]:
     return budgets
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app: settings, logging, services, rate limits, blueprints, error handlers."""
+def create_app(settings: Settings | None = None, role: str | None = None) -> Flask:
+    """Build the app: settings, logging, services, rate limits, blueprints, error handlers.
+
+    ``role`` is ``embedded`` (jobs run in this process), ``api`` (jobs go to Celery workers;
+    this process never imports torch) or ``worker`` (a Celery worker's app). By default:
+    ``api`` when S2I_BROKER_URL is set, else ``embedded``.
+    """
     settings = settings or load_settings()
-    app = Flask(__name__)
+    # No app-wide static route: the web blueprint serves speech2image/static/ itself.
+    app = Flask(__name__, static_folder=None)
     app.config.update(
         S2I_SETTINGS=settings,
         S2I_STARTED_AT=time.time(),
@@ -107,29 +113,40 @@ def create_app(settings: Settings | None = None) -> Flask:
     image_service = ImageService(settings, loader, storage, chooser)
     image_service.init_app(app)
     Maintenance(settings, storage, loader).init_app(app)
-    runner = LocalJobRunner(
-        workers=settings.job_workers,
-        max_batch_images=settings.batch_max_images,
-        max_batch_wait=settings.batch_max_wait_ms / 1000,
-        fairness_seconds=settings.schedule_fairness_seconds,
-        max_queued=settings.queue_max,
-        max_queued_per_owner=settings.queue_max_per_owner,
-        is_resident=loader.is_resident,
-        keep_finished_seconds=settings.job_keep_seconds,
-    )
-    register_tasks(runner, speech_service, image_service)
-    runner.init_app(app)
+    role = role or ("api" if settings.distributed else "embedded")
+    app.config["S2I_ROLE"] = role
+    if role == "api":
+        _init_api_jobs(app, settings, speech_service)
+    else:
+        runner = LocalJobRunner(
+            workers=settings.job_workers,
+            max_batch_images=settings.batch_max_images,
+            max_batch_wait=settings.batch_max_wait_ms / 1000,
+            fairness_seconds=settings.schedule_fairness_seconds,
+            # A worker holds at most its concurrency; admission happened at the API.
+            max_queued=settings.queue_max if role == "embedded" else 10_000,
+            max_queued_per_owner=settings.queue_max_per_owner if role == "embedded" else 10_000,
+            is_resident=loader.is_resident,
+            keep_finished_seconds=settings.job_keep_seconds,
+        )
+        register_tasks(runner, speech_service, image_service)
+        runner.init_app(app)
+        if role == "worker":
+            _init_worker(app, settings, runner, loader, speech_service)
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
     app.extensions["request_stats"] = RequestStats()
 
+    storage_uri = settings.ratelimit_storage_uri
+    if settings.distributed and storage_uri == "memory://":
+        storage_uri = settings.broker_url  # counted across every API process
     limiter = Limiter(
         identity.rate_limit_key,
         default_limits=[settings.ratelimit_default],
-        storage_uri=settings.ratelimit_storage_uri,
+        storage_uri=storage_uri,
         # A dead Redis must not fail requests: count in memory meanwhile (logged), and go
         # back to Redis once it answers again (Flask-Limiter checks it with back-off).
-        storage_options=_ratelimit_storage_options(settings),
+        storage_options=_ratelimit_storage_options(storage_uri),
         in_memory_fallback_enabled=True,
         headers_enabled=True,
         enabled=settings.ratelimit_enabled,
@@ -142,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(images.bp)
     limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
     limiter.exempt(system.health)
+    limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     # Order of before-request hooks: request id and timing, then the stop gate, then
     # identity (and its failed-authentication limit), then limits.
     _register_request_logging(app)
@@ -155,9 +173,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(web.bp)
+    openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
 
+    if role == "api":
+        return app  # no model ever loads here
     if settings.model_idle_seconds > 0:
         app.extensions["model_idle_reaper"] = loader.start_idle_reaper()
     if settings.preload_models:
@@ -165,13 +187,65 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService) -> None:
+    """Jobs of an API process go to Celery workers."""
+    from .jobs.celery import CeleryJobRunner, JobStates, celery_init_app, redis_client
+
+    states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
+    CeleryJobRunner(
+        settings,
+        celery_init_app(app),
+        states,
+        default_model=speech_service.model_name,
+        check_upload=speech_service.check_upload,
+    ).init_app(app)
+
+
+def _init_worker(
+    app: Flask,
+    settings: Settings,
+    runner: LocalJobRunner,
+    loader: ModelLoader,
+    speech_service: SpeechService,
+) -> None:
+    """A Celery worker's app: delivered tasks run through the local runner."""
+    from .jobs.celery import JobStates, JobWorker, celery_init_app, redis_client
+    from .tasks import local_job
+
+    celery_init_app(app)
+    states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
+    JobWorker(
+        settings,
+        states,
+        runner,
+        models=worker_models(loader, settings.worker_models),
+        loader=loader,
+        make_local_job=local_job,
+    ).init_app(app)
+
+
+def worker_models(loader: ModelLoader, wanted: list[str]) -> list[str]:
+    """The loader names of the models a worker serves (S2I_WORKER_MODELS; empty: all)."""
+    if not wanted:
+        return loader.names()
+    names = []
+    for item in wanted:
+        matches = [
+            n for n in loader.names() if item in (n, n.split(":", 1)[0], n.split(":", 1)[-1])
+        ]
+        if not matches:
+            raise ValueError(f"S2I_WORKER_MODELS names {item!r}, which is not configured")
+        names.extend(m for m in matches if m not in names)
+    return names
+
+
 def counts_against_work_limits(response: Response) -> bool:
     """Whether a response counts against the generation and transcription limits."""
     return response.status_code not in INVALID_REQUEST_STATUSES
 
 
-def _ratelimit_storage_options(settings: Settings) -> dict[str, Any]:
-    if settings.ratelimit_storage_uri.startswith("memory://"):
+def _ratelimit_storage_options(storage_uri: str) -> dict[str, Any]:
+    if storage_uri.startswith("memory://"):
         return {}
     # Without timeouts a Redis that stops answering would hang every request.
     return {"socket_connect_timeout": 1.0, "socket_timeout": 1.0}

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from .audio import decode_audio
 from .config import Settings
-from .engines.whisper import Transcript, WhisperFactory, import_whisper, transcribe
+from .engines.whisper import Transcript, WhisperFactory, transcribe
 from .errors import InvalidRequest
 from .model_loader import ModelLoader
 
@@ -31,6 +31,112 @@ log = logging.getLogger(__name__)
 
 TASKS = ("transcribe", "translate")
 WHISPER_LANGUAGES_HINT = "an ISO 639-1 code such as en, de, es"
+# Whisper's language codes (faster_whisper.tokenizer._LANGUAGE_CODES), copied so that an API
+# process validates `language` without importing faster-whisper and CTranslate2.
+WHISPER_LANGUAGES = frozenset(
+    {
+        "af",
+        "am",
+        "ar",
+        "as",
+        "az",
+        "ba",
+        "be",
+        "bg",
+        "bn",
+        "bo",
+        "br",
+        "bs",
+        "ca",
+        "cs",
+        "cy",
+        "da",
+        "de",
+        "el",
+        "en",
+        "es",
+        "et",
+        "eu",
+        "fa",
+        "fi",
+        "fo",
+        "fr",
+        "gl",
+        "gu",
+        "ha",
+        "haw",
+        "he",
+        "hi",
+        "hr",
+        "ht",
+        "hu",
+        "hy",
+        "id",
+        "is",
+        "it",
+        "ja",
+        "jw",
+        "ka",
+        "kk",
+        "km",
+        "kn",
+        "ko",
+        "la",
+        "lb",
+        "ln",
+        "lo",
+        "lt",
+        "lv",
+        "mg",
+        "mi",
+        "mk",
+        "ml",
+        "mn",
+        "mr",
+        "ms",
+        "mt",
+        "my",
+        "ne",
+        "nl",
+        "nn",
+        "no",
+        "oc",
+        "pa",
+        "pl",
+        "ps",
+        "pt",
+        "ro",
+        "ru",
+        "sa",
+        "sd",
+        "si",
+        "sk",
+        "sl",
+        "sn",
+        "so",
+        "sq",
+        "sr",
+        "su",
+        "sv",
+        "sw",
+        "ta",
+        "te",
+        "tg",
+        "th",
+        "tk",
+        "tl",
+        "tr",
+        "tt",
+        "uk",
+        "ur",
+        "uz",
+        "vi",
+        "yi",
+        "yo",
+        "zh",
+        "yue",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +199,8 @@ class SpeechService:
         lang = (language or "").strip().lower() or None
         if lang is not None and (not lang.isalpha() or not 2 <= len(lang) <= 3):
             raise InvalidRequest(f"`language` must be {WHISPER_LANGUAGES_HINT}, not {language!r}")
-        if lang is not None:
-            import_whisper()
-            from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-            if lang not in _LANGUAGE_CODES:
-                raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
+        if lang is not None and lang not in WHISPER_LANGUAGES:
+            raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
         return TranscribeOptions(lang, task, _parse_bool("word_timestamps", words))
 
     def store_upload(self, stream: BinaryIO) -> Path:
@@ -116,6 +218,10 @@ class SpeechService:
             discard_upload(path)
             raise
         return path
+
+    def check_upload(self, path: Path) -> None:
+        """Decode a stored upload with every limit, only to refuse hostile audio early."""
+        decode_audio(path, self.settings.max_audio_seconds)
 
     def transcribe_file(
         self,

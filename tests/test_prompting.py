@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from speech2image.api.responses import PromptFromSpeech
 from speech2image.prompting import (
     Change,
     SpokenPrompt,
@@ -459,6 +461,7 @@ def test_spoken_request_becomes_a_prompt_and_a_negative(make_app, speech) -> Non
     assert heard["negative_prompt"] == "blurry, people"
     rules = [change["rule"] for change in heard["changes"]]
     assert "framing" in rules and rules[-1] == "negative"
+    PromptFromSpeech.model_validate(heard)  # the shape the OpenAPI description promises
     assert all(change["why"] for change in heard["changes"])
     (row,) = client.get("/images").json["images"]
     assert (row["prompt"], row["negative_prompt"]) == (heard["prompt"], "blurry, people")
@@ -503,3 +506,32 @@ def test_german_speech_becomes_an_english_prompt(make_app, speech) -> None:
     assert row["prompt"] == prompt
     stored = _stored_transcript(app, row["transcript_id"])
     assert (stored.text, stored.language) == (heard["transcript"], "de")
+
+
+def test_politeness_alone_leaves_no_prompt() -> None:
+    # /speech-to-image answers 422 "nothing to draw was heard" for this
+    assert understand_speech("Please. Thank you.", "en").prompt == ""
+    assert understand_speech("Um.", "en").prompt == ""
+
+
+def test_speech_with_nothing_to_draw_is_a_clear_422(make_app, speech) -> None:
+    app = make_app()
+    response = _speak(app.test_client(), speech["politeness"])
+    assert response.status_code == 422, response.json
+    assert response.json["error"]["code"] == "invalid_audio"
+    assert "nothing to draw" in response.json["error"]["message"]
+    assert app.test_client().get("/images").json["images"] == []
+    assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []
+
+
+def test_understand_steps_travel_to_a_distributed_worker(tmp_path: Path) -> None:
+    from speech2image.jobs import Job
+    from speech2image.prompting import UnderstandSteps
+    from speech2image.speech_service import TranscribeOptions
+    from speech2image.tasks import SpeechToImageWork, job_payload, job_work
+
+    steps = UnderstandSteps(translate=False, negatives=False)
+    work = SpeechToImageWork(tmp_path / "upload", TranscribeOptions(), {"steps": 1}, steps)
+    payload, upload = job_payload(Job(kind="speech_to_image", owner="o", work=work))
+    rebuilt = job_work("speech_to_image", json.loads(json.dumps(payload)), upload)
+    assert rebuilt.understand == steps

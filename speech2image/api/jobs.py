@@ -16,11 +16,14 @@ from werkzeug.exceptions import Conflict
 from ..errors import ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
 from .identity import client_owner
+from .openapi import Content, endpoint
+from .responses import JobView
 
 __all__ = ["StreamSlots", "bp", "respond", "wants_async"]
 
 bp = Blueprint("jobs", __name__)
 
+JOB_ID = {"job_id": "The job's id, as the 202 answer gave it"}
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
@@ -133,12 +136,22 @@ def _owned(job_id: str) -> Job:
 
 
 @bp.get("/jobs/<job_id>")
+@endpoint(responses={200: JobView}, errors=(404,), tags=("jobs",), path=JOB_ID)
 def get_job(job_id: str) -> ResponseReturnValue:
     """State, progress (step, total, ETA) and, once done, the result or the error."""
     return jsonify(_owned(job_id).snapshot())
 
 
 @bp.delete("/jobs/<job_id>")
+@endpoint(
+    responses={
+        200: Content({"application/json": JobView}, "The job had ended, or is now cancelled"),
+        202: Content({"application/json": JobView}, "Running: it stops at the next step"),
+    },
+    errors=(404,),
+    tags=("jobs",),
+    path=JOB_ID,
+)
 def cancel_job(job_id: str) -> ResponseReturnValue:
     """Cancel a queued job, or stop a running one between denoising steps."""
     job = get_job_runner(current_app).cancel(client_owner(), job_id)
@@ -148,6 +161,18 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<job_id>/events")
+@endpoint(
+    responses={
+        200: Content(
+            {"text/event-stream": {"type": "string"}},
+            "Server-Sent Events: `progress` per change, then `succeeded`, `failed` or "
+            "`cancelled` with the job as JSON data",
+        )
+    },
+    errors=(404, 503),
+    tags=("jobs",),
+    path=JOB_ID,
+)
 def job_events(job_id: str) -> ResponseReturnValue:
     """Server-Sent Events: one `progress` event per change, then the final state; then close."""
     job = _owned(job_id)

@@ -18,6 +18,8 @@ from ..model_loader import get_model_loader
 from ..speech_service import get_speech_service
 from ..storage import get_storage
 from .identity import operators_only
+from .openapi import Content, endpoint
+from .responses import Cleanup, Health, Ready, ServerStatus
 
 __all__ = ["bp"]
 
@@ -25,6 +27,7 @@ bp = Blueprint("system", __name__)
 
 
 @bp.get("/health")
+@endpoint(responses={200: Health}, tags=("system",), public=True, rate_limited=False)
 def health() -> ResponseReturnValue:
     """Liveness: the process answers. Touches no model and takes no lock a model holds."""
     started = current_app.config["S2I_STARTED_AT"]
@@ -32,6 +35,10 @@ def health() -> ResponseReturnValue:
 
 
 @bp.get("/ready")
+@endpoint(
+    responses={200: Ready, 503: Content({"application/json": Ready}, "Not ready")},
+    tags=("system",),
+)
 def ready() -> ResponseReturnValue:
     """Readiness: the models the default flow needs can be had (loaded, or loadable offline)."""
     loader = get_model_loader(current_app)
@@ -53,6 +60,7 @@ def ready() -> ResponseReturnValue:
 
 
 @bp.get("/status")
+@endpoint(responses={200: ServerStatus}, tags=("system",), operators=True)
 @operators_only
 def status() -> ResponseReturnValue:
     """Resources, resident models and request counts."""
@@ -75,6 +83,7 @@ def status() -> ResponseReturnValue:
 
 
 @bp.post("/cleanup")
+@endpoint(responses={200: Cleanup}, tags=("system",), operators=True)
 @operators_only
 def cleanup() -> ResponseReturnValue:
     """Remove images past retention (rows and files together) and unload idle models."""

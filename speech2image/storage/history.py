@@ -174,7 +174,19 @@ class Storage:
     def save_images(
         self, owner: str, images: list[NewImage], transcript: NewTranscript | None = None
     ) -> list[ImageRecord]:
-        """Store a batch of images (and the transcript they came from), or nothing at all."""
+        """Store a batch of images (and the transcript they came from), or nothing at all.
+
+        Storing again images whose ids are already stored returns the stored records: a job
+        redelivered after its images were saved saves nothing twice.
+        """
+        if images:
+            with self._sessions() as session:
+                found = session.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
+                ).all()
+                if found:
+                    by_id = {r.id: r for r in found}
+                    return [by_id[i.id] for i in images if i.id in by_id]
         transcript_id = transcript.id if transcript is not None else None
         staged: list[tuple[Path, Path]] = []
         records: list[ImageRecord] = []
@@ -256,6 +268,19 @@ class Storage:
                     ImageRecord.filename == filename, ImageRecord.owner == owner
                 )
             )
+
+    def transcripts(self, owner: str, ids: list[str]) -> dict[str, TranscriptRecord]:
+        """The owner's transcripts among ``ids``, by id (for the history listing)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(TranscriptRecord).where(
+                    TranscriptRecord.id.in_(wanted), TranscriptRecord.owner == owner
+                )
+            ).all()
+        return {row.id: row for row in rows}
 
     def image_path(self, record: ImageRecord) -> Path | None:
         """The file of ``record`` if it exists inside the image folder."""
