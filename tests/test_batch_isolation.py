@@ -62,18 +62,20 @@ def test_poisoned_request_fails_alone_in_a_merged_batch(
         api_keys=["alpha", "beta"], job_workers=1, batch_max_wait_ms=1500, batch_max_images=4
     )
     client = app.test_client()
-    bad = submit(client, headers=ALPHA, prompt=POISON, seed=1).json
+    bad = submit(client, headers=ALPHA, prompt=POISON, seed=1, model="tiny-art").json
     good = [
-        submit(client, headers=BETA, prompt=f"a quiet harbour {i}", seed=10 + i).json
+        submit(
+            client, headers=BETA, prompt=f"a quiet harbour {i}", seed=10 + i, model="tiny-art"
+        ).json
         for i in range(3)
     ]
 
-    failed = wait_state(client, bad["id"], {"succeeded", "failed"}, headers=ALPHA)
+    failed = wait_state(client, bad["id"], {"succeeded", "failed"}, headers=ALPHA, timeout=300)
     assert failed["state"] == "failed"
     assert failed["error"]["status"] >= 400 and failed["error"]["code"]
     assert "choked" not in str(failed["error"])  # no internals in the answer
     for job in good:
-        done = wait_state(client, job["id"], {"succeeded", "failed"}, headers=BETA)
+        done = wait_state(client, job["id"], {"succeeded", "failed"}, headers=BETA, timeout=300)
         assert done["state"] == "succeeded", done
         assert len(done["result"]["images"]) == 1
         assert done["result"]["batch_size"] == good_batch_size
