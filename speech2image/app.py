@@ -12,14 +12,17 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Flask, Response, g, request
+from flask_cors import CORS
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, openapi, speech, system, web
+from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
+from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
+from .metrics import Metrics, start_metrics_server
 from .model_loader import ModelLoader
 from .server import ServerState
 from .speech_service import SpeechService
@@ -33,6 +36,17 @@ log = logging.getLogger("speech2image.requests")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small text fields
+# Response headers a browser script on another origin may read.
+CORS_EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Location",
+    "ETag",
+    "Content-Disposition",
+]
 # Refusals of the request itself (invalid, too large, not audio, undecodable audio).
 INVALID_REQUEST_STATUSES = frozenset({400, 413, 415, 422})
 
@@ -96,13 +110,20 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     )
     app.json.sort_keys = False  # answers keep the order the README shows (JSON_SORT_KEYS is gone)
     configure_logging(
-        settings.log_dir, settings.log_level, int(settings.log_max_bytes), settings.log_backup_count
+        settings.log_dir,
+        settings.log_level,
+        int(settings.log_max_bytes),
+        settings.log_backup_count,
+        settings.log_format,
     )
 
+    metrics = Metrics()
+    metrics.init_app(app)
     loader = ModelLoader(
         budgets=_memory_budgets(settings),
         max_models=settings.max_models_in_memory,
         idle_seconds=settings.model_idle_seconds,
+        observer=metrics,
     )
     loader.init_app(app)
     storage = Storage(settings.resolved_database_url(), settings.image_dir)
@@ -128,6 +149,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
             max_queued_per_owner=settings.queue_max_per_owner if role == "embedded" else 10_000,
             is_resident=loader.is_resident,
             keep_finished_seconds=settings.job_keep_seconds,
+            observer=metrics,
         )
         register_tasks(runner, speech_service, image_service)
         runner.init_app(app)
@@ -135,7 +157,11 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
             _init_worker(app, settings, runner, loader, speech_service)
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
-    app.extensions["request_stats"] = RequestStats()
+    request_stats = RequestStats()
+    app.extensions["request_stats"] = request_stats
+    metrics.watch(
+        loader=loader, runner=app.extensions["jobs"], in_flight=lambda: request_stats.in_flight
+    )
 
     storage_uri = settings.ratelimit_storage_uri
     if settings.distributed and storage_uri == "memory://":
@@ -158,8 +184,13 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     limiter.limit(settings.ratelimit_transcribe, **counted)(speech.bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(images.bp)
     limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
+    limiter.limit(settings.ratelimit_transcribe, **counted)(openai.audio_bp)
+    limiter.limit(settings.ratelimit_generate, **counted)(openai.images_bp)
     limiter.exempt(system.health)
     limiter.exempt(web.bp)  # loading the page spends none of the API's budget
+    limiter.exempt(metrics_api.metrics)
+    # A CORS preflight carries no credentials and does no work: never refuse or count it.
+    limiter.request_filter(lambda: request.method == "OPTIONS")
     # Order of before-request hooks: request id and timing, then the stop gate, then
     # identity (and its failed-authentication limit), then limits.
     _register_request_logging(app)
@@ -173,10 +204,26 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(metrics_api.bp)
+    app.register_blueprint(openai.bp)
     app.register_blueprint(web.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
+    if settings.cors_origins:
+        any_origin = "*" in settings.cors_origins
+        CORS(
+            app,
+            origins="*" if any_origin else settings.cors_origins,
+            # Browsers refuse credentials with a wildcard origin: only for listed origins.
+            supports_credentials=not any_origin,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
+    if settings.metrics_port:
+        app.extensions["metrics_server"] = start_metrics_server(
+            metrics, settings.metrics_port, settings.host
+        )
 
     if role == "api":
         return app  # no model ever loads here
@@ -264,6 +311,7 @@ def _preload_names(loader: ModelLoader, wanted: list[str]) -> list[str]:
 
 def _register_request_logging(app: Flask) -> None:
     stats: RequestStats = app.extensions["request_stats"]
+    metrics: Metrics = app.extensions["metrics"]
 
     @app.before_request
     def _start() -> None:
@@ -291,15 +339,26 @@ def _register_request_logging(app: Flask) -> None:
         g.logged = True
         status = getattr(g, "response_status", None)
         duration_ms = (time.perf_counter() - g.started) * 1000
-        stats.finished(request.endpoint or "unknown", status or 500)
+        endpoint = request.endpoint or "unknown"
+        stats.finished(endpoint, status or 500)
+        metrics.request_done(endpoint, request.method, status or 500, duration_ms / 1000)
+        # Percent-encoded: a path is client input and must not forge log lines.
+        path = quote(request.path, safe="/:@!$&'()*+,;=-._~")
         log.info(
             "%s %s %s %.1fms client=%s",
             request.method,
-            # Percent-encoded: a path is client input and must not forge log lines.
-            quote(request.path, safe="/:@!$&'()*+,;=-._~"),
+            path,
             status or 500,
             duration_ms,
             request.remote_addr,
+            extra={
+                "method": request.method,
+                "path": path,
+                "endpoint": endpoint,
+                "status": status or 500,
+                "duration_ms": round(duration_ms, 1),
+                "client": request.remote_addr,
+            },
         )
 
     @app.after_request

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_max_bytes: ByteSize = Field(ByteSize(10 * 1024**2), description="Rotate app.log past this.")
     log_backup_count: int = Field(5, ge=0, le=1000)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line."
+    )
     upload_dir: Path = Field(
         Path(tempfile.gettempdir()) / "speech2image-uploads",
         description="Where uploads wait while they are decoded; emptied after each request.",
@@ -246,6 +249,13 @@ class Settings(BaseSettings):
         description="Comma-separated keys that may also use /status and POST /cleanup.",
     )
     ratelimit_enabled: bool = True
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins a browser may call from (or *); empty: no CORS.",
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Also serve /metrics, without auth, on this port; 0: off."
+    )
     ratelimit_storage_uri: str = Field("memory://", description="memory:// or redis://host:port")
     ratelimit_default: str = Field("300/minute", description="Limit on every endpoint.")
     ratelimit_transcribe: str = Field("30/minute", description="Limit on POST /transcribe-audio.")
@@ -254,7 +264,14 @@ class Settings(BaseSettings):
         "20/minute", description="Failed authentications per address before 429."
     )
 
-    @field_validator("preload_models", "api_keys", "admin_api_keys", "worker_models", mode="before")
+    @field_validator(
+        "preload_models",
+        "api_keys",
+        "admin_api_keys",
+        "worker_models",
+        "cors_origins",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -273,6 +290,14 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"not a rate limit like '10/minute': {value!r}") from exc
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"an origin looks like https://app.example.com, not {origin!r}")
+        return [origin.rstrip("/") for origin in value]
 
     @field_validator("broker_url")
     @classmethod

@@ -312,8 +312,15 @@ class ImageService:
     ) -> None:
         """Generate ``items`` in one call; put each one's images at its position."""
         spec = _spec(items)
+        started = time.perf_counter()
         made = self._generate_with_retry(
             lease.model, lease.device, items[0].choice.model, spec, on_step
+        )
+        self.loader.observer.denoised(
+            model_key(items[0].choice.model),
+            spec.steps,
+            len(spec.prompts),
+            time.perf_counter() - started,
         )
         offset = 0
         for position, item in zip(positions, items, strict=True):

@@ -220,6 +220,21 @@ LABELLED: list[tuple[str, str, str, str | None]] = [
         None,
     ),
     ("plain", "Make-up brushes on a marble counter", "Make-up brushes on a marble counter", None),
+    # found failing in a spot check (interjections with no comma), then fixed
+    (
+        "mixed",
+        "Okay so I want a photo of a bowl of pho without any chopsticks please",
+        "a photo of a bowl of pho",
+        "chopsticks",
+    ),
+    (
+        "filler",
+        "Hey um could you please generate me an image of a knight, thank you!",
+        "a knight",
+        None,
+    ),
+    ("plain", "So many balloons over a field", "So many balloons over a field", None),
+    ("plain", "Well lit kitchen with copper pans", "Well lit kitchen with copper pans", None),
     # plain prompts: already what a person would type; they must pass untouched
     (
         "plain",
@@ -270,7 +285,8 @@ LABELLED: list[tuple[str, str, str, str | None]] = [
 ]
 # Measured: 54/54 once the rules were tuned on the first 54; the last ten, added afterwards,
 # brought it to 60/64 (0.938) before three general fixes (more interjections, "but please no")
-# made it 63/64. The floor sits below the held-out measure.
+# made it 63/64. Four more from a spot check (two failing, fixed; two plain) make 67/68.
+# The floor sits below the held-out measure.
 MIN_EXACT_MATCH = 0.9
 
 
@@ -535,3 +551,15 @@ def test_understand_steps_travel_to_a_distributed_worker(tmp_path: Path) -> None
     payload, upload = job_payload(Job(kind="speech_to_image", owner="o", work=work))
     rebuilt = job_work("speech_to_image", json.loads(json.dumps(payload)), upload)
     assert rebuilt.understand == steps
+
+
+def test_task_translate_keeps_the_original_words_even_with_understanding_off(
+    make_app, speech
+) -> None:
+    response = _speak(make_app().test_client(), speech["german"], task="translate", understand="0")
+    assert response.status_code == 200, response.json
+    heard = response.json["prompt_from_speech"]
+    assert (heard["language"], heard["translated"]) == ("de", True)
+    assert "Katze" in heard["transcript"] and "Katze" in response.json["transcript"]["text"]
+    assert [change["rule"] for change in heard["changes"]] == ["translate"]
+    assert heard["prompt"] == heard["changes"][0]["after"] != heard["transcript"]

@@ -62,6 +62,8 @@ def _identify() -> None:
     g.is_admin = not keys  # auth off: the one local identity may do everything
     if not keys or _is_public(request.endpoint):
         return
+    if request.method == "OPTIONS":  # a CORS preflight never carries credentials
+        return
     _refuse_if_guessing(settings.ratelimit_auth_failures)
     presented = _presented_key()
     given = (presented or "").encode("utf-8", "surrogateescape")

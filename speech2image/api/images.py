@@ -13,10 +13,11 @@ from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
 from ..schemas import UtcDateTime, safe_text
 from ..storage import ImageRecord, TranscriptRecord, get_storage
+from ..storage.base import aware
 from .identity import client_owner
 from .jobs import respond
 from .openapi import Content, endpoint
-from .responses import Generation, ImagePage, JobAccepted
+from .responses import Generation, ImagePage, JobAccepted, TranscriptRow
 
 __all__ = ["bp"]
 
@@ -134,3 +135,41 @@ def get_image(filename: str) -> ResponseReturnValue:
     scope = "private" if settings.api_keys or settings.admin_api_keys else "public"
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response
+
+
+@bp.delete("/images/<path:filename>")
+@endpoint(
+    responses={204: None},
+    errors=(404,),
+    tags=("images",),
+    path={"filename": "The image's file name (or id), as listed"},
+)
+def delete_image(filename: str) -> ResponseReturnValue:
+    """Delete one of the caller's images: its history row and its file together."""
+    name = filename if filename.endswith(".png") else f"{filename}.png"
+    if not get_storage(current_app).delete_image(client_owner(), name):
+        raise ResourceNotFound("no such image")
+    return "", 204
+
+
+@bp.get("/transcripts/<transcript_id>")
+@endpoint(
+    responses={200: TranscriptRow},
+    errors=(404,),
+    tags=("images",),
+    path={"transcript_id": "The transcript's id (`transcript.id` of /speech-to-image)"},
+)
+def get_transcript(transcript_id: str) -> ResponseReturnValue:
+    """A transcript the caller's images were made from, with those images."""
+    found = get_storage(current_app).get_transcript(client_owner(), transcript_id)
+    if found is None:
+        raise ResourceNotFound("no such transcript")
+    transcript, records = found
+    return jsonify(
+        id=transcript.id,
+        text=transcript.text,
+        language=transcript.language,
+        duration=transcript.duration,
+        created_at=aware(transcript.created_at).isoformat(),
+        images=[image_json(r, transcript) for r in records],
+    )

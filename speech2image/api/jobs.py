@@ -7,23 +7,25 @@ import select
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
 from ..errors import ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
 from .identity import client_owner
 from .openapi import Content, endpoint
-from .responses import JobView
+from .responses import JobPage, JobView
 
 __all__ = ["StreamSlots", "bp", "respond", "wants_async"]
 
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = {"job_id": "The job's id, as the 202 answer gave it"}
+MAX_JOBS_PAGE = 100
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
@@ -133,6 +135,41 @@ def _owned(job_id: str) -> Job:
     if job is None:
         raise ResourceNotFound("no such job")
     return job
+
+
+def _jobs_query(app: Any) -> type[BaseModel]:
+    return create_model(
+        "JobListQuery",
+        __config__=ConfigDict(extra="forbid"),
+        state=(
+            JobState | None,
+            Field(None, description="Only jobs in this state."),
+        ),
+        page=(Annotated[int, Field(ge=1, le=1_000_000)], Field(1, description="Page number.")),
+        per_page=(
+            Annotated[int, Field(ge=1, le=MAX_JOBS_PAGE)],
+            Field(20, description="Jobs per page."),
+        ),
+    )
+
+
+@bp.get("/jobs")
+@endpoint(query=_jobs_query, responses={200: JobPage}, tags=("jobs",))
+def list_jobs(query: Any) -> ResponseReturnValue:
+    """The caller's jobs, newest first; `state` filters (queued, running, succeeded ...)."""
+    jobs, total = get_job_runner(current_app).list_jobs(
+        client_owner(),
+        states=(query.state,) if query.state else (),
+        limit=query.per_page,
+        offset=(query.page - 1) * query.per_page,
+    )
+    return jsonify(
+        jobs=[job.snapshot() | {"url": _job_url(job)} for job in jobs],
+        page=query.page,
+        per_page=query.per_page,
+        total=total,
+        pages=(total + query.per_page - 1) // query.per_page,
+    )
 
 
 @bp.get("/jobs/<job_id>")

@@ -19,6 +19,7 @@ __all__ = [
     "PromptChange",
     "PromptFromSpeech",
     "Ready",
+    "ServerConfig",
     "ServerStatus",
     "TranscriptRow",
     "Transcription",
@@ -162,10 +163,13 @@ class JobAccepted(JobView):
 
 
 class JobPage(_Open):
-    """The caller's jobs, newest first."""
+    """One page of the caller's jobs, newest first."""
 
     jobs: list[JobView]
+    page: int
+    per_page: int
     total: int
+    pages: int
 
 
 class Transcription(_Open):
@@ -226,7 +230,7 @@ class ImagePage(_Open):
 
 
 class TranscriptRow(_Open):
-    """A stored transcript and the images made from it."""
+    """A stored transcript and the images made from it (newest first)."""
 
     id: str
     text: str
@@ -234,3 +238,36 @@ class TranscriptRow(_Open):
     duration: float | None
     created_at: str
     images: list[ImageRow]
+
+
+class Limit(_Open):
+    """A numeric range a form needs."""
+
+    min: int | float | None = None
+    max: int | float
+    default: int | float | None = None
+    multiple_of: int | None = None
+
+
+class ModelInfo(_Open):
+    """A configured model."""
+
+    name: str
+    source: str | None = None
+
+
+class ModelLists(_Open):
+    """The configured models."""
+
+    image: list[ModelInfo]
+    whisper: list[ModelInfo]
+    default_image: str
+
+
+class ServerConfig(_Open):
+    """What a client needs to build its forms: models, schedulers, limits, whether auth is on."""
+
+    models: ModelLists
+    schedulers: list[str]
+    limits: dict[str, Limit]
+    auth: dict[str, bool]

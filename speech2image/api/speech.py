@@ -22,7 +22,13 @@ from ..image_service import get_image_service
 from ..jobs import Job, get_job_runner
 from ..prompting import UnderstandSteps
 from ..schemas import invalid_request, parse_json_text, safe_text
-from ..speech_service import TASKS, TranscribeOptions, discard_upload, get_speech_service
+from ..speech_service import (
+    MAX_PROMPT_CHARS,
+    TASKS,
+    TranscribeOptions,
+    discard_upload,
+    get_speech_service,
+)
 from ..tasks import SpeechToImageWork, TranscribeWork
 from .identity import client_owner
 from .jobs import respond, wait_for, wants_async
@@ -44,6 +50,10 @@ def _language(value: Any) -> Any:
     if value is None or value == "":
         return None
     return value.lower() if isinstance(value, str) else value
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
 
 
 #: A true/false form field; empty means "not given".
@@ -75,6 +85,21 @@ def _audio_fields(app: Any) -> dict[str, Any]:
             Field("transcribe", description="`translate`: English text from any language."),
         ),
         "word_timestamps": (bool, Field(False, description="Word-level timestamps.")),
+        "prompt": (
+            Annotated[safe_text(MAX_PROMPT_CHARS) | None, BeforeValidator(_empty_is_none)],
+            Field(
+                None,
+                description="Whisper's initial prompt: spellings of names and jargon it should "
+                "prefer (e.g. ComfyUI).",
+            ),
+        ),
+        "temperature": (
+            Annotated[
+                Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None,
+                BeforeValidator(_empty_is_none),
+            ],
+            Field(None, description="Fixed sampling temperature; empty: 0, then 0.4 and 0.8."),
+        ),
         "async_": (
             bool,
             Field(False, alias="async", description="Answer 202 with a job at once."),
@@ -148,7 +173,9 @@ def _speech_to_image_form(app: Any) -> type[BaseModel]:
 
 
 def _options(form: Any) -> TranscribeOptions:
-    return TranscribeOptions(form.language, form.task, form.word_timestamps)
+    return TranscribeOptions(
+        form.language, form.task, form.word_timestamps, form.prompt or None, form.temperature
+    )
 
 
 def _submit_with_upload(upload: Any, make_job: Any) -> Job:
@@ -223,6 +250,7 @@ def speech_to_image(form: Any) -> ResponseReturnValue:
         except ValidationError as exc:
             raise invalid_request(exc, service.request_model, prefix="options.") from None
     shared = {"audio", "file", "language", "task", "word_timestamps", "options", "async_"}
+    shared |= {"prompt", "temperature"}
     shared |= {"understand", *UNDERSTAND_STEPS}
     given = form.model_dump(include=form.model_fields_set - shared, exclude_none=True)
     fields.update(given)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from typing import Any, Protocol
 
 from ..errors import ServiceError
@@ -265,6 +265,16 @@ class JobRunner(Protocol):
 
     def cancel(self, owner: str, job_id: str) -> Job | None:
         """Cancel a queued job now, or ask a running one to stop between steps."""
+
+    def list_jobs(
+        self,
+        owner: str,
+        *,
+        states: Collection[JobState] = (),
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        """The owner's jobs newest first (only ``states`` when given), and how many match."""
 
     def watch(self, job: Job, timeout: float) -> Iterator[dict[str, Any] | None]:
         """Snapshots as the job changes; None as a keep-alive after ``timeout`` quiet seconds."""

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,22 @@ class JobStates:
         return [json.loads(raw) if raw else None for raw in raws]
 
     def create(self, record: dict[str, Any]) -> None:
-        """Write a new job's record."""
-        self.redis.set(self.key("job", record["id"]), json.dumps(record), ex=self.keep_seconds)
+        """Write a new job's record, and index it under its owner (for GET /jobs)."""
+        owned = self.key("owned", record["owner"])
+        created = dt.datetime.fromisoformat(record["created_at"]).timestamp()
+        self.redis.pipeline().set(
+            self.key("job", record["id"]), json.dumps(record), ex=self.keep_seconds
+        ).zadd(owned, {record["id"]: created}).expire(owned, int(self.keep_seconds) + 1).execute()
+
+    def owned(self, owner: str) -> list[dict[str, Any]]:
+        """The owner's job records still kept, newest first (expired ones dropped)."""
+        owned = self.key("owned", owner)
+        cutoff = time.time() - self.keep_seconds
+        self.redis.zremrangebyscore(owned, "-inf", cutoff)
+        ids = [
+            i.decode() if isinstance(i, bytes) else i for i in self.redis.zrevrange(owned, 0, -1)
+        ]
+        return [record for record in self.load_many(ids) if record is not None]
 
     def transition(self, record: dict[str, Any], allowed: set[str]) -> bool:
         """Replace the record if its state is in ``allowed``; publish it. True if replaced."""
@@ -274,6 +288,23 @@ class CeleryJobRunner:
         if record is None or record["owner"] != owner:
             return None
         return job_from_record(record)
+
+    def list_jobs(
+        self,
+        owner: str,
+        *,
+        states: Collection[JobState] = (),
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        """The owner's jobs newest first, from their records."""
+        try:
+            records = self.states.owned(owner)
+        except REDIS_ERRORS as exc:
+            raise _broker_down(exc) from None
+        wanted = {state.value for state in states}
+        mine = [r for r in records if not wanted or r["state"] in wanted]
+        return [job_from_record(r) for r in mine[offset : offset + limit]], len(mine)
 
     def cancel(self, owner: str, job_id: str) -> Job | None:
         """Cancel a queued job now; ask the worker to stop a running one between steps."""

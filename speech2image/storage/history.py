@@ -57,6 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FILENAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.png$")
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 ORPHAN_GRACE_SECONDS = 600
 
 
@@ -320,6 +321,48 @@ class Storage:
                 .offset(offset)
             ).all()
         return list(rows), int(total or 0)
+
+    def get_transcript(
+        self, owner: str, transcript_id: str
+    ) -> tuple[TranscriptRecord, list[ImageRecord]] | None:
+        """The owner's transcript and the images made from it (newest first), or None."""
+        if not ID_PATTERN.fullmatch(transcript_id):
+            return None
+        with self._sessions() as session:
+            transcript = session.scalar(
+                select(TranscriptRecord).where(
+                    TranscriptRecord.id == transcript_id, TranscriptRecord.owner == owner
+                )
+            )
+            if transcript is None:
+                return None
+            images = session.scalars(
+                select(ImageRecord)
+                .where(ImageRecord.transcript_id == transcript_id, ImageRecord.owner == owner)
+                .order_by(ImageRecord.created_at.desc(), ImageRecord.id.desc())
+            ).all()
+        return transcript, list(images)
+
+    # --- removing ------------------------------------------------------------------------
+    def delete_image(self, owner: str, filename: str) -> bool:
+        """Remove the owner's image, row and file together; False when there is none.
+
+        The row goes first (in its transaction), then the file: a file left by a failure
+        between the two has no row, so nobody is served it and the orphan sweep removes it.
+        """
+        if not FILENAME_PATTERN.fullmatch(filename):
+            return False
+        with self._sessions.begin() as session:
+            deleted = session.execute(
+                delete(ImageRecord).where(
+                    ImageRecord.filename == filename, ImageRecord.owner == owner
+                )
+            ).rowcount
+        if not deleted:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            (self.image_dir / filename).unlink()
+        return True
 
     def stats(self) -> dict[str, int]:
         """Image count and total bytes."""
