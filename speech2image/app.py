@@ -19,6 +19,7 @@ from .api import errors, identity, images, jobs, openai, openapi, speech, system
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
+from .imagestore import make_image_store
 from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
@@ -126,7 +127,9 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
         observer=metrics,
     )
     loader.init_app(app)
-    storage = Storage(settings.resolved_database_url(), settings.image_dir)
+    storage = Storage(
+        settings.resolved_database_url(), settings.image_dir, images=make_image_store(settings)
+    )
     storage.init_app(app)
     speech_service = SpeechService(settings, loader)
     speech_service.init_app(app)
@@ -150,9 +153,13 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
             is_resident=loader.is_resident,
             keep_finished_seconds=settings.job_keep_seconds,
             observer=metrics,
+            # Embedded: every job is a row of the history (workers' jobs are the API's).
+            store=storage.jobs if role == "embedded" else None,
         )
         register_tasks(runner, speech_service, image_service)
         runner.init_app(app)
+        if role == "embedded" and settings.job_recover_on_start:
+            runner.recover()
         if role == "worker":
             _init_worker(app, settings, runner, loader, speech_service)
     # Each event stream holds a request thread for the whole job: keep half of them free.
@@ -245,6 +252,7 @@ def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService
         states,
         default_model=speech_service.model_name,
         check_upload=speech_service.check_upload,
+        rows=app.extensions["storage"].jobs,
     ).init_app(app)
 
 
@@ -268,6 +276,7 @@ def _init_worker(
         models=worker_models(loader, settings.worker_models),
         loader=loader,
         make_local_job=local_job,
+        rows=app.extensions["storage"].jobs,
     ).init_app(app)
 
 

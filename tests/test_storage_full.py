@@ -13,7 +13,7 @@ from .test_images import generate, image_files
 def test_disk_full_part_way_through_a_batch_leaves_nothing(
     make_app, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import speech2image.storage.history as storage_module
+    import speech2image.imagestore.local as storage_module
 
     app = make_app()
     client = app.test_client()

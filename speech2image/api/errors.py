@@ -6,11 +6,12 @@ import logging
 import math
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ..errors import ServiceError
+from . import openai
 
 __all__ = ["error_response", "register_error_handlers"]
 
@@ -54,7 +55,14 @@ def error_response(
     return response
 
 
+def _openai_surface() -> bool:
+    """Under /v1 (matched or not), OpenAI's clients expect OpenAI's error shape."""
+    return request.path == openai.PREFIX or request.path.startswith(openai.PREFIX + "/")
+
+
 def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+    if _openai_surface():
+        return openai.http_error(exc)
     status = exc.code or 500
     if isinstance(exc, ServiceError):
         return error_response(
@@ -76,7 +84,10 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
 def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
     original = exc.original_exception if isinstance(exc, InternalServerError) else exc
     log.error("unhandled error", exc_info=original)
-    return error_response(500, "internal server error; see the log for this request id")
+    message = "internal server error; see the log for this request id"
+    if _openai_surface():
+        return openai.openai_error(500, message)
+    return error_response(500, message)
 
 
 def register_error_handlers(app: Flask) -> None:
