@@ -342,6 +342,11 @@ class Storage:
             ).all()
         return list(rows), int(total or 0)
 
+    def ping(self) -> None:
+        """Raise if the database does not answer."""
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
+
     def get_transcript(
         self, owner: str, transcript_id: str
     ) -> tuple[TranscriptRecord, list[ImageRecord]] | None:
