@@ -338,6 +338,8 @@ def _register_request_logging(app: Flask) -> None:
         if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)
         response.headers["X-Request-ID"] = g.get("request_id", "-")
+        # Browsers must not guess a type: an image or a JSON error is never run as a script.
+        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     @app.teardown_request
