@@ -409,7 +409,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
             statuses.add(401)
         if spec.operators and auth_on:
             statuses.add(403)
-        if spec.rate_limited and settings.ratelimit_enabled:
+        # Routes exempt from the request limits still meet the failed-authentication one.
+        if settings.ratelimit_enabled and (spec.rate_limited or (auth_on and not spec.public)):
             statuses.add(429)
         for status in sorted(statuses):
             if str(status) not in responses:
