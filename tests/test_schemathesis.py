@@ -61,9 +61,7 @@ def test_schemathesis_finds_no_failure(make_app, live_server, tiny_models, tmp_p
         str(tmp_path / "report"),
     ]
     # Run from tmp_path: schemathesis writes its cache (.schemathesis/) into the working folder.
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=900, cwd=tmp_path
-    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-20000:]
     assert "No issues found" in output or " passed" in output, output[-5000:]
