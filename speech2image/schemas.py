@@ -297,10 +297,16 @@ def _message(error: dict[str, Any], field: str, model: type[BaseModel] | None) -
         allowed = _field_schema(model, name).get("enum")
         if allowed:
             shown = got if isinstance(got, str | int | float | bool) else type(got).__name__
+            shown = _clip(shown) if isinstance(shown, str) else shown
             return f"`{field}` must be one of {', '.join(map(str, allowed))}, not {shown!r}"
     if kind == "finite_number" or (isinstance(got, float) and not math.isfinite(got)):
         return f"`{field}` must be a finite number"
     return f"`{field}`: {error['msg'].removeprefix('Value error, ')}"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    # Client-chosen names and values are echoed in errors: never a 60 KB name four times.
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def invalid_request(
@@ -309,7 +315,7 @@ def invalid_request(
     """One 400 listing every error of ``exc``, each naming its field (``details.errors``)."""
     errors = []
     for error in exc.errors(include_url=False):
-        field = prefix + (".".join(str(p) for p in error["loc"]) or "body")
+        field = _clip(prefix + (".".join(str(p) for p in error["loc"]) or "body"))
         errors.append({"field": field, "message": _message(error, field, model)})
     return InvalidRequest(
         "; ".join(e["message"] for e in errors),

@@ -24,3 +24,21 @@ def test_auth_failure_lockout_is_documented_on_every_keyed_route(make_app) -> No
             if operation.get("security") == []:
                 continue  # public: no key, no lockout
             assert "429" in operation["responses"], (method, path)
+
+
+def test_errors_do_not_echo_huge_client_names_or_values(client) -> None:
+    # A 60 KB unknown field name came back four times (a 240 KB answer to a 60 KB request).
+    huge = "n" * 60_000
+    response = client.post(
+        "/generate-image", json={"prompt": "a", huge: 1, "scheduler": "s" * 60_000}
+    )
+    assert response.status_code == 400
+    assert len(response.data) < 4000
+    fields = [e["field"] for e in response.json["error"]["details"]["errors"]]
+    assert "scheduler" in fields and any(f.startswith("nnnn") for f in fields)
+    form = client.post(
+        "/transcribe-audio",
+        data={huge: "v"},
+        content_type="multipart/form-data",
+    )
+    assert form.status_code == 400 and len(form.data) < 4000
