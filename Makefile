@@ -47,6 +47,7 @@ bench: install-test
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/translate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite needs (espeak-ng synthesizes the speech the
-# transcription tests listen to). The server itself needs none: PyAV wheels bundle FFmpeg.
+# Installs the Debian packages the test suite needs: espeak-ng synthesizes the speech the
+# transcription tests listen to, and chromium is the browser the page's end-to-end tests drive
+# through Playwright (whose own browser downloads are never used). The server itself needs
+# none: PyAV wheels bundle FFmpeg. Only missing packages are installed. The dpkg lock may be
+# held by another apt run on the same machine: then this waits and retries.
 set -euo pipefail
 
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
@@ -19,7 +23,18 @@ else
   exit 1
 fi
 
-echo "install-system-deps: installing ${missing[*]}"
+# apt waits up to this long for a dpkg lock held by someone else, then the whole step retries.
+apt_opts=(-o DPkg::Lock::Timeout=120)
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-system-deps: installing ${missing[*]}"
+for attempt in 1 2 3 4 5; do
+  if $SUDO apt-get "${apt_opts[@]}" update -qq &&
+    $SUDO apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
+      >/dev/null; then
+    exit 0
+  fi
+  echo "install-system-deps: apt failed (attempt ${attempt}; lock held?), retrying" >&2
+  sleep $((attempt * 10))
+done
+echo "install-system-deps: could not install ${missing[*]}" >&2
+exit 1

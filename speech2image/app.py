@@ -12,14 +12,17 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Flask, Response, g, request
+from flask_cors import CORS
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, speech, system
+from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
+from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
+from .metrics import Metrics, start_metrics_server
 from .model_loader import ModelLoader
 from .server import ServerState
 from .speech_service import SpeechService
@@ -33,6 +36,17 @@ log = logging.getLogger("speech2image.requests")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small text fields
+# Response headers a browser script on another origin may read.
+CORS_EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Location",
+    "ETag",
+    "Content-Disposition",
+]
 # Refusals of the request itself (invalid, too large, not audio, undecodable audio).
 INVALID_REQUEST_STATUSES = frozenset({400, 413, 415, 422})
 
@@ -78,10 +92,16 @@ def _memory_budgets(settings: Settings) -> dict[str, int]:
     return budgets
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app: settings, logging, services, rate limits, blueprints, error handlers."""
+def create_app(settings: Settings | None = None, role: str | None = None) -> Flask:
+    """Build the app: settings, logging, services, rate limits, blueprints, error handlers.
+
+    ``role`` is ``embedded`` (jobs run in this process), ``api`` (jobs go to Celery workers;
+    this process never imports torch) or ``worker`` (a Celery worker's app). By default:
+    ``api`` when S2I_BROKER_URL is set, else ``embedded``.
+    """
     settings = settings or load_settings()
-    app = Flask(__name__)
+    # No app-wide static route: the web blueprint serves speech2image/static/ itself.
+    app = Flask(__name__, static_folder=None)
     app.config.update(
         S2I_SETTINGS=settings,
         S2I_STARTED_AT=time.time(),
@@ -90,13 +110,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.sort_keys = False  # answers keep the order the README shows (JSON_SORT_KEYS is gone)
     configure_logging(
-        settings.log_dir, settings.log_level, int(settings.log_max_bytes), settings.log_backup_count
+        settings.log_dir,
+        settings.log_level,
+        int(settings.log_max_bytes),
+        settings.log_backup_count,
+        settings.log_format,
     )
 
+    metrics = Metrics()
+    metrics.init_app(app)
     loader = ModelLoader(
         budgets=_memory_budgets(settings),
         max_models=settings.max_models_in_memory,
         idle_seconds=settings.model_idle_seconds,
+        observer=metrics,
     )
     loader.init_app(app)
     storage = Storage(settings.resolved_database_url(), settings.image_dir)
@@ -107,29 +134,45 @@ def create_app(settings: Settings | None = None) -> Flask:
     image_service = ImageService(settings, loader, storage, chooser)
     image_service.init_app(app)
     Maintenance(settings, storage, loader).init_app(app)
-    runner = LocalJobRunner(
-        workers=settings.job_workers,
-        max_batch_images=settings.batch_max_images,
-        max_batch_wait=settings.batch_max_wait_ms / 1000,
-        fairness_seconds=settings.schedule_fairness_seconds,
-        max_queued=settings.queue_max,
-        max_queued_per_owner=settings.queue_max_per_owner,
-        is_resident=loader.is_resident,
-        keep_finished_seconds=settings.job_keep_seconds,
-    )
-    register_tasks(runner, speech_service, image_service)
-    runner.init_app(app)
+    role = role or ("api" if settings.distributed else "embedded")
+    app.config["S2I_ROLE"] = role
+    if role == "api":
+        _init_api_jobs(app, settings, speech_service)
+    else:
+        runner = LocalJobRunner(
+            workers=settings.job_workers,
+            max_batch_images=settings.batch_max_images,
+            max_batch_wait=settings.batch_max_wait_ms / 1000,
+            fairness_seconds=settings.schedule_fairness_seconds,
+            # A worker holds at most its concurrency; admission happened at the API.
+            max_queued=settings.queue_max if role == "embedded" else 10_000,
+            max_queued_per_owner=settings.queue_max_per_owner if role == "embedded" else 10_000,
+            is_resident=loader.is_resident,
+            keep_finished_seconds=settings.job_keep_seconds,
+            observer=metrics,
+        )
+        register_tasks(runner, speech_service, image_service)
+        runner.init_app(app)
+        if role == "worker":
+            _init_worker(app, settings, runner, loader, speech_service)
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
-    app.extensions["request_stats"] = RequestStats()
+    request_stats = RequestStats()
+    app.extensions["request_stats"] = request_stats
+    metrics.watch(
+        loader=loader, runner=app.extensions["jobs"], in_flight=lambda: request_stats.in_flight
+    )
 
+    storage_uri = settings.ratelimit_storage_uri
+    if settings.distributed and storage_uri == "memory://":
+        storage_uri = settings.broker_url  # counted across every API process
     limiter = Limiter(
         identity.rate_limit_key,
         default_limits=[settings.ratelimit_default],
-        storage_uri=settings.ratelimit_storage_uri,
+        storage_uri=storage_uri,
         # A dead Redis must not fail requests: count in memory meanwhile (logged), and go
         # back to Redis once it answers again (Flask-Limiter checks it with back-off).
-        storage_options=_ratelimit_storage_options(settings),
+        storage_options=_ratelimit_storage_options(storage_uri),
         in_memory_fallback_enabled=True,
         headers_enabled=True,
         enabled=settings.ratelimit_enabled,
@@ -141,7 +184,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     limiter.limit(settings.ratelimit_transcribe, **counted)(speech.bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(images.bp)
     limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
+    limiter.limit(settings.ratelimit_transcribe, **counted)(openai.audio_bp)
+    limiter.limit(settings.ratelimit_generate, **counted)(openai.images_bp)
     limiter.exempt(system.health)
+    limiter.exempt(web.bp)  # loading the page spends none of the API's budget
+    limiter.exempt(metrics_api.metrics)
+    # A CORS preflight carries no credentials and does no work: never refuse or count it.
+    limiter.request_filter(lambda: request.method == "OPTIONS")
     # Order of before-request hooks: request id and timing, then the stop gate, then
     # identity (and its failed-authentication limit), then limits.
     _register_request_logging(app)
@@ -155,9 +204,29 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(speech.pipeline_bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(metrics_api.bp)
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(web.bp)
+    openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
+    if settings.cors_origins:
+        any_origin = "*" in settings.cors_origins
+        CORS(
+            app,
+            origins="*" if any_origin else settings.cors_origins,
+            # Browsers refuse credentials with a wildcard origin: only for listed origins.
+            supports_credentials=not any_origin,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
+    if settings.metrics_port:
+        app.extensions["metrics_server"] = start_metrics_server(
+            metrics, settings.metrics_port, settings.host
+        )
 
+    if role == "api":
+        return app  # no model ever loads here
     if settings.model_idle_seconds > 0:
         app.extensions["model_idle_reaper"] = loader.start_idle_reaper()
     if settings.preload_models:
@@ -165,13 +234,65 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService) -> None:
+    """Jobs of an API process go to Celery workers."""
+    from .jobs.celery import CeleryJobRunner, JobStates, celery_init_app, redis_client
+
+    states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
+    CeleryJobRunner(
+        settings,
+        celery_init_app(app),
+        states,
+        default_model=speech_service.model_name,
+        check_upload=speech_service.check_upload,
+    ).init_app(app)
+
+
+def _init_worker(
+    app: Flask,
+    settings: Settings,
+    runner: LocalJobRunner,
+    loader: ModelLoader,
+    speech_service: SpeechService,
+) -> None:
+    """A Celery worker's app: delivered tasks run through the local runner."""
+    from .jobs.celery import JobStates, JobWorker, celery_init_app, redis_client
+    from .tasks import local_job
+
+    celery_init_app(app)
+    states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
+    JobWorker(
+        settings,
+        states,
+        runner,
+        models=worker_models(loader, settings.worker_models),
+        loader=loader,
+        make_local_job=local_job,
+    ).init_app(app)
+
+
+def worker_models(loader: ModelLoader, wanted: list[str]) -> list[str]:
+    """The loader names of the models a worker serves (S2I_WORKER_MODELS; empty: all)."""
+    if not wanted:
+        return loader.names()
+    names = []
+    for item in wanted:
+        matches = [
+            n for n in loader.names() if item in (n, n.split(":", 1)[0], n.split(":", 1)[-1])
+        ]
+        if not matches:
+            raise ValueError(f"S2I_WORKER_MODELS names {item!r}, which is not configured")
+        names.extend(m for m in matches if m not in names)
+    return names
+
+
 def counts_against_work_limits(response: Response) -> bool:
     """Whether a response counts against the generation and transcription limits."""
     return response.status_code not in INVALID_REQUEST_STATUSES
 
 
-def _ratelimit_storage_options(settings: Settings) -> dict[str, Any]:
-    if settings.ratelimit_storage_uri.startswith("memory://"):
+def _ratelimit_storage_options(storage_uri: str) -> dict[str, Any]:
+    if storage_uri.startswith("memory://"):
         return {}
     # Without timeouts a Redis that stops answering would hang every request.
     return {"socket_connect_timeout": 1.0, "socket_timeout": 1.0}
@@ -190,6 +311,7 @@ def _preload_names(loader: ModelLoader, wanted: list[str]) -> list[str]:
 
 def _register_request_logging(app: Flask) -> None:
     stats: RequestStats = app.extensions["request_stats"]
+    metrics: Metrics = app.extensions["metrics"]
 
     @app.before_request
     def _start() -> None:
@@ -215,15 +337,26 @@ def _register_request_logging(app: Flask) -> None:
         g.logged = True
         status = getattr(g, "response_status", None)
         duration_ms = (time.perf_counter() - g.started) * 1000
-        stats.finished(request.endpoint or "unknown", status or 500)
+        endpoint = request.endpoint or "unknown"
+        stats.finished(endpoint, status or 500)
+        metrics.request_done(endpoint, request.method, status or 500, duration_ms / 1000)
+        # Percent-encoded: a path is client input and must not forge log lines.
+        path = quote(request.path, safe="/:@!$&'()*+,;=-._~")
         log.info(
             "%s %s %s %.1fms client=%s",
             request.method,
-            # Percent-encoded: a path is client input and must not forge log lines.
-            quote(request.path, safe="/:@!$&'()*+,;=-._~"),
+            path,
             status or 500,
             duration_ms,
             request.remote_addr,
+            extra={
+                "method": request.method,
+                "path": path,
+                "endpoint": endpoint,
+                "status": status or 500,
+                "duration_ms": round(duration_ms, 1),
+                "client": request.remote_addr,
+            },
         )
 
     @app.after_request

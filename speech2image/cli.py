@@ -1,4 +1,4 @@
-"""The `speech2image` command: serve, transcribe, generate, models, cleanup, db, ..."""
+"""The `speech2image` command: serve, worker, transcribe, generate, models, cleanup, db, ..."""
 
 from __future__ import annotations
 
@@ -89,6 +89,46 @@ def serve(dev: bool) -> None:
             return create_app(settings)
 
     _Server().run()
+
+
+@main.command()
+@click.option(
+    "--torch-threads",
+    type=int,
+    default=0,
+    help="Limit torch to this many CPU threads (several workers on one machine).",
+)
+def worker(torch_threads: int) -> None:
+    """Run a Celery worker that serves S2I_WORKER_MODELS (distributed mode)."""
+    settings = _settings()
+    if not settings.distributed:
+        raise click.ClickException("a worker needs S2I_BROKER_URL (the Redis of the cluster)")
+    from .app import create_app
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    try:
+        app = create_app(settings, role="worker")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    job_worker, celery = app.extensions["job_worker"], app.extensions["celery"]
+    job_worker.start_heartbeat()
+    click.echo(f"worker {job_worker.name} serves {', '.join(job_worker.models)}", err=True)
+    celery.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={','.join(job_worker.queues())}",
+            f"--hostname={job_worker.name}@%h",
+            f"--loglevel={settings.log_level}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
 
 
 @main.command()

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_max_bytes: ByteSize = Field(ByteSize(10 * 1024**2), description="Rotate app.log past this.")
     log_backup_count: int = Field(5, ge=0, le=1000)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line."
+    )
     upload_dir: Path = Field(
         Path(tempfile.gettempdir()) / "speech2image-uploads",
         description="Where uploads wait while they are decoded; emptied after each request.",
@@ -204,6 +207,33 @@ class Settings(BaseSettings):
     queue_max_per_owner: int = Field(16, ge=1, description="Jobs per client (429 beyond).")
     job_keep_seconds: float = Field(3600.0, ge=1, description="Keep finished jobs this long.")
 
+    # --- distributed mode (Celery workers; empty broker: embedded) -----------------------
+    broker_url: str = Field(
+        "",
+        description="Redis URL of the Celery broker; set it to run distributed (API + workers).",
+    )
+    queue_prefix: str = Field(
+        "s2i",
+        pattern=r"^[A-Za-z0-9_.-]{1,40}$",
+        description="Prefix of queue names and Redis keys (several deployments share a Redis).",
+    )
+    worker_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated models a worker serves (whisper, image names); empty: all.",
+    )
+    worker_concurrency: int = Field(
+        4, ge=1, le=64, description="Tasks a worker holds at once (batched together)."
+    )
+    broker_visibility_timeout: float = Field(
+        3600.0, ge=1, description="Seconds before a dead worker's unacknowledged task is redone."
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, le=100, description="Deliveries of one job before it is failed as poison."
+    )
+    job_time_limit: float = Field(
+        1800.0, ge=1, description="Seconds a distributed job may run before it is stopped."
+    )
+
     # --- identity and rate limits -------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -214,6 +244,13 @@ class Settings(BaseSettings):
         description="Comma-separated keys that may also use /status and POST /cleanup.",
     )
     ratelimit_enabled: bool = True
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins a browser may call from (or *); empty: no CORS.",
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Also serve /metrics, without auth, on this port; 0: off."
+    )
     ratelimit_storage_uri: str = Field("memory://", description="memory:// or redis://host:port")
     ratelimit_default: str = Field("300/minute", description="Limit on every endpoint.")
     ratelimit_transcribe: str = Field("30/minute", description="Limit on POST /transcribe-audio.")
@@ -222,7 +259,14 @@ class Settings(BaseSettings):
         "20/minute", description="Failed authentications per address before 429."
     )
 
-    @field_validator("preload_models", "api_keys", "admin_api_keys", mode="before")
+    @field_validator(
+        "preload_models",
+        "api_keys",
+        "admin_api_keys",
+        "worker_models",
+        "cors_origins",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -240,6 +284,21 @@ class Settings(BaseSettings):
             parse_many(value)
         except ValueError as exc:
             raise ValueError(f"not a rate limit like '10/minute': {value!r}") from exc
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"an origin looks like https://app.example.com, not {origin!r}")
+        return [origin.rstrip("/") for origin in value]
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "redis+unix://")):
+            raise ValueError("must be empty (embedded mode) or a redis:// URL")
         return value
 
     @field_validator("ratelimit_storage_uri")
@@ -269,6 +328,11 @@ class Settings(BaseSettings):
         if self.style_default not in self.style_models:
             raise ValueError(f"S2I_STYLE_DEFAULT {self.style_default!r} is not in S2I_STYLE_MODELS")
         return self
+
+    @property
+    def distributed(self) -> bool:
+        """True when jobs go to Celery workers through S2I_BROKER_URL."""
+        return bool(self.broker_url)
 
     def image_model_specs(self) -> dict[str, ImageModelSpec]:
         """The presets overlaid with S2I_IMAGE_MODELS."""

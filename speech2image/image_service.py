@@ -13,14 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .config import Settings
 from .engines.diffusers_sd import SCHEDULERS, DiffusersFactory, GenerationSpec, generate
 from .engines.diffusers_sd import prompt_token_count as count_tokens
 from .errors import InvalidRequest, ModelUnavailable
 from .model_loader import DeviceOutOfMemory, ModelLoader
-from .storage import ImageRecord, NewImage, NewTranscript, Storage
+from .schemas import MAX_SEED, image_request_model, invalid_request
+from .storage import ImageRecord, NewImage, NewTranscript, Storage, keyed_id
 from .style import StyleChoice, StyleChooser
 
 __all__ = [
@@ -38,31 +39,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
-MIN_SIDE = 64
-MAX_GUIDANCE = 30.0
-
 
 def model_key(name: str) -> str:
     """The model loader's name for image model ``name``."""
     return f"sd:{name}"
-
-
-class _RequestBody(BaseModel):
-    """The JSON body of POST /generate-image, types only; ranges are checked afterwards."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str
-    negative_prompt: str | None = None
-    model: str = "auto"
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-    num_images: int = 1
-    scheduler: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +143,8 @@ class ImageService:
         self.storage = storage
         self.chooser = chooser
         self.models = register_image_models(loader, settings)
+        #: The validating model of a generation request, with this app's ranges.
+        self.request_model: type[BaseModel] = image_request_model(settings, self.models, SCHEDULERS)
         self._lock = threading.Lock()
         self._running = 0
         self._waiting = 0
@@ -178,79 +160,29 @@ class ImageService:
 
     # --- validation ----------------------------------------------------------------------
     def validate(self, payload: Any) -> ImageRequest:
-        """Check every field before any model work; errors name the field and the range."""
+        """Check every field before any model work; errors name each field and its range."""
         if not isinstance(payload, dict):
             raise InvalidRequest("the body must be a JSON object")
         try:
-            body = _RequestBody.model_validate(payload)
+            body = self.request_model.model_validate(payload)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "body"
-            raise InvalidRequest(f"`{field}`: {first['msg']}", details={"field": field}) from None
-        s = self.settings
-        prompt = body.prompt.strip()
-        if not prompt:
-            raise _field_error("prompt", "`prompt` must not be empty")
-        for field, text in (("prompt", prompt), ("negative_prompt", body.negative_prompt or "")):
-            if len(text) > s.max_prompt_chars:
-                raise _field_error(
-                    field,
-                    f"`{field}` has {len(text)} characters; the limit is {s.max_prompt_chars}",
-                )
-        width = body.width if body.width is not None else s.default_width
-        height = body.height if body.height is not None else s.default_height
-        for field, value, limit in (
-            ("width", width, s.max_width),
-            ("height", height, s.max_height),
-        ):
-            if value % 8 or not MIN_SIDE <= value <= limit:
-                raise _field_error(
-                    field,
-                    f"`{field}` must be a multiple of 8 from {MIN_SIDE} to {limit}, got {value}",
-                )
-        steps = body.steps if body.steps is not None else s.default_steps
-        if not 1 <= steps <= s.max_steps:
-            raise _field_error("steps", f"`steps` must be from 1 to {s.max_steps}, got {steps}")
-        guidance = (
-            body.guidance_scale if body.guidance_scale is not None else s.default_guidance_scale
-        )
-        if not 0 <= guidance <= MAX_GUIDANCE:
-            raise _field_error(
-                "guidance_scale",
-                f"`guidance_scale` must be from 0 to {MAX_GUIDANCE}, got {guidance}",
-            )
-        if not 1 <= body.num_images <= s.max_num_images:
-            raise _field_error(
-                "num_images",
-                f"`num_images` must be from 1 to {s.max_num_images}, got {body.num_images}",
-            )
+            raise invalid_request(exc, self.request_model) from None
+        return self.resolve(body)
+
+    def resolve(self, body: Any) -> ImageRequest:
+        """An ImageRequest from a validated ``request_model`` instance (the seed drawn now)."""
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        if not 0 <= seed <= MAX_SEED:
-            raise _field_error("seed", f"`seed` must be from 0 to {MAX_SEED}, got {seed}")
-        scheduler = body.scheduler or s.default_scheduler
-        if scheduler not in SCHEDULERS:
-            raise _field_error(
-                "scheduler",
-                f"`scheduler` must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}",
-            )
-        model = body.model.strip() or "auto"
-        if model != "auto" and model not in self.models:
-            raise _field_error(
-                "model",
-                f"`model` must be auto or one of {', '.join(sorted(self.models))}, not {model!r}",
-            )
-        negative = (body.negative_prompt or "").strip() or None
         return ImageRequest(
-            prompt,
-            negative,
-            model,
-            width,
-            height,
-            steps,
-            guidance,
+            body.prompt,
+            body.negative_prompt or None,
+            body.model,
+            body.width,
+            body.height,
+            body.steps,
+            body.guidance_scale,
             seed,
             body.num_images,
-            scheduler,
+            body.scheduler,
         )
 
     # --- generation ----------------------------------------------------------------------
@@ -295,6 +227,9 @@ class ImageService:
                     lease.model, lease.device, first.choice.model, spec, on_step
                 )
                 inference = time.perf_counter() - started
+                self.loader.observer.denoised(
+                    model_key(first.choice.model), r.steps, len(spec.prompts), inference
+                )
         finally:
             with self._lock:
                 if waiting:
@@ -317,15 +252,21 @@ class ImageService:
         truncated: bool,
         timings: dict[str, float],
         transcript: NewTranscript | None = None,
+        job_id: str | None = None,
     ) -> GenerationResult:
-        """Encode and store one item's images (files and rows together)."""
+        """Encode and store one item's images (files and rows together).
+
+        With ``job_id``, image ids derive from it, so a job delivered twice stores once.
+        """
         request, choice = item.request, item.choice
         started = time.perf_counter()
         records = self.storage.save_images(
             owner,
             [
-                self._encode(image, seed, request, choice)
-                for image, seed in zip(images, request.seeds(), strict=True)
+                self._encode(
+                    image, seed, request, choice, keyed_id(job_id, str(i)) if job_id else None
+                )
+                for i, (image, seed) in enumerate(zip(images, request.seeds(), strict=True))
             ],
             transcript=transcript,
         )
@@ -364,7 +305,12 @@ class ImageService:
             ) from None
 
     def _encode(
-        self, image: Any, seed: int, request: ImageRequest, choice: StyleChoice
+        self,
+        image: Any,
+        seed: int,
+        request: ImageRequest,
+        choice: StyleChoice,
+        image_id: str | None = None,
     ) -> NewImage:
         """PNG bytes carrying the same parameters as the history row."""
         from PIL.PngImagePlugin import PngInfo
@@ -400,6 +346,7 @@ class ImageService:
             width=request.width,
             height=request.height,
             parameters=parameters,
+            **({"id": image_id} if image_id else {}),
         )
 
 
@@ -425,10 +372,6 @@ def required_models(settings: Settings) -> list[str]:
     """Loader names the default flow needs: Whisper and every model automatic choice uses."""
     whisper = f"whisper:{settings.whisper_model}"
     return [whisper, *sorted({model_key(m) for m in settings.style_models.values()})]
-
-
-def _field_error(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, details={"field": field})
 
 
 def get_image_service(app: Any) -> ImageService:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from .errors import ModelUnavailable
+from .observe import NULL_OBSERVER, Observer
 
 __all__ = [
     "DeviceOutOfMemory",
@@ -117,8 +118,10 @@ class ModelLoader:
         max_models: int,
         idle_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.budgets = dict(budgets)
+        self.observer = observer
         self.max_models = max_models
         self.idle_seconds = idle_seconds
         self._clock = clock
@@ -224,6 +227,7 @@ class ModelLoader:
             "loaded model %s on %s in %.2fs (%.1f MiB)", entry.name, device, seconds, nbytes / 2**20
         )
         self._record("load", entry.name, device)
+        self.observer.model_loaded(entry.name, device, seconds, nbytes)
         # The estimate may have been low: settle the budget with the measured size. The model
         # is loaded and will serve this lease; if every other model is held, say so and go on.
         try:
@@ -344,6 +348,7 @@ class ModelLoader:
             if fits and self._move(factory, entry, "cpu") is not None:
                 log.info("demoted model %s to cpu (%.1f MiB)", entry.name, entry.nbytes / 2**20)
                 self._record("demote", entry.name, "cpu")
+                self.observer.model_evicted(entry.name, "cuda", "demote")
                 return
         self._drop(entry, factory)
 
@@ -354,6 +359,7 @@ class ModelLoader:
         factory.release(model)
         log.info("unloaded model %s from %s (%.1f MiB)", entry.name, device, entry.nbytes / 2**20)
         self._record("unload", entry.name, device or "?")
+        self.observer.model_evicted(entry.name, device or "?", "unload")
         entry.nbytes = 0
 
     def _record(self, action: str, name: str, device: str) -> None:

@@ -108,6 +108,8 @@ _INTERJECTION = (
     r"(?:ok(?:ay)?|so|well|alright|all right|right|hey|hi|hello|yeah|yes|oh|now|"
     r"hey there|hi there|you know|i mean|like|basically|actually)"
 )
+_INTERJECTION_WHY = "an interjection that opens the request, not part of the picture"
+_BARE_INTERJECTION = re.compile(rf"{_INTERJECTION}(?:\s+{_INTERJECTION})*\s+", re.I)
 _POLITE = r"(?:please|kindly)"
 _ME = r"(?:\s+(?:me|us|for\s+me|for\s+us))?"
 # Generic request verbs: they say "make an image", nothing about the medium.
@@ -145,7 +147,7 @@ _LEADING: list[tuple[str, re.Pattern[str], str, bool]] = [
     (
         "filler",
         re.compile(rf"{_INTERJECTION}(?:\s+{_INTERJECTION})*\s*[,!.]+\s*", re.I),
-        "an interjection that opens the request, not part of the picture",
+        _INTERJECTION_WHY,
         False,
     ),
     (
@@ -201,6 +203,15 @@ def _strip_end(text: str) -> str:
     return re.sub(r"[\s.!?]+$", "", text)
 
 
+def _leading(text: str) -> tuple[str, re.Match[str], str, bool] | None:
+    """The first filler, interjection or framing rule that matches at the start of ``text``."""
+    for rule, pattern, why, names_medium in _LEADING:
+        match = pattern.match(text)
+        if match and match.end() > 0:
+            return rule, match, why, names_medium
+    return None
+
+
 def clean_request(text: str) -> tuple[str, list[Change]]:
     """Remove request framing ("can you draw me"), politeness and fillers; unchanged if none."""
     changes: list[Change] = []
@@ -208,21 +219,27 @@ def clean_request(text: str) -> tuple[str, list[Change]]:
     kept: list[str] = []
     for sentence in sentences:
         rest = sentence
-        progress = True
-        while progress:  # "Um, okay, so could you please draw me ..."
-            progress = False
-            for rule, pattern, why, names_medium in _LEADING:
-                match = pattern.match(rest)
-                if match and match.end() > 0:
-                    removed = match.group(0).strip()
-                    after = ""
-                    if names_medium:
-                        verb = re.search(rf"\b{_MEDIUM_VERB}\b", removed, re.I)
-                        after = _MEDIUM_VERBS[verb.group(0).lower()] if verb else ""
-                    changes.append(Change(rule, removed.rstrip(",:"), after, why))
-                    rest = (after + " " if after else "") + rest[match.end() :]
-                    progress = not after  # a medium noun now leads: stop there
+        while True:  # "Um, okay, so could you please draw me ..."
+            found = _leading(rest)
+            if found is None:
+                # "Okay so I want ...", "Hey um could you ...": an interjection without a comma
+                # goes only when framing or a filler follows it.
+                bare = _BARE_INTERJECTION.match(rest)
+                if bare is None or _leading(rest[bare.end() :]) is None:
                     break
+                changes.append(Change("filler", bare.group(0).strip(), "", _INTERJECTION_WHY))
+                rest = rest[bare.end() :]
+                continue
+            rule, match, why, names_medium = found
+            removed = match.group(0).strip()
+            after = ""
+            if names_medium:
+                verb = re.search(rf"\b{_MEDIUM_VERB}\b", removed, re.I)
+                after = _MEDIUM_VERBS[verb.group(0).lower()] if verb else ""
+            changes.append(Change(rule, removed.rstrip(",:"), after, why))
+            rest = (after + " " if after else "") + rest[match.end() :]
+            if after:  # a medium noun now leads: stop there
+                break
         for match in list(_FILLER_ANYWHERE.finditer(rest)):
             changes.append(Change("filler", match.group(0), "", "a spoken filler"))
         rest = _FILLER_ANYWHERE.sub("", rest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -30,7 +31,115 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TASKS = ("transcribe", "translate")
+# Whisper reads at most 224 prompt tokens; 1000 characters is comfortably past that.
+MAX_PROMPT_CHARS = 1000
 WHISPER_LANGUAGES_HINT = "an ISO 639-1 code such as en, de, es"
+# Whisper's language codes (faster_whisper.tokenizer._LANGUAGE_CODES), copied so that an API
+# process validates `language` without importing faster-whisper and CTranslate2.
+WHISPER_LANGUAGES = frozenset(
+    {
+        "af",
+        "am",
+        "ar",
+        "as",
+        "az",
+        "ba",
+        "be",
+        "bg",
+        "bn",
+        "bo",
+        "br",
+        "bs",
+        "ca",
+        "cs",
+        "cy",
+        "da",
+        "de",
+        "el",
+        "en",
+        "es",
+        "et",
+        "eu",
+        "fa",
+        "fi",
+        "fo",
+        "fr",
+        "gl",
+        "gu",
+        "ha",
+        "haw",
+        "he",
+        "hi",
+        "hr",
+        "ht",
+        "hu",
+        "hy",
+        "id",
+        "is",
+        "it",
+        "ja",
+        "jw",
+        "ka",
+        "kk",
+        "km",
+        "kn",
+        "ko",
+        "la",
+        "lb",
+        "ln",
+        "lo",
+        "lt",
+        "lv",
+        "mg",
+        "mi",
+        "mk",
+        "ml",
+        "mn",
+        "mr",
+        "ms",
+        "mt",
+        "my",
+        "ne",
+        "nl",
+        "nn",
+        "no",
+        "oc",
+        "pa",
+        "pl",
+        "ps",
+        "pt",
+        "ro",
+        "ru",
+        "sa",
+        "sd",
+        "si",
+        "sk",
+        "sl",
+        "sn",
+        "so",
+        "sq",
+        "sr",
+        "su",
+        "sv",
+        "sw",
+        "ta",
+        "te",
+        "tg",
+        "th",
+        "tk",
+        "tl",
+        "tr",
+        "tt",
+        "uk",
+        "ur",
+        "uz",
+        "vi",
+        "yi",
+        "yo",
+        "zh",
+        "yue",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +149,8 @@ class TranscribeOptions:
     language: str | None = None
     task: str = "transcribe"
     word_timestamps: bool = False
+    prompt: str | None = None  # Whisper's initial prompt: spellings of names and jargon
+    temperature: float | None = None  # None: the fallback ladder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +195,12 @@ class SpeechService:
         return self._active
 
     def validate_options(
-        self, language: str | None, task: str | None, words: Any
+        self,
+        language: str | None,
+        task: str | None,
+        words: Any,
+        prompt: str | None = None,
+        temperature: Any = None,
     ) -> TranscribeOptions:
         """Check the request's options before any decoding or model work."""
         task = (task or "transcribe").strip().lower()
@@ -93,12 +209,24 @@ class SpeechService:
         lang = (language or "").strip().lower() or None
         if lang is not None and (not lang.isalpha() or not 2 <= len(lang) <= 3):
             raise InvalidRequest(f"`language` must be {WHISPER_LANGUAGES_HINT}, not {language!r}")
-        if lang is not None:
-            from faster_whisper.tokenizer import _LANGUAGE_CODES
+        if lang is not None and lang not in WHISPER_LANGUAGES:
+            raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
+        return TranscribeOptions(
+            lang,
+            task,
+            _parse_bool("word_timestamps", words),
+            self._check_prompt(prompt),
+            _parse_temperature(temperature),
+        )
 
-            if lang not in _LANGUAGE_CODES:
-                raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
-        return TranscribeOptions(lang, task, _parse_bool("word_timestamps", words))
+    def _check_prompt(self, prompt: str | None) -> str | None:
+        text = (prompt or "").strip()
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"`prompt` has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}",
+                details={"field": "prompt"},
+            )
+        return text or None
 
     def store_upload(self, stream: BinaryIO) -> Path:
         """Write an upload under a server-made name (never the client's name or extension).
@@ -115,6 +243,10 @@ class SpeechService:
             discard_upload(path)
             raise
         return path
+
+    def check_upload(self, path: Path) -> None:
+        """Decode a stored upload with every limit, only to refuse hostile audio early."""
+        decode_audio(path, self.settings.max_audio_seconds)
 
     def transcribe_file(
         self,
@@ -151,6 +283,8 @@ class SpeechService:
                     word_timestamps=options.word_timestamps,
                     beam_size=self.settings.whisper_beam_size,
                     vad=self.settings.whisper_vad,
+                    initial_prompt=options.prompt,
+                    temperature=options.temperature,
                     on_segment=_follow(on_progress, audio.duration),
                 )
                 inference_done = time.perf_counter()
@@ -173,6 +307,9 @@ class SpeechService:
                         on_segment=_follow(on_english_progress, audio.duration),
                     )
             done = time.perf_counter()
+            self.loader.observer.transcribed(
+                self.model_name, audio.duration, inference_done - inference_start
+            )
             timings = {
                 "decode": decoded - started,
                 "wait": lease.wait_seconds,
@@ -257,6 +394,21 @@ def _parse_bool(field: str, value: Any) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise InvalidRequest(f"`{field}` must be true or false, not {value!r}")
+
+
+def _parse_temperature(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 <= number <= 1:  # also refuses NaN
+        raise InvalidRequest(
+            f"`temperature` must be a number from 0 to 1, not {value!r}",
+            details={"field": "temperature"},
+        )
+    return number
 
 
 def get_speech_service(app: Any) -> SpeechService:

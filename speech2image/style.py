@@ -1,8 +1,11 @@
 """Automatic style/model choice for a prompt, with the reason it chose.
 
 Each style (``artistic``, ``photographic``) has weighted cue words and phrases; the style whose
-matched cues weigh most picks its Stable Diffusion checkpoint. A model the caller names always
-wins. Pure Python and stdlib only: ``config.py`` imports this module.
+matched cues weigh most picks its Stable Diffusion checkpoint. When no cue decides (none matched,
+or the leaders tie), the subject does: a make-believe subject (a throne, a ghost, something
+giant or floating) means artwork, an everyday real-world one (boba, an F1 car, a kitchen) means
+a photograph; only then the default style. A model the caller names always wins. Pure Python
+and stdlib only: ``config.py`` imports this module.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "AUTO_MODEL",
     "DEFAULT_STYLE",
     "DEFAULT_STYLE_CUES",
     "DEFAULT_STYLE_MODELS",
+    "DEFAULT_SUBJECTS",
     "StyleChoice",
     "StyleChooser",
+    "SubjectGroup",
 ]
 
 AUTO_MODEL = "auto"
@@ -214,6 +219,289 @@ DEFAULT_STYLE_CUES: dict[str, dict[str, float]] = {
     },
 }
 
+
+@dataclasses.dataclass(frozen=True)
+class SubjectGroup:
+    """Subjects that point to a style when no style cue decides: ``label`` names them in reasons."""
+
+    style: str
+    label: str
+    words: tuple[str, ...]
+
+
+# Consulted in this order; the first group with a match decides. Make-believe comes first: a
+# camera cannot take a scene with one impossible thing in it, whatever else is there.
+DEFAULT_SUBJECTS: tuple[SubjectGroup, ...] = (
+    SubjectGroup(
+        "artistic",
+        "make-believe",
+        (
+            # impossible scale, physics and materials
+            "giant",
+            "gigantic",
+            "colossal",
+            "floating",
+            "levitating",
+            "upside down world",
+            "made of candy",
+            "made of clouds",
+            "made of crystal",
+            "made of glass",
+            "made of light",
+            "made of stars",
+            "made of flowers",
+            "sea of stars",
+            "galaxy",
+            "nebula",
+            "portal",
+            "time machine",
+            "talking",
+            "anthropomorphic",
+            # fairy-tale and myth
+            "throne",
+            "crown",
+            "kingdom",
+            "king",
+            "queen",
+            "princess",
+            "prince",
+            "creature",
+            "spirit",
+            "ghost",
+            "demon",
+            "angel",
+            "goddess",
+            "deity",
+            "vampire",
+            "zombie",
+            "werewolf",
+            "dinosaur",
+            "cyborg",
+            "potion",
+            "spell",
+            "kraken",
+            "griffin",
+            "pegasus",
+            "centaur",
+            "minotaur",
+            "yeti",
+            "golem",
+            "dwarf",
+            "hobbit",
+            "orc",
+            "pirate ship",
+            "treasure",
+            "superhero",
+            "villain",
+        ),
+    ),
+    SubjectGroup(
+        "photographic",
+        "everyday",
+        (
+            # food and drink
+            "boba",
+            "bubble tea",
+            "pho",
+            "ramen",
+            "sushi",
+            "pizza",
+            "burger",
+            "hamburger",
+            "sandwich",
+            "taco",
+            "burrito",
+            "salad",
+            "soup",
+            "noodles",
+            "dumpling",
+            "curry",
+            "pasta",
+            "spaghetti",
+            "steak",
+            "bread",
+            "croissant",
+            "bagel",
+            "donut",
+            "doughnut",
+            "cupcake",
+            "pancake",
+            "waffle",
+            "ice cream",
+            "coffee",
+            "latte",
+            "latte art",
+            "cappuccino",
+            "espresso",
+            "tea",
+            "matcha",
+            "smoothie",
+            "cocktail",
+            "beer",
+            "wine",
+            "breakfast",
+            "lunch",
+            "dinner",
+            "meal",
+            "plate of",
+            "bowl of",
+            "cup of",
+            "mug",
+            "avocado",
+            "vegetable",
+            "cheese",
+            # vehicles and transport
+            "car",
+            "race car",
+            "sports car",
+            "f1",
+            "formula 1",
+            "formula one",
+            "truck",
+            "bus",
+            "train",
+            "tram",
+            "subway",
+            "taxi",
+            "bicycle",
+            "bike",
+            "motorcycle",
+            "scooter",
+            "airplane",
+            "plane",
+            "jet",
+            "helicopter",
+            "ferry",
+            "yacht",
+            "sailboat",
+            "tractor",
+            "van",
+            "traffic",
+            "parking lot",
+            "highway",
+            "airport",
+            "train station",
+            # everyday places and rooms
+            "kitchen",
+            "living room",
+            "bedroom",
+            "bathroom",
+            "office",
+            "cafe",
+            "coffee shop",
+            "restaurant",
+            "bakery",
+            "supermarket",
+            "grocery store",
+            "market",
+            "mall",
+            "street",
+            "sidewalk",
+            "stadium",
+            "gym",
+            "classroom",
+            "hospital",
+            "playground",
+            "backyard",
+            "farm",
+            "beach",
+            "harbor",
+            "harbour",
+            "skyline",
+            "downtown",
+            "suburb",
+            "apartment",
+            "house",
+            "skyscraper",
+            "couch",
+            "sofa",
+            "desk",
+            "bed",
+            "window",
+            "balcony",
+            "rooftop",
+            # people at work and play
+            "man",
+            "men",
+            "woman",
+            "women",
+            "people",
+            "boy",
+            "girl",
+            "child",
+            "children",
+            "kids",
+            "baby",
+            "family",
+            "couple",
+            "friends",
+            "crowd",
+            "chef",
+            "barista",
+            "doctor",
+            "nurse",
+            "teacher",
+            "student",
+            "farmer",
+            "fisherman",
+            "athlete",
+            "runner",
+            "cyclist",
+            "skateboarder",
+            "surfer",
+            "businessman",
+            "grandmother",
+            "grandfather",
+            "tourist",
+            "wedding",
+            "birthday party",
+            "marathon",
+            "concert",
+            "soccer",
+            "football",
+            "basketball",
+            "baseball",
+            "tennis",
+            "golf",
+            "rush hour",
+            "finish line",
+            # pets, farm animals and things at hand
+            "dog",
+            "puppy",
+            "cat",
+            "kitten",
+            "golden retriever",
+            "horse",
+            "cow",
+            "sheep",
+            "chicken",
+            "duck",
+            "goat",
+            "pigeon",
+            "squirrel",
+            "rabbit",
+            "hamster",
+            "smartphone",
+            "phone",
+            "laptop",
+            "computer",
+            "keyboard",
+            "headphones",
+            "sneakers",
+            "shoes",
+            "backpack",
+            "handbag",
+            "bottle",
+            "guitar",
+            "newspaper",
+            "umbrella",
+            "bouquet",
+            "houseplant",
+            "groceries",
+        ),
+    ),
+)
+
 _APOSTROPHES = re.compile(r"['\u2018\u2019`]")
 _SEPARATORS = re.compile(r"[\s\-\u2010-\u2015_]+")
 _CONSONANT_Y = re.compile(r"[^aeiou\d]y$")
@@ -266,6 +554,7 @@ class StyleChoice:
     scores: dict[str, float]
     matched: dict[str, list[tuple[str, float]]]
     reason: str
+    subjects: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict; matched cues become lists of ``{"cue", "weight"}``."""
@@ -278,6 +567,7 @@ class StyleChoice:
                 style: [{"cue": cue, "weight": weight} for cue, weight in cues]
                 for style, cues in self.matched.items()
             },
+            "subjects": {label: list(words) for label, words in self.subjects.items()},
             "reason": self.reason,
         }
 
@@ -299,6 +589,7 @@ class StyleChooser:
         cues: dict[str, dict[str, float]] | None = None,
         style_models: dict[str, str] | None = None,
         default_style: str = DEFAULT_STYLE,
+        subjects: Sequence[SubjectGroup] | None = None,
     ) -> None:
         cues = DEFAULT_STYLE_CUES if cues is None else cues
         style_models = DEFAULT_STYLE_MODELS if style_models is None else style_models
@@ -321,6 +612,48 @@ class StyleChooser:
         # Longest phrases claim their words first: "oil painting" is not also "painting".
         compiled.sort(key=lambda c: (-c.key.count(" "), -len(c.key), order[c.style], c.key))
         self._compiled = compiled
+        self._subjects = self._compile_subjects(subjects, {c.key for c in compiled})
+        # One list of everything that claims words: (key, pattern, cue or None, subject label).
+        matchers: list[tuple[str, re.Pattern[str], _Cue | None, str]] = [
+            (c.key, c.pattern, c, "") for c in compiled
+        ]
+        matchers += [
+            (key, pattern, None, group.label)
+            for group, words in self._subjects
+            for key, pattern in words
+        ]
+        matchers.sort(key=lambda m: (-m[0].count(" "), -len(m[0])))  # stable: cues first
+        self._matchers = matchers
+
+    def _compile_subjects(
+        self, subjects: Sequence[SubjectGroup] | None, cue_keys: set[str]
+    ) -> list[tuple[SubjectGroup, list[tuple[str, re.Pattern[str]]]]]:
+        """Subject groups with their word patterns, longest first; a style cue is not a subject."""
+        if subjects is None:  # the defaults serve the styles that have a model
+            subjects = [g for g in DEFAULT_SUBJECTS if g.style in self._style_models]
+        compiled = []
+        seen: dict[str, str] = {}
+        for group in subjects:
+            if not isinstance(group, SubjectGroup) or group.style not in self._style_models:
+                raise ValueError(
+                    f"subject group {group!r} must be a SubjectGroup of a style with a model"
+                )
+            words = []
+            for word in group.words:
+                key = _normalize(word) if isinstance(word, str) else ""
+                if not re.search(r"\w", key):
+                    raise ValueError(
+                        f"subject {word!r} of {group.label!r} has no letters or digits"
+                    )
+                if key in seen:
+                    raise ValueError(
+                        f"subject {key!r} is listed under both {seen[key]!r} and {group.label!r}"
+                    )
+                seen[key] = group.label
+                if key not in cue_keys:  # a style cue claims the word
+                    words.append((key, _cue_pattern(key)))
+            compiled.append((group, words))
+        return compiled
 
     @staticmethod
     def _validate_models(style_models: object) -> dict[str, str]:
@@ -402,58 +735,96 @@ class StyleChooser:
             raise TypeError(
                 f"requested_model must be a string or None, got {type(requested_model).__name__}"
             )
-        scores, matched = self._score(prompt)
+        scores, matched, subjects = self._score(prompt)
         requested = (requested_model or "").strip()
         if requested and requested.casefold() != AUTO_MODEL:
             reason = f"the caller chose the model {requested!r}; automatic style choice skipped"
-            return StyleChoice(requested, None, True, scores, matched, reason)
-        style, reason = self._decide(scores, matched)
-        return StyleChoice(self._style_models[style], style, False, scores, matched, reason)
+            return StyleChoice(requested, None, True, scores, matched, reason, subjects)
+        style, reason = self._decide(scores, matched, subjects)
+        return StyleChoice(
+            self._style_models[style], style, False, scores, matched, reason, subjects
+        )
 
-    def _score(self, prompt: str) -> tuple[dict[str, float], dict[str, list[tuple[str, float]]]]:
-        """Total weight per style and the matched cues, in the order they appear in the prompt."""
+    def _score(
+        self, prompt: str
+    ) -> tuple[dict[str, float], dict[str, list[tuple[str, float]]], dict[str, list[str]]]:
+        """Weight per style, matched cues and subject words, each in the order they appear.
+
+        Cues and subjects claim words together, longest phrase first: "latte art" is a drink,
+        not the word "art", and "street photography" is a medium, not a street.
+        """
         text = _normalize(prompt)
         claimed: list[tuple[int, int]] = []
         hits: dict[str, list[tuple[int, str, float]]] = {style: [] for style in self._styles}
-        for cue in self._compiled:
+        found: dict[str, list[tuple[int, str]]] = {group.label: [] for group, _ in self._subjects}
+        for key, pattern, cue, label in self._matchers:
             spans = [
                 m.span()
-                for m in cue.pattern.finditer(text)
+                for m in pattern.finditer(text)
                 if not any(m.start() < end and start < m.end() for start, end in claimed)
             ]
-            if spans:  # each cue counts once, however often it is said
-                claimed.extend(spans)
+            if not spans:
+                continue
+            claimed.extend(spans)  # each cue or subject counts once, however often it is said
+            if cue is not None:
                 hits[cue.style].append((spans[0][0], cue.text, cue.weight))
+            else:
+                found[label].append((spans[0][0], key))
         matched = {
-            style: [(text, weight) for _, text, weight in sorted(found)]
-            for style, found in hits.items()
+            style: [(cue_text, weight) for _, cue_text, weight in sorted(cues)]
+            for style, cues in hits.items()
         }
         scores = {
             style: round(math.fsum(weight for _, weight in cues), 6)
             for style, cues in matched.items()
         }
-        return scores, matched
+        subjects = {label: [key for _, key in sorted(words)] for label, words in found.items()}
+        return scores, matched, subjects
 
     def _decide(
-        self, scores: dict[str, float], matched: dict[str, list[tuple[str, float]]]
+        self,
+        scores: dict[str, float],
+        matched: dict[str, list[tuple[str, float]]],
+        subjects: dict[str, list[str]],
     ) -> tuple[str, str]:
         """The winning style and the sentence that explains it."""
         default = self._default_style
         top = max(scores.values())
-        if top == 0:
-            return default, f"no style cues matched; using the default style, {default}"
         leaders = [style for style in self._styles if scores[style] == top]
-        if len(leaders) > 1:
+        if top == 0:
+            undecided = "no style cues matched"
+        elif len(leaders) > 1:
             evidence = "; ".join(f"{style} {_cue_list(matched[style])}" for style in leaders)
             tied = " vs ".join(_number(top) for _ in leaders)
-            return default, (
-                f"{' and '.join(leaders)} cues tied ({tied}): {evidence}; "
-                f"using the default style, {default}"
-            )
-        winner = leaders[0]
+            undecided = f"{' and '.join(leaders)} cues tied ({tied}): {evidence}"
+        else:
+            return leaders[0], self._cue_reason(leaders[0], scores, matched)
+        for group, _ in self._subjects:  # in priority order: make-believe before everyday
+            words = subjects[group.label]
+            if group.style in leaders and words:
+                plural = "s" if len(words) > 1 else ""
+                reason = (
+                    f"{undecided}; {group.label} subject{plural} "
+                    f"{', '.join(map(repr, words))} -> {group.style}"
+                )
+                others = [
+                    f"{other.label} {', '.join(map(repr, subjects[other.label]))}"
+                    for other, _ in self._subjects
+                    if other is not group and subjects[other.label]
+                ]
+                if others:
+                    reason += f" (over {'; '.join(others)})"
+                return group.style, reason
+        return default, f"{undecided}; using the default style, {default}"
+
+    def _cue_reason(
+        self, winner: str, scores: dict[str, float], matched: dict[str, list[tuple[str, float]]]
+    ) -> str:
+        """Why the one leading style won on its cues."""
+        top = scores[winner]
         rivals = [s for s in self._styles if s != winner and self._cues.get(s)]
         if not rivals:
-            return winner, f"{winner} cues matched ({_number(top)}): {_cue_list(matched[winner])}"
+            return f"{winner} cues matched ({_number(top)}): {_cue_list(matched[winner])}"
         reason = (
             f"{winner} cues outweighed {' and '.join(rivals)} "
             f"({_number(top)} vs {', '.join(_number(scores[s]) for s in rivals)}): "
@@ -462,4 +833,4 @@ class StyleChooser:
         for rival in rivals:
             if matched[rival]:
                 reason += f"; {rival} had {_cue_list(matched[rival])}"
-        return winner, reason
+        return reason

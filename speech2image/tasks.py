@@ -16,7 +16,7 @@ from typing import Any
 
 from .engines.diffusers_sd import GenerationCancelled
 from .errors import InvalidAudio
-from .image_service import ImageService, PreparedImage
+from .image_service import ImageRequest, ImageService, PreparedImage, model_key
 from .jobs import Job, JobCancelled
 from .jobs.local import LocalJobRunner
 from .prompting import UnderstandSteps, understand_speech
@@ -26,9 +26,17 @@ from .speech_service import (
     TranscriptionResult,
     discard_upload,
 )
-from .storage import NewTranscript
+from .storage import NewTranscript, keyed_id
+from .style import StyleChoice
 
-__all__ = ["SpeechToImageWork", "TranscribeWork", "register_tasks"]
+__all__ = [
+    "SpeechToImageWork",
+    "TranscribeWork",
+    "job_payload",
+    "job_work",
+    "local_job",
+    "register_tasks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,58 @@ def register_tasks(runner: LocalJobRunner, speech: SpeechService, images: ImageS
     runner.register("transcribe", partial(run_transcribe, speech))
     runner.register("generate", partial(run_generate, images))
     runner.register("speech_to_image", partial(run_speech_to_image, speech, images))
+
+
+def job_payload(job: Job) -> tuple[dict[str, Any], Path | None]:
+    """A job's work as JSON for a distributed worker, and the upload it carries (if any)."""
+    work = job.work
+    if job.kind == "generate":
+        return {
+            "request": dataclasses.asdict(work.request),
+            "choice": dataclasses.asdict(work.choice),
+        }, None
+    payload: dict[str, Any] = {"options": dataclasses.asdict(work.options)}
+    if job.kind == "speech_to_image":
+        payload["image_fields"] = work.image_fields
+        payload["understand"] = dataclasses.asdict(work.understand)
+    return payload, work.path
+
+
+def job_work(kind: str, payload: dict[str, Any], upload: Path | None) -> Any:
+    """Rebuild a job's work from :func:`job_payload` (on the worker)."""
+    if kind == "generate":
+        choice = dict(payload["choice"])
+        choice["matched"] = {
+            style: [tuple(cue) for cue in cues] for style, cues in choice["matched"].items()
+        }
+        return PreparedImage(ImageRequest(**payload["request"]), StyleChoice(**choice))
+    assert upload is not None, f"a {kind} job needs its upload"
+    options = TranscribeOptions(**payload["options"])
+    if kind == "transcribe":
+        return TranscribeWork(upload, options)
+    steps = UnderstandSteps(**payload.get("understand", {}))
+    return SpeechToImageWork(upload, options, payload["image_fields"], steps)
+
+
+def local_job(
+    job_id: str, kind: str, owner: str, payload: dict[str, Any], upload: Path | None
+) -> Job:
+    """The in-process job a worker runs for a delivered task (same id as the API's job)."""
+    work = job_work(kind, payload, upload)
+    if kind == "generate":
+        return Job(
+            kind=kind,
+            owner=owner,
+            work=work,
+            model=model_key(work.choice.model),
+            batch_key=work.batch_key(),
+            images=work.request.num_images,
+            steps=work.request.steps,
+            id=job_id,
+        )
+    job = Job(kind=kind, owner=owner, work=work, id=job_id)
+    job.cleanup = partial(discard_upload, work.path)  # also when cancelled before it ran
+    return job
 
 
 def _progress_all(jobs: list[Job], stage: str, done: int, total: int) -> None:
@@ -125,7 +185,9 @@ def run_generate(images: ImageService, jobs: list[Job]) -> None:
             continue
         try:
             timings = {**output.timings, "queue": _queued(job)}
-            result = images.store(job.owner, item, pictures, truncated=truncated, timings=timings)
+            result = images.store(
+                job.owner, item, pictures, truncated=truncated, timings=timings, job_id=job.id
+            )
         except Exception as exc:
             if not hasattr(exc, "error"):
                 log.exception("storing images of job %s failed", job.id)
@@ -182,7 +244,9 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
         job.mark_cancelled()
         return
     # The row keeps what was said, in the language it was said in.
-    record = NewTranscript(transcript.text, transcript.language, transcript.duration)
+    record = NewTranscript(
+        transcript.text, transcript.language, transcript.duration, id=keyed_id(job.id, "transcript")
+    )
     clipped = prompt != spoken.prompt or negative != spoken.negative_prompt
     result = images.store(
         job.owner,
@@ -196,6 +260,7 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
             **{k: v for k, v in heard.timings.items() if k == "translation"},
         },
         transcript=record,
+        job_id=job.id,
     )
     result.timings["total"] = _elapsed(job)
     job.succeed(

@@ -144,6 +144,7 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root / "spoken-request.wav",
             "Um, can you draw me a lighthouse on a cliff, but without any people?",
         ),
+        "politeness": _espeak(root / "politeness.wav", "Please. Thank you very much."),
         "spanish_as_english": _espeak(
             root / "spanish.wav", "el perro come una manzana roja bajo el sol de la tarde", "en"
         ),

@@ -274,7 +274,7 @@ def test_speech_to_image_validates_before_decoding(make_app, speech) -> None:
             content_type="multipart/form-data",
         )
     assert response.status_code == 400
-    assert "`width`" in response.json["error"]["message"]
+    assert "`options.width`" in response.json["error"]["message"]
     assert list(Path(app.config["S2I_SETTINGS"].upload_dir).glob("*")) == []
 
 

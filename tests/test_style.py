@@ -11,8 +11,10 @@ from speech2image.style import (
     DEFAULT_STYLE,
     DEFAULT_STYLE_CUES,
     DEFAULT_STYLE_MODELS,
+    DEFAULT_SUBJECTS,
     StyleChoice,
     StyleChooser,
+    SubjectGroup,
 )
 
 # Prompts as someone would say them to the app (and as Whisper would write them down), labelled
@@ -48,6 +50,15 @@ ARTISTIC_PROMPTS = [
     "A giant turtle carrying a whole village on its back.",
     "A floating island with waterfalls pouring into the sky.",
     "A fox wearing a tiny crown sitting on a throne of leaves.",
+    # make-believe scenes with no style word, added with the everyday subjects below
+    "A cat astronaut floating through a galaxy of yarn.",
+    "A kingdom of mushrooms ruled by a frog king.",
+    "A whale swimming through the clouds above a city.",
+    "A teapot house with a chimney where mice live.",
+    "A giant octopus attacking a pirate ship.",
+    "A ghost ship sailing on a sea of stars.",
+    "A tiny dragon sleeping in a teacup.",
+    "An owl wearing glasses reading a book by candlelight.",
 ]
 PHOTOGRAPHIC_PROMPTS = [
     "A photo of my grandmother's kitchen in the morning light.",
@@ -79,11 +90,31 @@ PHOTOGRAPHIC_PROMPTS = [
     "My dog sleeping on the couch.",
     "A busy market in Marrakech full of spices and lanterns.",
     "A cup of coffee on a cafe table by the window with a blurry background.",
+    # everyday subjects, no style word: a person expects a photo (issue 10)
+    "A cup of boba with tapioca pearls.",
+    "An F1 race car taking a corner.",
+    "A bowl of pho with fresh basil and lime.",
+    "A barista pouring latte art in a small cafe.",
+    "A yellow taxi stuck in traffic in Manhattan.",
+    "Two kids building a sandcastle on the beach.",
+    "A plate of sushi on a wooden counter.",
+    "A laptop and a coffee mug on an office desk.",
+    "A farmer driving a tractor through a wheat field.",
+    "A marathon runner crossing the finish line.",
+    "A cozy bedroom with a big window and plants.",
+    "Fresh croissants in a bakery window.",
+    "A golden retriever puppy playing with a tennis ball.",
+    "A wedding couple dancing at the reception.",
+    "A freight train crossing a bridge over a river.",
+    "A crowded subway platform at rush hour.",
 ]
 LABELLED = [(p, "artistic") for p in ARTISTIC_PROMPTS] + [
     (p, "photographic") for p in PHOTOGRAPHIC_PROMPTS
 ]
-MIN_ACCURACY = 0.85
+# Before everyday subjects: 52/56 (0.929), every miss an everyday scene with no style word.
+# With them, on the set grown to 80 (the 24 new prompts written before the lexicon was tuned):
+# 78/80 on the first run, 79/80 once "latte art" stopped reading as the medium "art".
+MIN_ACCURACY = 0.93
 
 
 def _evaluation_report(chooser: StyleChooser) -> tuple[float, str]:
@@ -93,8 +124,8 @@ def _evaluation_report(chooser: StyleChooser) -> tuple[float, str]:
         choice = chooser.choose(prompt)
         if choice.style != label:
             misses.append(f"  MISS [{label} -> {choice.style}] {prompt!r}: {choice.reason}")
-        elif not any(choice.matched.values()):
-            by_default.append(f"  right by default [{label}] {prompt!r}")
+        elif "default style" in choice.reason:
+            by_default.append(f"  right by default [{label}] {prompt!r}: {choice.reason}")
     accuracy = 1 - len(misses) / len(LABELLED)
     lines = [
         f"style choice accuracy: {accuracy:.3f} "
@@ -198,7 +229,9 @@ def test_reason_names_cues_and_weights() -> None:
 
 
 def test_tie_and_no_match_fall_back_to_default_with_reason() -> None:
-    chooser = StyleChooser({"artistic": {"painting": 1.0}, "photographic": {"photo": 1.0}})
+    chooser = StyleChooser(
+        {"artistic": {"painting": 1.0}, "photographic": {"photo": 1.0}}, subjects=()
+    )
     tie = chooser.choose("a photo of a painting")
     assert (tie.style, tie.model) == ("artistic", "dreamshaper")
     assert "tie" in tie.reason and "default" in tie.reason
@@ -211,6 +244,71 @@ def test_tie_and_no_match_fall_back_to_default_with_reason() -> None:
         default_style="photographic",
     ).choose("a cat on a mat")
     assert (other.style, other.model) == ("photographic", "realistic-vision")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subjects"),
+    [
+        ("a cup of boba", "subjects 'cup of', 'boba'"),
+        ("an F1 race car", "subjects 'f1', 'race car'"),
+        ("a bowl of pho", "subjects 'bowl of', 'pho'"),
+        ("Boba.", "subject 'boba'"),
+    ],
+)
+def test_everyday_subjects_choose_photographic_and_say_so(prompt: str, subjects: str) -> None:
+    choice = StyleChooser().choose(prompt)
+    assert (choice.style, choice.model) == ("photographic", "realistic-vision")
+    assert choice.reason == f"no style cues matched; everyday {subjects} -> photographic"
+    assert choice.subjects["everyday"] and choice.subjects["make-believe"] == []
+
+
+def test_make_believe_outweighs_everyday_and_cues_outweigh_subjects() -> None:
+    chooser = StyleChooser()
+    throne = chooser.choose("a dog sitting on a throne")
+    assert throne.style == "artistic"
+    assert throne.reason == (
+        "no style cues matched; make-believe subject 'throne' -> artistic (over everyday 'dog')"
+    )
+    painted = chooser.choose("an oil painting of a bowl of pho")
+    assert painted.style == "artistic" and "'oil painting' 2.0" in painted.reason
+    assert painted.subjects["everyday"] == ["bowl of", "pho"]  # seen, but the cue decides
+    latte = chooser.choose("latte art in a cafe")  # the longer phrase claims "art"
+    assert latte.style == "photographic"
+    assert latte.matched["artistic"] == [] and latte.subjects["everyday"] == ["latte art", "cafe"]
+    street = chooser.choose("street photography")  # and the cue claims "street"
+    assert street.subjects["everyday"] == [] and street.matched["photographic"]
+
+
+def test_subjects_break_a_tie_among_the_tied_styles_only() -> None:
+    cues = {"artistic": {"painting": 1.0}, "photographic": {"photo": 1.0}}
+    choice = StyleChooser(cues).choose("a photo of a painting of a dog")
+    assert choice.style == "photographic"
+    assert "tied" in choice.reason and "everyday subject 'dog' -> photographic" in choice.reason
+    plain = StyleChooser(cues, subjects=()).choose("a photo of a painting of a dog")
+    assert plain.style == "artistic" and "default" in plain.reason
+
+
+def test_custom_subjects_and_their_validation() -> None:
+    groups = (SubjectGroup("photographic", "kitchen things", ("kettle", "toaster")),)
+    choice = StyleChooser(subjects=groups).choose("a toaster and a kettle")
+    assert choice.reason == (
+        "no style cues matched; kitchen things subjects 'toaster', 'kettle' -> photographic"
+    )
+    # a word that is also a style cue stays a cue
+    cue_word = StyleChooser(subjects=(SubjectGroup("photographic", "x", ("dragon",)),))
+    assert cue_word.choose("a dragon").style == "artistic"
+    with pytest.raises(ValueError, match="style with a model"):
+        StyleChooser(subjects=(SubjectGroup("noir", "x", ("cat",)),))
+    with pytest.raises(ValueError, match="listed under both"):
+        StyleChooser(
+            subjects=(
+                SubjectGroup("photographic", "a", ("cat",)),
+                SubjectGroup("artistic", "b", ("Cat",)),
+            )
+        )
+    with pytest.raises(ValueError, match="no letters"):
+        StyleChooser(subjects=(SubjectGroup("artistic", "b", ("  ",)),))
+    assert {g.style for g in DEFAULT_SUBJECTS} == set(DEFAULT_STYLE_MODELS)
 
 
 def test_as_dict_is_json_ready() -> None:

@@ -46,12 +46,23 @@ def _matches(given: bytes, keys: list[str]) -> bool:
     return any(hmac.compare_digest(given, key.encode()) for key in keys)
 
 
+def _is_public(endpoint: str | None) -> bool:
+    # Declared with @endpoint(public=True) (health, the spec, the web page that asks for a
+    # key), or the docs UI's files.
+    if endpoint in ("static", "docs.show"):
+        return True
+    view = current_app.view_functions.get(endpoint or "")
+    return bool(getattr(getattr(view, "__openapi__", None), "public", False))
+
+
 def _identify() -> None:
     settings = current_app.config["S2I_SETTINGS"]
     keys: list[str] = settings.api_keys + settings.admin_api_keys
     g.owner = LOCAL_OWNER
     g.is_admin = not keys  # auth off: the one local identity may do everything
-    if not keys or request.endpoint in ("system.health", "static"):
+    if not keys or _is_public(request.endpoint):
+        return
+    if request.method == "OPTIONS":  # a CORS preflight never carries credentials
         return
     _refuse_if_guessing(settings.ratelimit_auth_failures)
     presented = _presented_key()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
-from flask import Blueprint, current_app, jsonify, request, send_file, url_for
+from flask import Blueprint, current_app, jsonify, send_file, url_for
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..errors import InvalidRequest, ResourceNotFound
+from ..errors import ResourceNotFound
 from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
-from ..storage import ImageRecord, get_storage
+from ..schemas import UtcDateTime, safe_text
+from ..storage import ImageRecord, TranscriptRecord, get_storage
+from ..storage.base import aware
 from .identity import client_owner
 from .jobs import respond
+from .openapi import Content, endpoint
+from .responses import Generation, ImagePage, JobAccepted, TranscriptRow
 
 __all__ = ["bp"]
 
@@ -23,24 +27,48 @@ MAX_PAGE_SIZE = 100
 ONE_YEAR = 365 * 24 * 3600
 
 
-def image_json(record: ImageRecord) -> dict[str, Any]:
-    """A history row as the API shows it, with the URL of its file."""
+def image_json(record: ImageRecord, transcript: TranscriptRecord | None = None) -> dict[str, Any]:
+    """A history row as the API shows it, with the URL of its file and its transcript."""
     return record.as_dict() | {
-        "url": url_for("images.get_image", filename=record.filename, _external=False)
+        "url": url_for("images.get_image", filename=record.filename, _external=False),
+        "transcript": (
+            {"id": transcript.id, "text": transcript.text, "language": transcript.language}
+            if transcript is not None
+            else None
+        ),
     }
 
 
+def _generate_model(app: Any) -> type[BaseModel]:
+    return get_image_service(app).request_model
+
+
+def _list_query(app: Any) -> type[BaseModel]:
+    return create_model(
+        "ImageListQuery",
+        __config__=ConfigDict(extra="ignore"),
+        page=(Annotated[int, Field(ge=1, le=1_000_000)], Field(1, description="Page number.")),
+        per_page=(
+            Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)],
+            Field(20, description="Images per page."),
+        ),
+        model=(safe_text(200) | None, Field(None, description="Only this image model.")),
+        since=(UtcDateTime | None, Field(None, description="Made at or after (ISO 8601).")),
+        until=(UtcDateTime | None, Field(None, description="Made before (ISO 8601).")),
+    )
+
+
 @bp.post("/generate-image")
-def generate_image() -> ResponseReturnValue:
+@endpoint(
+    body=_generate_model,
+    responses={200: Generation, 202: JobAccepted},
+    errors=(409, 503),
+    tags=("images",),
+)
+def generate_image(body: Any) -> ResponseReturnValue:
     """Generate images from a prompt: wait for them, or get a job with `"async": true`."""
-    payload = request.get_json(silent=True)
-    if not isinstance(payload, dict):
-        raise InvalidRequest(
-            "send a JSON object with at least `prompt` (Content-Type: application/json)"
-        )
-    fields = {k: v for k, v in payload.items() if k != "async"}
     service = get_image_service(current_app)
-    item = service.prepare(service.validate(fields))
+    item = service.prepare(service.resolve(body))
     job = Job(
         kind="generate",
         owner=client_owner(),
@@ -53,46 +81,25 @@ def generate_image() -> ResponseReturnValue:
     return respond(get_job_runner(current_app).submit(job))
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"`{name}` must be a whole number, not {raw!r}") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"`{name}` must be from {low} to {high}, got {value}")
-    return value
-
-
-def _date_arg(name: str) -> dt.datetime | None:
-    raw = request.args.get(name)
-    if not raw:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidRequest(f"`{name}` must be an ISO 8601 date or time, not {raw!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
-
-
 @bp.get("/images")
-def list_images() -> ResponseReturnValue:
+@endpoint(query=_list_query, responses={200: ImagePage}, tags=("images",))
+def list_images(query: Any) -> ResponseReturnValue:
     """The caller's images, newest first; `page`, `per_page`, `model`, `since`, `until`."""
-    page = _int_arg("page", 1, 1, 1_000_000)
-    per_page = _int_arg("per_page", 20, 1, MAX_PAGE_SIZE)
+    per_page = query.per_page
     records, total = get_storage(current_app).list_images(
         client_owner(),
         limit=per_page,
-        offset=(page - 1) * per_page,
-        model=request.args.get("model") or None,
-        since=_date_arg("since"),
-        until=_date_arg("until"),
+        offset=(query.page - 1) * per_page,
+        model=query.model or None,
+        since=query.since,
+        until=query.until,
+    )
+    transcripts = get_storage(current_app).transcripts(
+        client_owner(), [r.transcript_id for r in records if r.transcript_id]
     )
     return jsonify(
-        images=[image_json(r) for r in records],
-        page=page,
+        images=[image_json(r, transcripts.get(r.transcript_id or "")) for r in records],
+        page=query.page,
         per_page=per_page,
         total=total,
         pages=(total + per_page - 1) // per_page,
@@ -100,6 +107,19 @@ def list_images() -> ResponseReturnValue:
 
 
 @bp.get("/images/<path:filename>")
+@endpoint(
+    responses={
+        200: Content(
+            {"image/png": {"type": "string", "format": "binary"}},
+            "The PNG (with its parameters in a `parameters` text chunk)",
+            {"ETag": "SHA-256 of the file", "Cache-Control": "Immutable; private behind auth"},
+        ),
+        304: None,
+    },
+    errors=(404,),
+    tags=("images",),
+    path={"filename": "The image's file name, as listed"},
+)
 def get_image(filename: str) -> ResponseReturnValue:
     """Serve one PNG, only if the history records it for the caller."""
     storage = get_storage(current_app)
@@ -114,3 +134,41 @@ def get_image(filename: str) -> ResponseReturnValue:
     scope = "private" if current_app.config["S2I_SETTINGS"].api_keys else "public"
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response
+
+
+@bp.delete("/images/<path:filename>")
+@endpoint(
+    responses={204: None},
+    errors=(404,),
+    tags=("images",),
+    path={"filename": "The image's file name (or id), as listed"},
+)
+def delete_image(filename: str) -> ResponseReturnValue:
+    """Delete one of the caller's images: its history row and its file together."""
+    name = filename if filename.endswith(".png") else f"{filename}.png"
+    if not get_storage(current_app).delete_image(client_owner(), name):
+        raise ResourceNotFound("no such image")
+    return "", 204
+
+
+@bp.get("/transcripts/<transcript_id>")
+@endpoint(
+    responses={200: TranscriptRow},
+    errors=(404,),
+    tags=("images",),
+    path={"transcript_id": "The transcript's id (`transcript.id` of /speech-to-image)"},
+)
+def get_transcript(transcript_id: str) -> ResponseReturnValue:
+    """A transcript the caller's images were made from, with those images."""
+    found = get_storage(current_app).get_transcript(client_owner(), transcript_id)
+    if found is None:
+        raise ResourceNotFound("no such transcript")
+    transcript, records = found
+    return jsonify(
+        id=transcript.id,
+        text=transcript.text,
+        language=transcript.language,
+        duration=transcript.duration,
+        created_at=aware(transcript.created_at).isoformat(),
+        images=[image_json(r, transcript) for r in records],
+    )

@@ -7,20 +7,25 @@ import select
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
 from ..errors import ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
 from .identity import client_owner
+from .openapi import Content, endpoint
+from .responses import JobPage, JobView
 
 __all__ = ["StreamSlots", "bp", "respond", "wants_async"]
 
 bp = Blueprint("jobs", __name__)
 
+JOB_ID = {"job_id": "The job's id, as the 202 answer gave it"}
+MAX_JOBS_PAGE = 100
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
@@ -132,13 +137,58 @@ def _owned(job_id: str) -> Job:
     return job
 
 
+def _jobs_query(app: Any) -> type[BaseModel]:
+    return create_model(
+        "JobListQuery",
+        __config__=ConfigDict(extra="forbid"),
+        state=(
+            JobState | None,
+            Field(None, description="Only jobs in this state."),
+        ),
+        page=(Annotated[int, Field(ge=1, le=1_000_000)], Field(1, description="Page number.")),
+        per_page=(
+            Annotated[int, Field(ge=1, le=MAX_JOBS_PAGE)],
+            Field(20, description="Jobs per page."),
+        ),
+    )
+
+
+@bp.get("/jobs")
+@endpoint(query=_jobs_query, responses={200: JobPage}, tags=("jobs",))
+def list_jobs(query: Any) -> ResponseReturnValue:
+    """The caller's jobs, newest first; `state` filters (queued, running, succeeded ...)."""
+    jobs, total = get_job_runner(current_app).list_jobs(
+        client_owner(),
+        states=(query.state,) if query.state else (),
+        limit=query.per_page,
+        offset=(query.page - 1) * query.per_page,
+    )
+    return jsonify(
+        jobs=[job.snapshot() | {"url": _job_url(job)} for job in jobs],
+        page=query.page,
+        per_page=query.per_page,
+        total=total,
+        pages=(total + query.per_page - 1) // query.per_page,
+    )
+
+
 @bp.get("/jobs/<job_id>")
+@endpoint(responses={200: JobView}, errors=(404,), tags=("jobs",), path=JOB_ID)
 def get_job(job_id: str) -> ResponseReturnValue:
     """State, progress (step, total, ETA) and, once done, the result or the error."""
     return jsonify(_owned(job_id).snapshot())
 
 
 @bp.delete("/jobs/<job_id>")
+@endpoint(
+    responses={
+        200: Content({"application/json": JobView}, "The job had ended, or is now cancelled"),
+        202: Content({"application/json": JobView}, "Running: it stops at the next step"),
+    },
+    errors=(404,),
+    tags=("jobs",),
+    path=JOB_ID,
+)
 def cancel_job(job_id: str) -> ResponseReturnValue:
     """Cancel a queued job, or stop a running one between denoising steps."""
     job = get_job_runner(current_app).cancel(client_owner(), job_id)
@@ -148,6 +198,18 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 
 
 @bp.get("/jobs/<job_id>/events")
+@endpoint(
+    responses={
+        200: Content(
+            {"text/event-stream": {"type": "string"}},
+            "Server-Sent Events: `progress` per change, then `succeeded`, `failed` or "
+            "`cancelled` with the job as JSON data",
+        )
+    },
+    errors=(404, 503),
+    tags=("jobs",),
+    path=JOB_ID,
+)
 def job_events(job_id: str) -> ResponseReturnValue:
     """Server-Sent Events: one `progress` event per change, then the final state; then close."""
     job = _owned(job_id)

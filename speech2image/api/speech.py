@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidRequest
 from ..image_service import get_image_service
 from ..jobs import Job, get_job_runner
 from ..prompting import UnderstandSteps
-from ..speech_service import TranscribeOptions, discard_upload, get_speech_service
+from ..schemas import invalid_request, parse_json_text, safe_text
+from ..speech_service import (
+    MAX_PROMPT_CHARS,
+    TASKS,
+    TranscribeOptions,
+    discard_upload,
+    get_speech_service,
+)
 from ..tasks import SpeechToImageWork, TranscribeWork
 from .identity import client_owner
 from .jobs import respond, wait_for, wants_async
+from .openapi import Content, Upload, endpoint
+from .responses import Generation, JobAccepted, Transcription
 
 __all__ = ["RESPONSE_FORMATS", "bp", "pipeline_bp"]
 
@@ -27,16 +45,137 @@ RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 VERBOSE_ONLY = ("segments", "words", "duration_after_vad")
 
 
-def _upload_and_options() -> tuple[Any, TranscribeOptions]:
-    """The uploaded file and the validated transcription options (nothing stored yet)."""
-    service = get_speech_service(current_app)
-    upload = request.files.get("audio") or request.files.get("file")
-    if upload is None:
-        raise InvalidRequest("send the audio as multipart/form-data field `audio` (or `file`)")
-    options = service.validate_options(
-        request.form.get("language"), request.form.get("task"), request.form.get("word_timestamps")
+def _language(value: Any) -> Any:
+    # An empty form field means "detect"; codes compare in lower case.
+    if value is None or value == "":
+        return None
+    return value.lower() if isinstance(value, str) else value
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+#: A true/false form field; empty means "not given".
+FormSwitch = Annotated[bool | None, BeforeValidator(lambda v: None if v == "" else v)]
+
+
+def _whisper_languages() -> tuple[str, ...]:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    codes = {c for c in _LANGUAGE_CODES} | {c.upper() for c in _LANGUAGE_CODES}
+    return tuple(sorted(codes))
+
+
+def _audio_fields(app: Any) -> dict[str, Any]:
+    """The fields every audio upload form shares (the file and the transcription options)."""
+    languages = _whisper_languages()
+    return {
+        "audio": (Upload | None, Field(None, description="The audio file (any common format).")),
+        "file": (Upload | None, Field(None, description="Same as `audio` (OpenAI's name).")),
+        "language": (
+            Annotated[
+                Literal[languages] | None,  # type: ignore[valid-type]
+                BeforeValidator(_language),
+            ],
+            Field(None, description="ISO 639-1 code of the speech; empty: detect it."),
+        ),
+        "task": (
+            Literal[TASKS],  # type: ignore[valid-type]
+            Field("transcribe", description="`translate`: English text from any language."),
+        ),
+        "word_timestamps": (bool, Field(False, description="Word-level timestamps.")),
+        "prompt": (
+            Annotated[safe_text(MAX_PROMPT_CHARS) | None, BeforeValidator(_empty_is_none)],
+            Field(
+                None,
+                description="Whisper's initial prompt: spellings of names and jargon it should "
+                "prefer (e.g. ComfyUI).",
+            ),
+        ),
+        "temperature": (
+            Annotated[
+                Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None,
+                BeforeValidator(_empty_is_none),
+            ],
+            Field(None, description="Fixed sampling temperature; empty: 0, then 0.4 and 0.8."),
+        ),
+        "async_": (
+            bool,
+            Field(False, alias="async", description="Answer 202 with a job at once."),
+        ),
+    }
+
+
+def _needs_audio(form: Any) -> Any:
+    if form.audio is None and form.file is None:
+        raise PydanticCustomError(
+            "missing", "send the audio as multipart/form-data field `audio` (or `file`)"
+        )
+    return form
+
+
+def _transcribe_form(app: Any) -> type[BaseModel]:
+    return create_model(
+        "TranscribeAudioForm",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"needs_audio": model_validator(mode="after")(_needs_audio)},
+        **_audio_fields(app),
+        response_format=(
+            Literal[RESPONSE_FORMATS],  # type: ignore[valid-type]
+            Field("json", description="json, text, srt, vtt or verbose_json."),
+        ),
     )
-    return upload, options
+
+
+def _speech_to_image_form(app: Any) -> type[BaseModel]:
+    image_model = get_image_service(app).request_model
+    image_fields = {}
+    for name, info in image_model.model_fields.items():
+        if name in ("prompt", "async_"):
+            continue
+        annotation = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[misc]
+        image_fields[name] = (
+            annotation | None,
+            Field(None, description=f"{info.description} Overrides `options`."),
+        )
+    return create_model(
+        "SpeechToImageForm",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"needs_audio": model_validator(mode="after")(_needs_audio)},
+        **_audio_fields(app),
+        options=(
+            safe_text(64 * 1024, strip=False) | None,
+            Field(
+                None,
+                description="JSON object of /generate-image fields (not `prompt`: the speech "
+                "is the prompt). Separate form fields override it.",
+            ),
+        ),
+        understand=(
+            FormSwitch,
+            Field(
+                None,
+                description="Turn the speech into a prompt (translate, clean, spoken "
+                "negatives); default true. Each step's own field wins.",
+            ),
+        ),
+        translate=(FormSwitch, Field(None, description="Translate speech to English.")),
+        clean=(FormSwitch, Field(None, description="Drop fillers and framing.")),
+        negatives=(
+            FormSwitch,
+            Field(None, description='Spoken "without X" goes to the negative prompt.'),
+        ),
+        **image_fields,
+    )
+
+
+def _options(form: Any) -> TranscribeOptions:
+    return TranscribeOptions(
+        form.language, form.task, form.word_timestamps, form.prompt or None, form.temperature
+    )
 
 
 def _submit_with_upload(upload: Any, make_job: Any) -> Job:
@@ -52,51 +191,75 @@ def _submit_with_upload(upload: Any, make_job: Any) -> Job:
 
 
 @bp.post("/transcribe-audio")
-def transcribe_audio() -> ResponseReturnValue:
+@endpoint(
+    form=_transcribe_form,
+    responses={
+        200: Content(
+            {
+                "application/json": Transcription,
+                "text/plain": {"type": "string"},
+                "application/x-subrip": {"type": "string"},
+                "text/vtt": {"type": "string"},
+            },
+            "The transcript in the requested `response_format`",
+        ),
+        202: JobAccepted,
+    },
+    errors=(409, 415, 422, 503),
+    tags=("speech",),
+)
+def transcribe_audio(form: Any) -> ResponseReturnValue:
     """Transcribe (or translate to English) the uploaded audio."""
-    upload, options = _upload_and_options()
-    response_format = (request.form.get("response_format") or "json").strip().lower()
-    if response_format not in RESPONSE_FORMATS:
-        raise InvalidRequest(
-            f"`response_format` must be one of {', '.join(RESPONSE_FORMATS)}, "
-            f"not {response_format!r}"
-        )
+    options = _options(form)
     job = _submit_with_upload(
-        upload,
+        form.audio or form.file,
         lambda path: Job(
             kind="transcribe", owner=client_owner(), work=TranscribeWork(path, options)
         ),
     )
     if wants_async():
         return respond(job)
-    return render(wait_for(job), response_format)
+    return render(wait_for(job), form.response_format)
 
 
 @pipeline_bp.post("/speech-to-image")
-def speech_to_image() -> ResponseReturnValue:
+@endpoint(
+    form=_speech_to_image_form,
+    responses={200: Generation, 202: JobAccepted},
+    errors=(409, 415, 422, 503),
+    tags=("speech", "images"),
+)
+def speech_to_image(form: Any) -> ResponseReturnValue:
     """Audio in, images out: transcribe, choose the model from the words, generate."""
-    upload, options = _upload_and_options()
-    raw = request.form.get("options") or "{}"
-    try:
-        fields = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("`options` must be a JSON object of image fields") from None
-    if not isinstance(fields, dict):
-        raise InvalidRequest("`options` must be a JSON object of image fields")
-    if "prompt" in fields:
-        raise InvalidRequest("`options` must not contain `prompt`: the speech is the prompt")
-    for name in ("negative_prompt", "model", "scheduler"):
-        if name in request.form:
-            fields[name] = request.form[name]
-    for name in ("width", "height", "steps", "seed", "num_images"):
-        if name in request.form:
-            fields[name] = _form_int(name)
-    fields.pop("async", None)
-    steps = _understand_steps()
-    # Check the image fields now, with a stand-in prompt, before any audio is decoded.
-    get_image_service(current_app).validate({**fields, "prompt": "placeholder"})
+    service = get_image_service(current_app)
+    fields: dict[str, Any] = {}
+    if form.options is not None:
+        fields = parse_json_text(form.options, "options")
+        if not isinstance(fields, dict):
+            raise InvalidRequest(
+                "`options` must be a JSON object of image fields", details={"field": "options"}
+            )
+        if "prompt" in fields:
+            raise InvalidRequest(
+                "`options` must not contain `prompt`: the speech is the prompt",
+                details={"field": "options.prompt"},
+            )
+        fields.pop("async", None)
+        try:
+            service.request_model.model_validate({**fields, "prompt": "placeholder"})
+        except ValidationError as exc:
+            raise invalid_request(exc, service.request_model, prefix="options.") from None
+    shared = {"audio", "file", "language", "task", "word_timestamps", "options", "async_"}
+    shared |= {"prompt", "temperature"}
+    shared |= {"understand", *UNDERSTAND_STEPS}
+    given = form.model_dump(include=form.model_fields_set - shared, exclude_none=True)
+    fields.update(given)
+    # Check the merged image fields now, with a stand-in prompt, before any audio is decoded.
+    service.validate({**fields, "prompt": "placeholder"})
+    options = _options(form)
+    steps = _understand_steps(form)
     job = _submit_with_upload(
-        upload,
+        form.audio or form.file,
         lambda path: Job(
             kind="speech_to_image",
             owner=client_owner(),
@@ -109,31 +272,15 @@ def speech_to_image() -> ResponseReturnValue:
 UNDERSTAND_STEPS = ("translate", "clean", "negatives")
 
 
-def _form_switch(name: str, default: bool) -> bool:
-    """A true/false form field; absent or empty means ``default``."""
-    value = (request.form.get(name) or "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise InvalidRequest(
-        f"`{name}` must be true or false, not {request.form[name]!r}", details={"field": name}
-    )
-
-
-def _understand_steps() -> UnderstandSteps:
+def _understand_steps(form: Any) -> UnderstandSteps:
     """Spoken-prompt understanding: `understand` sets every step; a step's own field wins."""
-    understand = _form_switch("understand", True)
-    return UnderstandSteps(**{step: _form_switch(step, understand) for step in UNDERSTAND_STEPS})
-
-
-def _form_int(name: str) -> int:
-    try:
-        return int(request.form[name])
-    except ValueError:
-        raise InvalidRequest(f"`{name}` must be a whole number", details={"field": name}) from None
+    understand = True if form.understand is None else form.understand
+    return UnderstandSteps(
+        **{
+            step: understand if getattr(form, step) is None else getattr(form, step)
+            for step in UNDERSTAND_STEPS
+        }
+    )
 
 
 def render(body: dict[str, Any], response_format: str) -> ResponseReturnValue:

@@ -18,6 +18,8 @@ from ..model_loader import get_model_loader
 from ..speech_service import get_speech_service
 from ..storage import get_storage
 from .identity import operators_only
+from .openapi import Content, endpoint
+from .responses import Cleanup, Health, Ready, ServerConfig, ServerStatus
 
 __all__ = ["bp"]
 
@@ -25,6 +27,7 @@ bp = Blueprint("system", __name__)
 
 
 @bp.get("/health")
+@endpoint(responses={200: Health}, tags=("system",), public=True, rate_limited=False)
 def health() -> ResponseReturnValue:
     """Liveness: the process answers. Touches no model and takes no lock a model holds."""
     started = current_app.config["S2I_STARTED_AT"]
@@ -32,6 +35,10 @@ def health() -> ResponseReturnValue:
 
 
 @bp.get("/ready")
+@endpoint(
+    responses={200: Ready, 503: Content({"application/json": Ready}, "Not ready")},
+    tags=("system",),
+)
 def ready() -> ResponseReturnValue:
     """Readiness: the models the default flow needs can be had (loaded, or loadable offline)."""
     loader = get_model_loader(current_app)
@@ -52,7 +59,55 @@ def ready() -> ResponseReturnValue:
     return jsonify(ready=ok, models=models), 200 if ok else 503
 
 
+@bp.get("/config")
+@endpoint(responses={200: ServerConfig}, tags=("system",), public=True)
+def config() -> ResponseReturnValue:
+    """Models, schedulers and the limits a form needs, from this server's settings."""
+    settings = current_app.config["S2I_SETTINGS"]
+    images = get_image_service(current_app)
+    fields = images.request_model.model_json_schema()["properties"]
+
+    def limit(name: str, *keys: str) -> dict[str, Any]:
+        schema = fields[name]
+        names = {"min": "minimum", "max": "maximum", "multiple_of": "multipleOf"}
+        names["default"] = "default"
+        return {key: schema[names[key]] for key in keys if names[key] in schema}
+
+    return jsonify(
+        models={
+            "image": [
+                _model_entry(name, spec.source) for name, spec in sorted(images.models.items())
+            ],
+            "whisper": [_whisper_entry(settings.whisper_model)],
+            "default_image": "auto",
+        },
+        schedulers=list(fields["scheduler"]["enum"]),
+        limits={
+            "width": limit("width", "min", "max", "multiple_of", "default"),
+            "height": limit("height", "min", "max", "multiple_of", "default"),
+            "steps": limit("steps", "min", "max", "default"),
+            "num_images": limit("num_images", "min", "max", "default"),
+            "prompt_chars": {"max": settings.max_prompt_chars},
+            "upload_bytes": {"max": int(settings.max_upload_bytes)},
+            "audio_seconds": {"max": settings.max_audio_seconds},
+        },
+        auth={"required": bool(settings.api_keys or settings.admin_api_keys)},
+    )
+
+
+def _model_entry(name: str, source: str) -> dict[str, Any]:
+    # A hub id says what the model is; a server path says nothing to a client and leaks.
+    local = source.startswith(("/", ".", "~")) or os.path.exists(source)
+    return {"name": name} if local else {"name": name, "source": source}
+
+
+def _whisper_entry(model: str) -> dict[str, Any]:
+    local = model.startswith(("/", ".", "~")) or os.path.exists(model)
+    return {"name": os.path.basename(model.rstrip("/")) if local else model}
+
+
 @bp.get("/status")
+@endpoint(responses={200: ServerStatus}, tags=("system",), operators=True)
 @operators_only
 def status() -> ResponseReturnValue:
     """Resources, resident models and request counts."""
@@ -75,6 +130,7 @@ def status() -> ResponseReturnValue:
 
 
 @bp.post("/cleanup")
+@endpoint(responses={200: Cleanup}, tags=("system",), operators=True)
 @operators_only
 def cleanup() -> ResponseReturnValue:
     """Remove images past retention (rows and files together) and unload idle models."""

@@ -294,8 +294,14 @@ def transcribe(
     beam_size: int,
     vad: bool,
     on_segment: Callable[[float], None] | None = None,
+    initial_prompt: str | None = None,
+    temperature: float | None = None,
 ) -> Transcript:
-    """Run faster-whisper on 16 kHz mono samples and collect every segment."""
+    """Run faster-whisper on 16 kHz mono samples and collect every segment.
+
+    ``initial_prompt`` primes the decoder with spellings (names, jargon); ``temperature`` fixes
+    the sampling temperature instead of the fallback ladder.
+    """
     duration = len(samples) / 16_000
     segments_iter, info = model.transcribe(
         samples,
@@ -304,7 +310,8 @@ def transcribe(
         beam_size=beam_size,
         word_timestamps=word_timestamps,
         vad_filter=vad,
-        temperature=TEMPERATURE_FALLBACK,
+        temperature=TEMPERATURE_FALLBACK if temperature is None else temperature,
+        initial_prompt=initial_prompt or None,
         condition_on_previous_text=False,
         max_new_tokens=max_new_tokens_for(duration),
     )

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from typing import Any, Protocol
 
 from ..errors import ServiceError
@@ -29,6 +29,7 @@ __all__ = [
     "JobRunner",
     "JobState",
     "LocalJobRunner",
+    "RemoteJobError",
     "get_job_runner",
 ]
 
@@ -80,6 +81,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     version: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # reported by a worker
     _stage_started: float = dataclasses.field(default=0.0, repr=False)
     _exception: BaseException | None = dataclasses.field(default=None, repr=False)
     _cond: threading.Condition = dataclasses.field(default_factory=threading.Condition, repr=False)
@@ -127,6 +129,27 @@ class Job:
             body = {"status": 500, "code": "internal_error", "message": "internal error"}
         self._exception = error  # before waiters wake up
         self._finish(JobState.FAILED, error=body)
+
+    def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """Take the state another process reported (a distributed job seen from the API)."""
+        with self._cond:
+            if self.done:
+                return
+            progress = snapshot.get("progress") or {}
+            self.state = JobState(snapshot["state"])
+            self.stage = progress.get("stage")
+            self.step = progress.get("step") or 0
+            self.total_steps = progress.get("total") or 0
+            self.eta_seconds = progress.get("eta_seconds")
+            self.result = snapshot.get("result")
+            self.error = snapshot.get("error")
+            self.model = snapshot.get("model", self.model)
+            self.extra = {k: snapshot[k] for k in ("queued_seconds", "worker") if k in snapshot}
+            if self.error is not None:
+                self._exception = RemoteJobError.from_body(self.error)
+            if self.done:
+                self.finished_at = time.monotonic()
+            self._bump()
 
     def mark_cancelled(self) -> None:
         """Finish as cancelled."""
@@ -208,11 +231,24 @@ class Job:
                 body["model"] = self.model
             if self.started_at is not None:
                 body["queued_seconds"] = round(self.started_at - self.queued_at, 3)
+            body.update(self.extra)
             if self.result is not None:
                 body["result"] = self.result
             if self.error is not None:
                 body["error"] = self.error
             return body
+
+
+class RemoteJobError(ServiceError):
+    """A job failed in another process; carries its status and error code."""
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> RemoteJobError:
+        """Rebuild the error from its JSON shape."""
+        error = cls(body.get("message", "the job failed"), details=body.get("details"))
+        error.code = int(body.get("status", 500))
+        error.error = str(body.get("code", "internal_error"))
+        return error
 
 
 Handler = Callable[[list[Job]], None]
@@ -229,6 +265,16 @@ class JobRunner(Protocol):
 
     def cancel(self, owner: str, job_id: str) -> Job | None:
         """Cancel a queued job now, or ask a running one to stop between steps."""
+
+    def list_jobs(
+        self,
+        owner: str,
+        *,
+        states: Collection[JobState] = (),
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        """The owner's jobs newest first (only ``states`` when given), and how many match."""
 
     def watch(self, job: Job, timeout: float) -> Iterator[dict[str, Any] | None]:
         """Snapshots as the job changes; None as a keep-alive after ``timeout`` quiet seconds."""

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ..errors import QueueFull, ServiceBusy, ServiceError
 from ..logging_setup import job_request_id
+from ..observe import NULL_OBSERVER, Observer
 from . import Handler, Job, JobCancelled, JobState
 
 __all__ = ["LocalJobRunner"]
@@ -38,7 +39,9 @@ class LocalJobRunner:
         max_queued_per_owner: int = 16,
         is_resident: Callable[[str], bool] = lambda _model: False,
         keep_finished_seconds: float = 3600.0,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
+        self.observer = observer
         self.max_batch_images = max_batch_images
         self.max_batch_wait = max_batch_wait
         self.fairness_seconds = fairness_seconds
@@ -99,6 +102,24 @@ class LocalJobRunner:
         job = self._jobs.get(job_id)
         return job if job is not None and job.owner == owner else None
 
+    def list_jobs(
+        self,
+        owner: str,
+        *,
+        states: Collection[JobState] = (),
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        """The owner's jobs this process still knows, newest first."""
+        with self._cond:
+            mine = [
+                job
+                for job in list(self._jobs.values())
+                if job.owner == owner and (not states or job.state in states)
+            ]
+        mine.sort(key=lambda job: job.created_at, reverse=True)
+        return mine[offset : offset + limit], len(mine)
+
     def cancel(self, owner: str, job_id: str) -> Job | None:
         """Cancel: a queued job at once; a running one between denoising steps."""
         job = self.get(owner, job_id)
@@ -108,6 +129,7 @@ class LocalJobRunner:
             if job in self._queue:
                 self._queue.remove(job)
                 job.mark_cancelled()
+                self._observe_end(job)
                 return job
         if not job.done:
             job.cancel_requested = True
@@ -128,11 +150,17 @@ class LocalJobRunner:
                 return
 
     def stats(self) -> dict[str, Any]:
-        """Queue depth, running jobs, batches run, measured seconds per step."""
+        """Queue depth, running jobs (also by kind), batches run, measured seconds per step."""
         with self._cond:
+            by_kind: dict[str, dict[str, int]] = {}
+            for state, jobs in (("queued", self._queue), ("running", self._running)):
+                for job in jobs:
+                    counts = by_kind.setdefault(job.kind, {"queued": 0, "running": 0})
+                    counts[state] += 1
             return {
                 "queued": len(self._queue),
                 "running": len(self._running),
+                "by_kind": by_kind,
                 "batches_run": self.batches_run,
                 "seconds_per_step": round(self.seconds_per_step, 4),
             }
@@ -200,6 +228,7 @@ class LocalJobRunner:
         for job in batch:
             job.start()
         token = job_request_id.set(",".join(j.request_id or "-" for j in batch))
+        self.observer.batch_run(batch[0].kind, len(batch), sum(j.images for j in batch))
         try:
             self._handlers[batch[0].kind](batch)
         except JobCancelled:
@@ -216,11 +245,17 @@ class LocalJobRunner:
                 else:
                     job.fail(RuntimeError("the handler returned without a result"))
         job_request_id.reset(token)
+        for job in batch:
+            self._observe_end(job)
         self.batches_run += 1
         steps = max(j.total_steps for j in batch)
         if steps and all(j.state == JobState.SUCCEEDED for j in batch):
             measured = (time.monotonic() - started) / steps
             self.seconds_per_step = 0.8 * self.seconds_per_step + 0.2 * measured
+
+    def _observe_end(self, job: Job) -> None:
+        took = (job.finished_at or time.monotonic()) - job.queued_at
+        self.observer.job_finished(job.kind, job.state.value, took)
 
     def _forget_old(self) -> None:
         """Drop finished jobs past their keeping time (called with the lock held)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import migrate
-from .base import Base, new_id, utcnow
+from .base import Base, keyed_id, new_id, utcnow
 from .history import (
     FILENAME_PATTERN,
     ORPHAN_GRACE_SECONDS,
@@ -31,6 +31,7 @@ __all__ = [
     "Storage",
     "TranscriptRecord",
     "get_storage",
+    "keyed_id",
     "make_engine",
     "migrate",
     "new_id",

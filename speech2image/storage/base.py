@@ -7,7 +7,7 @@ import uuid
 
 from sqlalchemy.orm import DeclarativeBase
 
-__all__ = ["Base", "aware", "new_id", "utcnow"]
+__all__ = ["Base", "aware", "keyed_id", "new_id", "utcnow"]
 
 
 def utcnow() -> dt.datetime:
@@ -18,6 +18,14 @@ def utcnow() -> dt.datetime:
 def new_id() -> str:
     """A server-made id: 32 hex digits."""
     return uuid.uuid4().hex
+
+
+_KEYED = uuid.UUID("6f0c2a57-93a4-4c1e-9d7b-2f1d8c5e4a10")
+
+
+def keyed_id(key: str, part: str) -> str:
+    """A stable id (32 hex digits) for ``part`` of the thing ``key`` names, e.g. a job's image."""
+    return uuid.uuid5(_KEYED, f"{key}:{part}").hex
 
 
 class Base(DeclarativeBase):

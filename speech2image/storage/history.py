@@ -54,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FILENAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.png$")
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 ORPHAN_GRACE_SECONDS = 600
 
 
@@ -171,7 +172,19 @@ class Storage:
     def save_images(
         self, owner: str, images: list[NewImage], transcript: NewTranscript | None = None
     ) -> list[ImageRecord]:
-        """Store a batch of images (and the transcript they came from), or nothing at all."""
+        """Store a batch of images (and the transcript they came from), or nothing at all.
+
+        Storing again images whose ids are already stored returns the stored records: a job
+        redelivered after its images were saved saves nothing twice.
+        """
+        if images:
+            with self._sessions() as session:
+                found = session.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
+                ).all()
+                if found:
+                    by_id = {r.id: r for r in found}
+                    return [by_id[i.id] for i in images if i.id in by_id]
         transcript_id = transcript.id if transcript is not None else None
         staged: list[tuple[Path, Path]] = []
         records: list[ImageRecord] = []
@@ -247,6 +260,19 @@ class Storage:
                 )
             )
 
+    def transcripts(self, owner: str, ids: list[str]) -> dict[str, TranscriptRecord]:
+        """The owner's transcripts among ``ids``, by id (for the history listing)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(TranscriptRecord).where(
+                    TranscriptRecord.id.in_(wanted), TranscriptRecord.owner == owner
+                )
+            ).all()
+        return {row.id: row for row in rows}
+
     def image_path(self, record: ImageRecord) -> Path | None:
         """The file of ``record`` if it exists inside the image folder."""
         path = (self.image_dir / record.filename).resolve()
@@ -285,6 +311,48 @@ class Storage:
                 .offset(offset)
             ).all()
         return list(rows), int(total or 0)
+
+    def get_transcript(
+        self, owner: str, transcript_id: str
+    ) -> tuple[TranscriptRecord, list[ImageRecord]] | None:
+        """The owner's transcript and the images made from it (newest first), or None."""
+        if not ID_PATTERN.fullmatch(transcript_id):
+            return None
+        with self._sessions() as session:
+            transcript = session.scalar(
+                select(TranscriptRecord).where(
+                    TranscriptRecord.id == transcript_id, TranscriptRecord.owner == owner
+                )
+            )
+            if transcript is None:
+                return None
+            images = session.scalars(
+                select(ImageRecord)
+                .where(ImageRecord.transcript_id == transcript_id, ImageRecord.owner == owner)
+                .order_by(ImageRecord.created_at.desc(), ImageRecord.id.desc())
+            ).all()
+        return transcript, list(images)
+
+    # --- removing ------------------------------------------------------------------------
+    def delete_image(self, owner: str, filename: str) -> bool:
+        """Remove the owner's image, row and file together; False when there is none.
+
+        The row goes first (in its transaction), then the file: a file left by a failure
+        between the two has no row, so nobody is served it and the orphan sweep removes it.
+        """
+        if not FILENAME_PATTERN.fullmatch(filename):
+            return False
+        with self._sessions.begin() as session:
+            deleted = session.execute(
+                delete(ImageRecord).where(
+                    ImageRecord.filename == filename, ImageRecord.owner == owner
+                )
+            ).rowcount
+        if not deleted:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            (self.image_dir / filename).unlink()
+        return True
 
     def stats(self) -> dict[str, int]:
         """Image count and total bytes."""

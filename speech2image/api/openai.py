@@ -1,0 +1,501 @@
+"""The OpenAI-compatible surface under /v1, on the same services, jobs, limits and history.
+
+``POST /v1/audio/transcriptions``, ``POST /v1/audio/translations``,
+``POST /v1/images/generations``, ``GET /v1/models`` and ``GET /v1/models/<id>`` take and
+answer what the official ``openai`` clients send and expect; errors here use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. API keys work as ``Authorization: Bearer``
+(see :mod:`speech2image.api.identity`), so an SDK's ``api_key`` is the service's API key.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from ..errors import InvalidRequest, ResourceNotFound, ServiceError
+from ..image_service import get_image_service, model_key
+from ..jobs import Job, get_job_runner
+from ..schemas import safe_text
+from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
+from ..storage import get_storage
+from ..tasks import TranscribeWork
+from .identity import client_owner
+from .jobs import wait_for
+from .openapi import Content, Upload, endpoint
+from .speech import RESPONSE_FORMATS, _submit_with_upload, to_srt, to_vtt
+
+__all__ = ["IMAGE_ALIASES", "WHISPER_ALIASES", "audio_bp", "bp", "images_bp"]
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+# Children of ``bp`` (they share its error shape) so each carries its own rate limit.
+audio_bp = Blueprint("openai_audio", __name__)
+images_bp = Blueprint("openai_images", __name__)
+
+WHISPER_ALIASES = ("whisper-1",)  # OpenAI's name for the default Whisper model
+IMAGE_ALIASES = ("dall-e-2", "dall-e-3")  # generate with the automatic model choice
+GRANULARITIES = ("word", "segment")
+IMAGE_FORMATS = ("url", "b64_json")
+# OpenAI fields with no meaning here: accepted and ignored, so stock clients work unchanged.
+IGNORED_IMAGE_FIELDS = ("quality", "style")
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SEGMENT_FIELDS = (
+    "id",
+    "seek",
+    "start",
+    "end",
+    "text",
+    "tokens",
+    "temperature",
+    "avg_logprob",
+    "compression_ratio",
+    "no_speech_prob",
+)
+
+# Extras of POST /v1/images/generations: the native fields with no OpenAI name.
+IMAGE_EXTRAS = ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler")
+ERROR_STATUSES = (400, 401, 409, 413, 415, 422, 429, 500, 503)
+
+_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+# --- request and answer models (they validate requests and make the OpenAPI spec) ----------
+class OpenAIErrorInfo(BaseModel):
+    """What went wrong, as OpenAI's clients read it."""
+
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="This service's stable error code.")
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape (the /v1 routes only)."""
+
+    error: OpenAIErrorInfo
+
+
+class TranscriptionSegment(BaseModel):
+    """One decoded segment."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionWord(BaseModel):
+    """One word with its timing."""
+
+    word: str
+    start: float
+    end: float
+
+
+class Transcription(BaseModel):
+    """`json` has the text only; `verbose_json` adds language, duration, segments (and words)."""
+
+    text: str
+    task: str | None = None
+    language: str | None = None
+    duration: float | None = None
+    segments: list[TranscriptionSegment] | None = None
+    words: list[TranscriptionWord] | None = None
+
+
+class ImageData(BaseModel):
+    """One image: a URL (needs the same API key) or the PNG in base64."""
+
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str
+
+
+class ImagesResponse(BaseModel):
+    """Generated images."""
+
+    created: int
+    data: list[ImageData]
+    model: str = Field(description="The model that made them (after the automatic choice).")
+
+
+class ModelObject(BaseModel):
+    """A model a /v1 request may name."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    kind: Literal["whisper", "image"]
+
+
+class ModelList(BaseModel):
+    """Every model a /v1 request may name."""
+
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+def _errors(*statuses: int) -> dict[int, Any]:
+    return {status: OpenAIErrorBody for status in statuses}
+
+
+def _audio_form(app: Any) -> type[BaseModel]:
+    settings = app.config["S2I_SETTINGS"]
+    names = tuple(dict.fromkeys((*WHISPER_ALIASES, settings.whisper_model)))
+    return create_model(
+        "OpenAIAudioForm",
+        # OpenAI's clients may send fields this service has no use for: ignore them.
+        __config__=ConfigDict(extra="ignore", populate_by_name=True),
+        file=(Upload, Field(description="The audio file (any common format).")),
+        model=(
+            Literal[names],  # type: ignore[valid-type]
+            Field(WHISPER_ALIASES[0], description="whisper-1 is the configured Whisper model."),
+        ),
+        language=(
+            safe_text(8) | None,
+            Field(None, description="ISO 639-1 code of the speech; empty: detect it."),
+        ),
+        prompt=(
+            safe_text(MAX_PROMPT_CHARS) | None,
+            Field(None, description="Whisper's initial prompt: spellings of names and jargon."),
+        ),
+        response_format=(
+            Literal[RESPONSE_FORMATS],  # type: ignore[valid-type]
+            Field("json", description="json, text, srt, verbose_json or vtt."),
+        ),
+        temperature=(
+            Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None,
+            Field(None, description="Sampling temperature; none: 0, then 0.4 and 0.8."),
+        ),
+        timestamp_granularities=(
+            Literal[GRANULARITIES] | None,  # type: ignore[valid-type]
+            Field(
+                None,
+                alias="timestamp_granularities[]",
+                description="word and/or segment (repeat the field); word adds `words`.",
+            ),
+        ),
+    )
+
+
+def _image_body(app: Any) -> type[BaseModel]:
+    settings = app.config["S2I_SETTINGS"]
+    native = get_image_service(app).request_model
+    extras: dict[str, Any] = {}
+    for name in ("prompt", *IMAGE_EXTRAS):
+        info = native.model_fields[name]
+        annotation = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[misc]
+        if name == "prompt":
+            extras[name] = (annotation, Field(description=info.description))
+        else:
+            extras[name] = (annotation | None, Field(None, description=info.description))
+    return create_model(
+        "OpenAIImageRequest",
+        __config__=ConfigDict(extra="forbid"),
+        model=(
+            str | None,
+            Field(None, description="dall-e-2 or dall-e-3 (the automatic choice), or a model."),
+        ),
+        n=(
+            Annotated[int, Field(ge=1, le=settings.max_num_images)] | None,
+            Field(None, description="Images to make."),
+        ),
+        size=(
+            Annotated[str, Field(pattern=r"^(auto|\d{1,5}x\d{1,5})$")] | None,
+            Field(None, description="WIDTHxHEIGHT, each a multiple of 8."),
+        ),
+        response_format=(Literal[IMAGE_FORMATS], Field("url")),  # type: ignore[valid-type]
+        user=(safe_text(256) | None, Field(None, description="Accepted; the API key is who.")),
+        quality=(str | None, Field(None, description="Accepted and ignored.")),
+        style=(str | None, Field(None, description="Accepted and ignored.")),
+        **extras,
+    )
+
+
+# --- errors -------------------------------------------------------------------------------
+def openai_error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> Response:
+    """``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+    kind = "server_error" if status >= 500 else _ERROR_TYPES.get(status, "invalid_request_error")
+    response = jsonify(error={"message": message, "type": kind, "param": param, "code": code})
+    response.status_code = status
+    return response
+
+
+def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+    status = exc.code or 500
+    if isinstance(exc, ServiceError):
+        response = openai_error(
+            status,
+            exc.description or exc.name,
+            param=(exc.details or {}).get("field"),
+            code=exc.error,
+        )
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
+        return response
+    message = exc.description or exc.name
+    if status == 429:
+        message = f"rate limit exceeded: {exc.description}"
+    code = "invalid_api_key" if status == 401 else exc.name.lower().replace(" ", "_")
+    response = openai_error(status, message, code=code)
+    if status == 405 and getattr(exc, "valid_methods", None):
+        response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+    return response
+
+
+def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
+    original = exc.original_exception if isinstance(exc, InternalServerError) else exc
+    log.error("unhandled error", exc_info=original)
+    return openai_error(500, "internal server error; see the log for this request id")
+
+
+bp.register_error_handler(HTTPException, _handle_http)
+bp.register_error_handler(Exception, _handle_unexpected)
+
+
+def _field(name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, details={"field": name})
+
+
+# --- audio --------------------------------------------------------------------------------
+def _whisper_model(requested: str | None) -> str:
+    """The Whisper model a request names: an alias of the default, or the configured name."""
+    service = get_speech_service(current_app)
+    configured = current_app.config["S2I_SETTINGS"].whisper_model
+    name = (requested or "").strip() or WHISPER_ALIASES[0]
+    if name in WHISPER_ALIASES or name in (configured, service.model_name):
+        return service.model_name
+    raise _field(
+        "model",
+        f"`model` must be {' or '.join((*WHISPER_ALIASES, configured))}, not {name!r}",
+    )
+
+
+def _audio(task: str, form: Any) -> ResponseReturnValue:
+    _whisper_model(form.model)
+    response_format = form.response_format
+    # Repeated fields: the form model saw the first; every one must be known.
+    granularities = request.form.getlist("timestamp_granularities[]") + request.form.getlist(
+        "timestamp_granularities"
+    )
+    for item in granularities:
+        if item not in GRANULARITIES:
+            raise _field(
+                "timestamp_granularities",
+                f"`timestamp_granularities[]` items must be word or segment, not {item!r}",
+            )
+    options = get_speech_service(current_app).validate_options(
+        form.language, task, "word" in granularities, form.prompt, form.temperature
+    )
+    job = _submit_with_upload(
+        form.file,
+        lambda path: Job(
+            kind="transcribe", owner=client_owner(), work=TranscribeWork(path, options)
+        ),
+    )
+    return _render_transcript(wait_for(job), response_format, "word" in granularities)
+
+
+def _render_transcript(body: dict[str, Any], response_format: str, words: bool) -> Response:
+    """A verbose job result in OpenAI's shape for ``response_format``."""
+    if response_format == "text":
+        return Response(body["text"] + "\n", mimetype="text/plain")
+    if response_format == "srt":
+        return Response(to_srt(body["segments"]), mimetype="application/x-subrip")
+    if response_format == "vtt":
+        return Response(to_vtt(body["segments"]), mimetype="text/vtt")
+    if response_format == "json":
+        return jsonify(text=body["text"])
+    answer: dict[str, Any] = {
+        "task": body["task"],
+        "language": body["language"],
+        "duration": body["duration"],
+        "text": body["text"],
+        "segments": [{k: s[k] for k in SEGMENT_FIELDS} for s in body["segments"]],
+    }
+    if words:
+        answer["words"] = [
+            {"word": w["word"], "start": w["start"], "end": w["end"]}
+            for w in body.get("words") or []
+        ]
+    return jsonify(answer)
+
+
+_AUDIO_ENDPOINT = {
+    "form": _audio_form,
+    "responses": {
+        200: Content(
+            {
+                "application/json": Transcription,
+                "text/plain": {"type": "string"},
+                "application/x-subrip": {"type": "string"},
+                "text/vtt": {"type": "string"},
+            },
+            "The transcript in the requested `response_format`",
+        ),
+        **_errors(*ERROR_STATUSES),
+    },
+    "tags": ("openai",),
+}
+
+
+@audio_bp.post("/audio/transcriptions")
+@endpoint(**_AUDIO_ENDPOINT)
+def create_transcription(form: Any) -> ResponseReturnValue:
+    """Transcribe audio in its own language (OpenAI's createTranscription)."""
+    return _audio("transcribe", form)
+
+
+@audio_bp.post("/audio/translations")
+@endpoint(**_AUDIO_ENDPOINT)
+def create_translation(form: Any) -> ResponseReturnValue:
+    """Translate speech into English text (OpenAI's createTranslation)."""
+    return _audio("translate", form)
+
+
+# --- images -------------------------------------------------------------------------------
+def _image_fields(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The native generation fields of an OpenAI request, and its response format."""
+    fields = {k: v for k, v in payload.items() if k not in IGNORED_IMAGE_FIELDS and v is not None}
+    response_format = fields.pop("response_format", "url")
+    if response_format not in IMAGE_FORMATS:
+        raise _field(
+            "response_format",
+            f"`response_format` must be url or b64_json, not {response_format!r}",
+        )
+    user = fields.pop("user", None)
+    if user is not None and not isinstance(user, str):
+        raise _field("user", "`user` must be a string")
+    model = fields.get("model")
+    if model is None or model in IMAGE_ALIASES:
+        fields["model"] = "auto"
+    if "n" in fields:
+        if "num_images" in fields:
+            raise _field("n", "give `n` or `num_images`, not both")
+        fields["num_images"] = fields.pop("n")
+    size = fields.pop("size", None)
+    if size is not None and size != "auto":
+        match = SIZE.match(size) if isinstance(size, str) else None
+        if match is None:
+            raise _field("size", f"`size` must look like 512x512 (WIDTHxHEIGHT), not {size!r}")
+        if "width" in fields or "height" in fields:
+            raise _field("size", "give `size` or `width` and `height`, not both")
+        fields["width"], fields["height"] = int(match[1]), int(match[2])
+    return fields, response_format
+
+
+def _openai_param(field: str | None) -> str | None:
+    """The OpenAI name of a native field named in an error."""
+    return {"num_images": "n", "width": "size", "height": "size"}.get(field or "", field)
+
+
+@images_bp.post("/images/generations")
+@endpoint(
+    body=_image_body,
+    responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
+    tags=("openai",),
+)
+def create_image(body: Any) -> ResponseReturnValue:
+    """Generate images (OpenAI's createImage), plus this service's extra fields."""
+    fields, response_format = _image_fields(body.model_dump(exclude_none=True))
+    service = get_image_service(current_app)
+    try:
+        item = service.prepare(service.validate(fields))
+    except InvalidRequest as exc:
+        details = dict(exc.details or {})
+        if "field" in details:
+            details["field"] = _openai_param(details["field"])
+        for error in details.get("errors") or []:
+            error["field"] = _openai_param(error["field"])
+        raise InvalidRequest(exc.description, details=details or None) from None
+    job = Job(
+        kind="generate",
+        owner=client_owner(),
+        work=item,
+        model=model_key(item.choice.model),
+        batch_key=item.batch_key(),
+        images=item.request.num_images,
+        steps=item.request.steps,
+    )
+    result = wait_for(get_job_runner(current_app).submit(job))
+    data = [_image_item(image, response_format, result["prompt"]) for image in result["images"]]
+    return jsonify(created=int(time.time()), data=data, model=result["model"])
+
+
+def _image_item(image: dict[str, Any], response_format: str, prompt: str) -> dict[str, Any]:
+    if response_format == "url":
+        url = url_for("images.get_image", filename=image["filename"], _external=True)
+        return {"url": url, "revised_prompt": prompt}
+    storage = get_storage(current_app)
+    record = storage.get_image(client_owner(), image["filename"])
+    path = storage.image_path(record) if record is not None else None
+    if path is None:  # removed between generation and answer (a cleanup ran)
+        raise ResourceNotFound("the generated image is gone")
+    return {"b64_json": base64.b64encode(path.read_bytes()).decode(), "revised_prompt": prompt}
+
+
+# --- models -------------------------------------------------------------------------------
+def _models() -> list[dict[str, Any]]:
+    """Every model id a /v1 request may name: configured models and OpenAI's aliases."""
+    settings = current_app.config["S2I_SETTINGS"]
+    created = int(current_app.config["S2I_STARTED_AT"])
+    whisper = settings.whisper_model
+    entries = [(whisper, "speech2image", "whisper")]
+    entries += [(alias, "speech2image", "whisper") for alias in WHISPER_ALIASES]
+    entries += [("auto", "speech2image", "image")]
+    entries += [(name, "speech2image", "image") for name in get_image_service(current_app).models]
+    entries += [(alias, "speech2image", "image") for alias in IMAGE_ALIASES]
+    return [
+        {"id": model_id, "object": "model", "created": created, "owned_by": owner, "kind": kind}
+        for model_id, owner, kind in entries
+    ]
+
+
+@bp.get("/models")
+@endpoint(responses={200: ModelList, **_errors(401, 429, 500)}, tags=("openai",))
+def list_models() -> ResponseReturnValue:
+    """The configured Whisper and image models, with the OpenAI names that map onto them."""
+    return jsonify(object="list", data=_models())
+
+
+@bp.get("/models/<path:model_id>")
+@endpoint(
+    responses={200: ModelObject, **_errors(400, 401, 404, 429, 500)},
+    tags=("openai",),
+    path={"model_id": "A model id from GET /v1/models."},
+)
+def get_model(model_id: str) -> ResponseReturnValue:
+    """One model by id."""
+    for model in _models():
+        if model["id"] == model_id:
+            return jsonify(model)
+    raise ResourceNotFound(f"no model {model_id!r}", details={"field": "model"})
+
+
+bp.register_blueprint(audio_bp)
+bp.register_blueprint(images_bp)

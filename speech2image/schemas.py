@@ -1,0 +1,256 @@
+"""Request models: the one source of validation and of the OpenAPI description. Knows no HTTP.
+
+Ranges come from the settings, so the models that carry them are built per app
+(``image_request_model(settings, ...)``); fixed pieces (``SafeText``) are plain types.
+Every model here reports all its errors at once; ``invalid_request`` turns them into the
+400 that names each field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import unicodedata
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+)
+
+from .config import Settings
+from .errors import InvalidRequest
+
+__all__ = [
+    "MAX_GUIDANCE",
+    "MAX_SEED",
+    "MIN_SIDE",
+    "SafeText",
+    "UtcDateTime",
+    "check_text",
+    "image_request_model",
+    "invalid_request",
+    "parse_json_text",
+    "safe_text",
+]
+
+MAX_SEED = 2**32 - 1
+MIN_SIDE = 64
+MAX_GUIDANCE = 30.0
+ALLOWED_CONTROLS = frozenset("\t\n\r")
+RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "multiple_of")
+
+
+def check_text(value: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates), NUL and control characters.
+
+    Tab, newline and carriage return stay allowed: people paste prompts with line breaks.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    for char in value:
+        if char not in ALLOWED_CONTROLS and unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"must not contain control characters (found U+{ord(char):04X})")
+    return value
+
+
+#: Text a client may send anywhere: valid Unicode, no NUL or other control characters.
+SafeText = Annotated[str, AfterValidator(check_text)]
+
+
+def safe_text(max_length: int | None = None, *, strip: bool = True, min_length: int = 0) -> Any:
+    """``SafeText`` with its length bounds (after stripping whitespace when ``strip``)."""
+    return Annotated[
+        str,
+        StringConstraints(strip_whitespace=strip, min_length=min_length, max_length=max_length),
+        AfterValidator(check_text),
+    ]
+
+
+def _utc(value: Any) -> Any:
+    # A naive time means UTC; an aware one far at the edge of the calendar cannot be
+    # moved to UTC (year 1 at +01:00 is year 0): that is the client's error, not a 500.
+    if not isinstance(value, dt.datetime):
+        return value
+    moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    try:
+        return moment.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+def _iso_datetime(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"must be an ISO 8601 date or time, not {value!r}") from None
+    return value
+
+
+#: An ISO 8601 date or date-time (naive means UTC), given back in UTC.
+UtcDateTime = Annotated[
+    dt.datetime,
+    BeforeValidator(_iso_datetime),
+    AfterValidator(_utc),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "description": "ISO 8601 date or time; without an offset it means UTC.",
+        }
+    ),
+]
+
+
+def parse_json_text(text: str, field: str) -> Any:
+    """``json.loads`` for a client's text field: any failure (deep nesting too) is a 400."""
+    import json
+
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(
+            f"`{field}` must be valid JSON (at most a few hundred levels deep)",
+            details={"field": field},
+        ) from None
+
+
+def image_request_model(
+    settings: Settings, models: Iterable[str], schedulers: Iterable[str]
+) -> type[BaseModel]:
+    """The JSON body of POST /generate-image, with this app's ranges and defaults."""
+    s = settings
+    prompt_type = safe_text(s.max_prompt_chars, min_length=1)
+    negative_type = safe_text(s.max_prompt_chars)
+    model_names = ("auto", *sorted(models))
+    scheduler_names = tuple(schedulers)
+
+    def side(limit: int) -> Any:
+        return Annotated[int, Field(ge=MIN_SIDE, le=limit, multiple_of=8)]
+
+    return create_model(
+        "GenerateImageRequest",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        __doc__="A text-to-image request; sizes, steps and counts within this server's limits.",
+        prompt=(prompt_type, Field(description="What to draw.")),
+        negative_prompt=(
+            negative_type | None,
+            Field(None, description="What to keep out of the image."),
+        ),
+        model=(
+            Literal[model_names],  # type: ignore[valid-type]
+            Field("auto", description="Image model; `auto` chooses by the prompt's style."),
+        ),
+        width=(side(s.max_width), Field(s.default_width, description="Pixels, multiple of 8.")),
+        height=(
+            side(s.max_height),
+            Field(s.default_height, description="Pixels, multiple of 8."),
+        ),
+        steps=(
+            Annotated[int, Field(ge=1, le=s.max_steps)],
+            Field(s.default_steps, description="Denoising steps."),
+        ),
+        guidance_scale=(
+            Annotated[float, Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)],
+            Field(s.default_guidance_scale, description="How closely to follow the prompt."),
+        ),
+        seed=(
+            Annotated[int, Field(ge=0, le=MAX_SEED)] | None,
+            Field(None, description="Seed of the first image (the next ones count up); random."),
+        ),
+        num_images=(
+            Annotated[int, Field(ge=1, le=s.max_num_images)],
+            Field(1, description="Images to make from this prompt."),
+        ),
+        scheduler=(
+            Literal[scheduler_names],  # type: ignore[valid-type]
+            Field(s.default_scheduler, description="Sampler."),
+        ),
+        async_=(
+            bool,
+            Field(False, alias="async", description="Answer 202 with a job at once."),
+        ),
+    )
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _field_schema(model: type[BaseModel] | None, name: str) -> dict[str, Any]:
+    if model is None:
+        return {}
+    try:
+        schema = model.model_json_schema()
+    except Exception:  # a schema we cannot draw must not hide the error itself
+        return {}
+    prop = schema.get("properties", {}).get(name, {})
+    for candidate in (prop, *prop.get("anyOf", [])):
+        if any(k in candidate for k in ("minimum", "maximum", "enum", "const")):
+            return candidate
+    return prop
+
+
+def _message(error: dict[str, Any], field: str, model: type[BaseModel] | None) -> str:
+    kind = error["type"]
+    name = field.rsplit(".", 1)[-1]
+    got = error.get("input")
+    if kind in (
+        "greater_than_equal",
+        "less_than_equal",
+        "greater_than",
+        "less_than",
+        "multiple_of",
+    ):
+        schema = _field_schema(model, name)
+        low, high = schema.get("minimum"), schema.get("maximum")
+        step = schema.get("multipleOf")
+        rule = f"a multiple of {_number(step)} " if step else ""
+        if low is not None and high is not None:
+            return f"`{field}` must be {rule}from {_number(low)} to {_number(high)}, got {got}"
+    if kind == "string_too_long":
+        limit = error.get("ctx", {}).get("max_length")
+        length = len(got.strip()) if isinstance(got, str) else "too many"
+        return f"`{field}` has {length} characters; the limit is {limit}"
+    if kind == "string_unicode":
+        return f"`{field}` must be valid Unicode text (it contains a lone surrogate)"
+    if kind == "string_too_short":
+        return f"`{field}` must not be empty"
+    if kind in ("literal_error", "enum"):
+        allowed = _field_schema(model, name).get("enum")
+        if allowed:
+            shown = got if isinstance(got, str | int | float | bool) else type(got).__name__
+            return f"`{field}` must be one of {', '.join(map(str, allowed))}, not {shown!r}"
+    if kind == "finite_number" or (isinstance(got, float) and not math.isfinite(got)):
+        return f"`{field}` must be a finite number"
+    return f"`{field}`: {error['msg'].removeprefix('Value error, ')}"
+
+
+def invalid_request(
+    exc: ValidationError, model: type[BaseModel] | None = None, prefix: str = ""
+) -> InvalidRequest:
+    """One 400 listing every error of ``exc``, each naming its field (``details.errors``)."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        field = prefix + (".".join(str(p) for p in error["loc"]) or "body")
+        errors.append({"field": field, "message": _message(error, field, model)})
+    return InvalidRequest(
+        "; ".join(e["message"] for e in errors),
+        details={"field": errors[0]["field"], "errors": errors},
+    )

@@ -1,0 +1,91 @@
+"""CORS: preflights for every endpoint, credentials and exposed headers, off by default."""
+
+from __future__ import annotations
+
+import re
+
+ORIGIN = "https://app.example"
+PREFLIGHT = {
+    "Origin": ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type, x-request-id",
+}
+
+
+def concrete_paths(app) -> list[str]:  # type: ignore[no-untyped-def]
+    """Every route of the app with its variables filled in."""
+    paths = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        paths.add(re.sub(r"<(?:[^:>]+:)?[^>]+>", "x1", rule.rule))
+    return sorted(paths)
+
+
+def test_preflight_works_for_every_endpoint_without_auth_or_limits(make_app) -> None:
+    app = make_app(
+        cors_origins=[ORIGIN],
+        api_keys=["user-key"],
+        ratelimit_default="1/minute",
+        ratelimit_transcribe="1/minute",
+        ratelimit_generate="1/minute",
+    )
+    client = app.test_client()
+    paths = concrete_paths(app)
+    for required in ("/transcribe-audio", "/generate-image", "/jobs/x1/events", "/v1/models"):
+        assert required in paths
+    for path in paths:
+        for _ in range(2):  # never counted against the 1/minute limit
+            response = client.options(path, headers=PREFLIGHT)
+            assert response.status_code == 200, (path, response.status_code)
+            assert response.headers["Access-Control-Allow-Origin"] == ORIGIN, path
+            assert response.headers["Access-Control-Allow-Credentials"] == "true"
+            allowed = response.headers["Access-Control-Allow-Headers"].lower()
+            assert {"authorization", "content-type", "x-request-id"} <= {
+                h.strip() for h in allowed.split(",")
+            }
+            assert "POST" in response.headers["Access-Control-Allow-Methods"]
+
+
+def test_answers_and_errors_expose_headers_to_the_allowed_origin(make_app) -> None:
+    client = make_app(cors_origins=[ORIGIN], api_keys=["user-key"]).test_client()
+    ok = client.get("/images", headers={"Origin": ORIGIN, "Authorization": "Bearer user-key"})
+    assert ok.status_code == 200
+    assert ok.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert ok.headers["Access-Control-Allow-Credentials"] == "true"
+    exposed = {h.strip().lower() for h in ok.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {
+        "x-request-id",
+        "retry-after",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "location",
+    } <= exposed
+    refused = client.get("/images", headers={"Origin": ORIGIN})  # no key: the page can read why
+    assert refused.status_code == 401
+    assert refused.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_other_origins_get_no_cors_headers(make_app) -> None:
+    client = make_app(cors_origins=[ORIGIN]).test_client()
+    response = client.options(
+        "/generate-image", headers={**PREFLIGHT, "Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in response.headers
+    response = client.get("/health", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_no_cors_headers_by_default(make_app) -> None:
+    client = make_app().test_client()
+    response = client.options("/generate-image", headers=PREFLIGHT)
+    assert not [k for k, _ in response.headers.items() if k.lower().startswith("access-control-")]
+
+
+def test_any_origin_without_credentials(make_app) -> None:
+    client = make_app(cors_origins=["*"]).test_client()
+    response = client.options("/transcribe-audio", headers=PREFLIGHT)
+    # flask-cors reflects the origin for "*"; without credentials that grants no more than "*".
+    assert response.headers["Access-Control-Allow-Origin"] in ("*", ORIGIN)
+    assert "Access-Control-Allow-Credentials" not in response.headers

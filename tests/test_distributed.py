@@ -1,0 +1,235 @@
+"""Distributed mode on real processes: `speech2image serve` APIs and `speech2image worker`s.
+
+One cluster per module (two API processes, two workers) on the machine's Redis and
+PostgreSQL; skipped with the reason when either does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from speech2image.storage import Storage
+
+from .distributed_cluster import Cluster, http, multipart, postgres_problem, redis_problem
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+HEAVY = ("torch", "ctranslate2", "faster_whisper", "diffusers", "transformers")
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny_models: dict[str, Path]
+):  # type: ignore[no-untyped-def]
+    """Worker `a` serves every model; worker `b` only Whisper and tiny-art; two APIs."""
+    problem = redis_problem() or postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    root = tmp_path_factory.mktemp("cluster")
+    settings = {
+        "S2I_MODEL_CACHE_DIR": model_cache,
+        "S2I_UPLOAD_DIR": root / "uploads",
+        "S2I_IMAGE_MODELS": json.dumps(
+            {name: {"source": str(path)} for name, path in tiny_models.items()}
+        ),
+        "S2I_STYLE_MODELS": json.dumps({"artistic": "tiny-art", "photographic": "tiny-photo"}),
+        "S2I_DEFAULT_WIDTH": 64,
+        "S2I_DEFAULT_HEIGHT": 64,
+        "S2I_DEFAULT_STEPS": 4,
+        "S2I_MAX_STEPS": 500,
+        "S2I_MODEL_IDLE_SECONDS": 0,
+        "S2I_CLEANUP_INTERVAL_SECONDS": 0,
+        "S2I_RATELIMIT_DEFAULT": "10000/minute",
+        "S2I_RATELIMIT_TRANSCRIBE": "10000/minute",
+        "S2I_RATELIMIT_GENERATE": "10000/minute",
+        "S2I_JOB_WORKERS": 1,
+        "S2I_BATCH_MAX_WAIT_MS": 100,
+        "S2I_BROKER_VISIBILITY_TIMEOUT": 6,
+        "S2I_JOB_MAX_ATTEMPTS": 2,
+    }
+    cluster = Cluster(root, settings)
+    cluster.create_schema()
+    Storage(cluster.database_url, root / "images").engine.dispose()  # tables before the processes
+    try:
+        cluster.start_worker("a")
+        cluster.start_worker("b", S2I_WORKER_MODELS="whisper,tiny-art")
+        cluster.start_api()
+        cluster.start_api()
+        for _, url in cluster.apis:
+            cluster.wait_ready(url, workers=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _urls(cluster: Cluster) -> tuple[str, str]:
+    return cluster.apis[0][1], cluster.apis[1][1]
+
+
+def _wait_job(url: str, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _, body = http("GET", f"{url}/jobs/{job_id}")
+        assert status == 200, body
+        if body["state"] in states:
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {body['state']}")
+
+
+def _submit(url: str, **fields: Any) -> dict[str, Any]:
+    status, headers, body = http("POST", f"{url}/generate-image", {"async": True, **fields})
+    assert status == 202, body
+    assert headers["Location"] == f"/jobs/{body['id']}"
+    return body
+
+
+def test_generate_sync_and_async_through_workers_from_any_api(cluster: Cluster) -> None:
+    first, second = _urls(cluster)
+    status, _, body = http("POST", f"{first}/generate-image", {"prompt": "a red fox", "seed": 3})
+    assert status == 200, body
+    (image,) = body["images"]
+    assert body["model"] == "tiny-art"
+    status, _, png = http("GET", f"{second}{image['url']}")
+    assert status == 200 and png.startswith(b"\x89PNG")
+
+    job = _submit(second, prompt="a photo of a harbour", num_images=2)
+    assert job["state"] == "queued" and job["model"] == "sd:tiny-photo"
+    done = _wait_job(first, job["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    assert len(done["result"]["images"]) == 2
+    assert done["worker"] in cluster.worker_names(first).values()
+    status, _, listing = http("GET", f"{second}/images?per_page=10")
+    assert {i["id"] for i in done["result"]["images"]} <= {i["id"] for i in listing["images"]}
+    # GET /jobs on either API process lists it, newest first, filtered by state.
+    status, _, jobs = http("GET", f"{first}/jobs?state=succeeded")
+    assert status == 200, jobs
+    assert jobs["jobs"][0]["id"] == job["id"] and jobs["total"] >= 1
+    status, _, queued = http("GET", f"{first}/jobs?state=queued")
+    assert job["id"] not in {j["id"] for j in queued["jobs"]}
+
+
+def test_api_process_never_imports_model_libraries(cluster: Cluster) -> None:
+    script = f"""
+import json, sys
+from speech2image.app import create_app
+app = create_app()
+client = app.test_client()
+answer = client.post("/generate-image", json={{"prompt": "a small boat", "steps": 1}})
+assert answer.status_code == 200, answer.get_json()
+assert app.config["S2I_ROLE"] == "api"
+print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_transcription_runs_on_a_worker_and_hostile_audio_is_refused_at_the_api(
+    cluster: Cluster, speech: dict[str, Path], tmp_path: Path
+) -> None:
+    first, second = _urls(cluster)
+    body, content_type = multipart({}, {"audio": speech["english"]})
+    status, _, answer = http(
+        "POST", f"{first}/transcribe-audio", data=body, headers={"Content-Type": content_type}
+    )
+    assert status == 200, answer
+    assert "fox" in answer["text"].lower()
+
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text("#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n")
+    before = http("GET", f"{second}/status")[2]["jobs"]["queued"]
+    body, content_type = multipart({"async": "true"}, {"audio": playlist})
+    status, _, answer = http(
+        "POST", f"{second}/transcribe-audio", data=body, headers={"Content-Type": content_type}
+    )
+    assert status == 415, answer
+    assert answer["error"]["code"] == "unsupported_audio"
+    assert http("GET", f"{second}/status")[2]["jobs"]["queued"] == before
+
+
+def test_jobs_of_a_model_go_only_to_workers_that_serve_it_and_batch_across_apis(
+    cluster: Cluster,
+) -> None:
+    first, second = _urls(cluster)
+    names = cluster.worker_names(first)
+    serving_photo = {
+        w["name"]
+        for w in http("GET", f"{first}/status")[2]["jobs"]["workers"]
+        if "sd:tiny-photo" in w["models"]
+    }
+    assert serving_photo == {names[cluster.workers["a"].pid]}
+    # Occupy worker a, then send two compatible requests through the two API processes:
+    # they wait in the worker together and run as one pipeline call.
+    blocker = _submit(first, prompt="a photo of a long road", model="tiny-photo", steps=60)
+    _wait_job(first, blocker["id"], ("running",))
+    jobs = [
+        _submit(url, prompt=f"a photo of a cat {i}", model="tiny-photo", steps=2, seed=i)
+        for i, url in enumerate((first, second))
+    ]
+    results = [_wait_job(second, j["id"], ("succeeded", "failed")) for j in jobs]
+    for done in results:
+        assert done["state"] == "succeeded", done
+        assert done["result"]["batch_size"] == 2
+        assert done["worker"] in serving_photo
+    assert _wait_job(first, blocker["id"], ("succeeded",))["worker"] in serving_photo
+
+
+def _events(url: str, job_id: str):  # type: ignore[no-untyped-def]
+    """Yield (event, data) from a job's SSE stream."""
+    with urllib.request.urlopen(f"{url}/jobs/{job_id}/events", timeout=120) as stream:
+        event = None
+        for raw in stream:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                yield event, json.loads(line[6:])
+
+
+def test_progress_relayed_by_another_api_and_cancel_stops_a_running_job(
+    cluster: Cluster,
+) -> None:
+    first, second = _urls(cluster)
+    job = _submit(first, prompt="a photo of a mountain", model="tiny-photo", steps=400)
+    queued = _submit(first, prompt="a photo of a lake", model="tiny-photo", steps=399)
+    seen = []
+    for event, data in _events(second, job["id"]):
+        seen.append((event, data["state"], data["progress"]["step"]))
+        if event == "progress" and data["progress"]["step"] >= 2:
+            # The second job waits behind it: cancelling it is immediate.
+            status, _, body = http("DELETE", f"{second}/jobs/{queued['id']}")
+            assert (status, body["state"]) == (200, "cancelled")
+            status, _, body = http("DELETE", f"{first}/jobs/{job['id']}")
+            assert status == 202, body
+        if event in ("succeeded", "failed", "cancelled"):
+            break
+    assert seen[-1][0] == "cancelled", seen
+    assert 2 <= seen[-1][2] < 400
+    assert _wait_job(second, queued["id"], ("cancelled",))["state"] == "cancelled"
+    # The worker is free again.
+    after = _submit(second, prompt="a photo of a tree", model="tiny-photo", steps=1)
+    assert _wait_job(first, after["id"], ("succeeded",))["state"] == "succeeded"
+
+
+def test_status_lists_workers_models_and_queues(cluster: Cluster) -> None:
+    first, _ = _urls(cluster)
+    jobs = http("GET", f"{first}/status")[2]["jobs"]
+    assert jobs["mode"] == "distributed"
+    assert {"sd:tiny-art", "sd:tiny-photo", "whisper:base"} <= set(jobs["queues"])
+    for worker in jobs["workers"]:
+        assert {"name", "models", "resident_bytes", "running", "pid"} <= set(worker)
