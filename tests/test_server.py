@@ -1,6 +1,6 @@
 """The production server command (`speech2image serve`: gunicorn, one worker, threads).
 
-Liveness under load through the probe listener, and a graceful stop on SIGTERM.
+Liveness under load through the probe listener (S2I_HEALTH_PORT), and a graceful stop on SIGTERM.
 """
 
 from __future__ import annotations

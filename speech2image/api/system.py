@@ -15,6 +15,7 @@ from ..image_service import get_image_service, required_models
 from ..jobs import get_job_runner
 from ..maintenance import get_maintenance
 from ..model_loader import get_model_loader
+from ..server import health_body
 from ..speech_service import get_speech_service
 from ..storage import get_storage
 from .identity import operators_only
@@ -30,8 +31,7 @@ bp = Blueprint("system", __name__)
 @endpoint(responses={200: Health}, tags=("system",), public=True, rate_limited=False)
 def health() -> ResponseReturnValue:
     """Liveness: the process answers. Touches no model and takes no lock a model holds."""
-    started = current_app.config["S2I_STARTED_AT"]
-    return jsonify(status="ok", version=__version__, uptime_seconds=round(time.time() - started, 1))
+    return jsonify(health_body(current_app))
 
 
 @bp.get("/ready")
