@@ -126,7 +126,12 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
         observer=metrics,
     )
     loader.init_app(app)
-    storage = Storage(settings.resolved_database_url(), settings.image_dir)
+    storage = Storage(
+        settings.resolved_database_url(),
+        settings.image_dir,
+        connect_timeout=settings.database_connect_timeout_seconds,
+        statement_timeout=settings.database_statement_timeout_seconds,
+    )
     storage.init_app(app)
     speech_service = SpeechService(settings, loader)
     speech_service.init_app(app)

@@ -6,15 +6,20 @@ import logging
 import math
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Flask, g, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from ..errors import ServiceError
+from ..errors import DatabaseUnavailable, ServiceError
 
-__all__ = ["error_response", "register_error_handlers"]
+__all__ = ["DATABASE_ERRORS", "error_response", "register_error_handlers"]
 
 log = logging.getLogger("speech2image.api")
+
+DATABASE_RETRY_AFTER = 5.0
+# What a database that refuses, times out or runs out of pooled connections raises.
+DATABASE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError)
 
 _CODES = {
     400: "bad_request",
@@ -73,6 +78,18 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
     return response
 
 
+def _handle_database_down(exc: Exception) -> ResponseReturnValue:
+    # A refused connection, a connect or statement timeout, an exhausted pool: the database,
+    # not this request, is the problem; the client may retry.
+    log.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    return _handle_http(
+        DatabaseUnavailable(
+            "the history database is not answering; retry shortly",
+            retry_after=DATABASE_RETRY_AFTER,
+        )
+    )
+
+
 def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
     original = exc.original_exception if isinstance(exc, InternalServerError) else exc
     log.error("unhandled error", exc_info=original)
@@ -82,4 +99,6 @@ def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
 def register_error_handlers(app: Flask) -> None:
     """Route every HTTP error and every unexpected exception to the JSON shape."""
     app.register_error_handler(HTTPException, _handle_http)
+    for error in DATABASE_ERRORS:
+        app.register_error_handler(error, _handle_database_down)
     app.register_error_handler(Exception, _handle_unexpected)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
+from sqlalchemy import text
 
 from .. import __version__
 from ..image_service import get_image_service, required_models
@@ -20,11 +25,12 @@ from ..speech_service import get_speech_service
 from ..storage import get_storage
 from .identity import operators_only
 from .openapi import Content, endpoint
-from .responses import Cleanup, Health, Ready, ServerConfig, ServerStatus
+from .responses import Cleanup, Health, Ready, ServerStatus
 
 __all__ = ["bp"]
 
 bp = Blueprint("system", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.get("/health")
@@ -40,9 +46,32 @@ def health() -> ResponseReturnValue:
     tags=("system",),
 )
 def ready() -> ResponseReturnValue:
-    """Readiness: the models the default flow needs can be had (loaded, or loadable offline)."""
+    """Readiness: the database answers, images can be written, the needed models can be had."""
+    settings = current_app.config["S2I_SETTINGS"]
+    storage = get_storage(current_app)
+    models = _model_readiness(settings)
+    required_ok = all(m["loaded"] or m["available"] for m in models if m["required"])
+    checks: dict[str, dict[str, Any]] = {
+        "database": _check_database(storage),
+        "image_dir": _check_image_dir(storage, int(settings.ready_min_free_bytes)),
+        "models": {"ok": required_ok}
+        | ({} if required_ok else {"problem": "a model the default flow needs cannot be had"}),
+        "server": _check_server(),
+        "ratelimit_storage": _check_ratelimit_storage(settings),
+    }
+    down = [name for name, check in checks.items() if not check["ok"] and name in CRITICAL]
+    degraded = [name for name, check in checks.items() if not check["ok"] and name not in CRITICAL]
+    body = {"ready": not down, "down": down, "degraded": degraded, "checks": checks}
+    return jsonify(body | {"models": models}), 503 if down else 200
+
+
+# A failing check in this set makes the instance not ready; the others only degrade it.
+CRITICAL = frozenset({"database", "image_dir", "models", "server"})
+
+
+def _model_readiness(settings: Any) -> list[dict[str, Any]]:
     loader = get_model_loader(current_app)
-    required = set(required_models(current_app.config["S2I_SETTINGS"]))
+    required = set(required_models(settings))
     models = []
     for row in loader.status():
         info = loader.factory(row["name"]).describe()
@@ -55,55 +84,63 @@ def ready() -> ResponseReturnValue:
                 "problem": info.get("problem"),
             }
         )
-    ok = all(m["loaded"] or m["available"] for m in models if m["required"])
-    return jsonify(ready=ok, models=models), 200 if ok else 503
+    return models
 
 
-@bp.get("/config")
-@endpoint(responses={200: ServerConfig}, tags=("system",), public=True)
-def config() -> ResponseReturnValue:
-    """Models, schedulers and the limits a form needs, from this server's settings."""
-    settings = current_app.config["S2I_SETTINGS"]
-    images = get_image_service(current_app)
-    fields = images.request_model.model_json_schema()["properties"]
-
-    def limit(name: str, *keys: str) -> dict[str, Any]:
-        schema = fields[name]
-        names = {"min": "minimum", "max": "maximum", "multiple_of": "multipleOf"}
-        names["default"] = "default"
-        return {key: schema[names[key]] for key in keys if names[key] in schema}
-
-    return jsonify(
-        models={
-            "image": [
-                _model_entry(name, spec.source) for name, spec in sorted(images.models.items())
-            ],
-            "whisper": [_whisper_entry(settings.whisper_model)],
-            "default_image": "auto",
-        },
-        schedulers=list(fields["scheduler"]["enum"]),
-        limits={
-            "width": limit("width", "min", "max", "multiple_of", "default"),
-            "height": limit("height", "min", "max", "multiple_of", "default"),
-            "steps": limit("steps", "min", "max", "default"),
-            "num_images": limit("num_images", "min", "max", "default"),
-            "prompt_chars": {"max": settings.max_prompt_chars},
-            "upload_bytes": {"max": int(settings.max_upload_bytes)},
-            "audio_seconds": {"max": settings.max_audio_seconds},
-        },
-        auth={"required": bool(settings.api_keys or settings.admin_api_keys)},
-    )
+def _check_database(storage: Any) -> dict[str, Any]:
+    try:
+        with storage.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        log.warning("readiness: database: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return {"ok": False, "problem": "the history database is not answering"}
+    return {"ok": True}
 
 
-def _model_entry(name: str, source: str) -> dict[str, Any]:
-    # A hub id says what the model is; a server path says nothing to a client and leaks.
-    local = source.startswith(("/", ".", "~")) or os.path.exists(source)
-    return {"name": name} if local else {"name": name, "source": source}
+def _check_image_dir(storage: Any, min_free: int) -> dict[str, Any]:
+    folder = getattr(storage, "image_dir", None)
+    if folder is None:  # not a local folder (an object store): nothing to check here
+        return {"ok": True}
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-", suffix=".tmp") as probe:
+            probe.write(b"ok")
+            probe.flush()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        log.warning("readiness: image folder: %s", exc)
+        return {"ok": False, "problem": f"the image folder is not writable ({exc.strerror})"}
+    if free < min_free:
+        return {
+            "ok": False,
+            "problem": f"{free} bytes free for images, less than S2I_READY_MIN_FREE_BYTES",
+        }
+    return {"ok": True}
 
 
-def _whisper_entry(model: str) -> dict[str, Any]:
-    local = model.startswith(("/", ".", "~")) or os.path.exists(model)
-    return {"name": os.path.basename(model.rstrip("/")) if local else model}
+def _check_server() -> dict[str, Any]:
+    state = current_app.extensions.get("server_state")
+    if state is not None and state.stopping:
+        return {"ok": False, "problem": "the server is stopping"}
+    return {"ok": True}
+
+
+def _check_ratelimit_storage(settings: Any) -> dict[str, Any]:
+    limiter = current_app.extensions.get("s2i_limiter")
+    if limiter is None or not limiter.enabled or settings.ratelimit_storage_uri == "memory://":
+        return {"ok": True}
+    try:
+        reachable = bool(limiter.storage.check())
+    except Exception:  # any storage error means it does not answer
+        reachable = False
+    # Flask-Limiter keeps counting in memory until its back-off check sees the storage again;
+    # it has no public flag for that state.
+    falling_back = bool(getattr(limiter, "_storage_dead", False))
+    if reachable and not falling_back:
+        return {"ok": True}
+    return {
+        "ok": False,
+        "problem": "the rate-limit storage is not answering: counting in memory meanwhile",
+    }
 
 
 @bp.get("/status")
