@@ -19,6 +19,7 @@ from .api import errors, identity, images, jobs, openai, openapi, speech, system
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
+from .imagestore import make_image_store
 from .jobs.local import LocalJobRunner
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     storage = Storage(
         settings.resolved_database_url(),
         settings.image_dir,
+        images=make_image_store(settings),
         connect_timeout=settings.database_connect_timeout_seconds,
         statement_timeout=settings.database_statement_timeout_seconds,
     )
@@ -155,9 +157,13 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
             is_resident=loader.is_resident,
             keep_finished_seconds=settings.job_keep_seconds,
             observer=metrics,
+            # Embedded: every job is a row of the history (workers' jobs are the API's).
+            store=storage.jobs if role == "embedded" else None,
         )
         register_tasks(runner, speech_service, image_service)
         runner.init_app(app)
+        if role == "embedded" and settings.job_recover_on_start:
+            runner.recover()
         if role == "worker":
             _init_worker(app, settings, runner, loader, speech_service)
     # Each event stream holds a request thread for the whole job: keep half of them free.

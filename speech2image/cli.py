@@ -237,7 +237,9 @@ def generate(
     from .image_service import model_key
     from .jobs import Job
 
-    settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
+    settings = _settings().model_copy(
+        update={"cleanup_interval_seconds": 0, "job_recover_on_start": False}
+    )
     app = create_app(settings)
     service, runner = app.extensions["images"], app.extensions["jobs"]
     payload = {"prompt": prompt, "model": model, "num_images": num_images}
@@ -268,7 +270,7 @@ def generate(
     click.echo(f"model: {result['model']} ({result['model_choice']['reason']})")
     for image in result["images"]:
         click.echo(
-            f"{app.extensions['storage'].image_dir / image['filename']}  seed={image['seed']}"
+            f"{app.extensions['storage'].images.location(image['filename'])}  seed={image['seed']}"
         )
 
 
@@ -277,7 +279,9 @@ def cleanup() -> None:
     """Remove images past retention now (rows and files together)."""
     from .app import create_app
 
-    settings = _settings().model_copy(update={"cleanup_interval_seconds": 0})
+    settings = _settings().model_copy(
+        update={"cleanup_interval_seconds": 0, "job_recover_on_start": False}
+    )
     report = create_app(settings).extensions["maintenance"].run()
     click.echo(json.dumps(report, indent=2))
 

@@ -11,7 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .style import DEFAULT_STYLE, DEFAULT_STYLE_CUES, DEFAULT_STYLE_MODELS
@@ -159,6 +167,25 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_IMAGE_DIR."
     )
+    # --- image store ------------------------------------------------------------------
+    image_store: Literal["local", "s3"] = Field(
+        "local", description="Where PNGs live: local (S2I_IMAGE_DIR) or s3 (an S3 bucket)."
+    )
+    s3_bucket: str = Field("", description="Bucket of the images (needed with s3).")
+    s3_prefix: str = Field("images/", description="Key prefix of the images in the bucket.")
+    s3_endpoint_url: str = Field(
+        "", description="S3 API URL (MinIO, SeaweedFS, R2 ...); empty: AWS S3."
+    )
+    s3_region: str = Field("", description="Region; empty: boto3's default.")
+    s3_access_key_id: str = Field("", description="Access key; empty: boto3's default chain.")
+    s3_secret_access_key: SecretStr = Field(SecretStr(""), description="Secret key.")
+    s3_create_bucket: bool = Field(False, description="Create the bucket at start-up if missing.")
+    s3_presigned_redirect_seconds: int = Field(
+        0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="GET /images/<file> redirects to a presigned URL valid this long; 0: proxy.",
+    )
     database_connect_timeout_seconds: float = Field(
         5.0, gt=0, le=600, description="Give up connecting to the database after this long."
     )
@@ -206,6 +233,9 @@ class Settings(BaseSettings):
     queue_max: int = Field(64, ge=1, description="Jobs waiting at most (503 beyond).")
     queue_max_per_owner: int = Field(16, ge=1, description="Jobs per client (429 beyond).")
     job_keep_seconds: float = Field(3600.0, ge=1, description="Keep finished jobs this long.")
+    job_recover_on_start: bool = Field(
+        True, description="At start-up, run again the jobs a crashed process left unfinished."
+    )
 
     # --- distributed mode (Celery workers; empty broker: embedded) -----------------------
     broker_url: str = Field(
@@ -319,6 +349,8 @@ class Settings(BaseSettings):
             raise ValueError("S2I_DEFAULT_WIDTH/HEIGHT must not exceed S2I_MAX_WIDTH/HEIGHT")
         if self.default_steps > self.max_steps:
             raise ValueError("S2I_DEFAULT_STEPS must not exceed S2I_MAX_STEPS")
+        if self.image_store == "s3" and not self.s3_bucket:
+            raise ValueError("S2I_S3_BUCKET is required when S2I_IMAGE_STORE is s3")
         if self.health_port is not None and self.health_port == self.port:
             raise ValueError("S2I_HEALTH_PORT must differ from PORT")
         models = self.image_model_specs()

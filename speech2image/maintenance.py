@@ -34,7 +34,7 @@ class Maintenance:
             self.start(self.settings.cleanup_interval_seconds)
 
     def run(self) -> dict[str, Any]:
-        """Remove expired images and unload idle models; report what was removed."""
+        """Remove expired images and job rows, unload idle models; report what was removed."""
         s = self.settings
         max_age = dt.timedelta(days=s.image_retention_days) if s.image_retention_days else None
         with self._lock:
@@ -42,9 +42,10 @@ class Maintenance:
                 max_age=max_age, max_count=s.image_max_count, max_bytes=int(s.image_max_bytes)
             )
             unloaded = self.loader.unload_idle()
-        report = {**removed, "models_unloaded": unloaded}
+            jobs_expired = self.storage.jobs.expire(dt.timedelta(seconds=s.job_keep_seconds))
+        report = {**removed, "models_unloaded": unloaded, "jobs_expired": jobs_expired}
         self.last_run = {"at": dt.datetime.now(dt.UTC).isoformat(), **report}
-        if removed["images_removed"] or unloaded or removed["orphan_files_removed"]:
+        if removed["images_removed"] or unloaded or removed["orphan_files_removed"] or jobs_expired:
             log.info("cleanup: %s", report)
         return report
 

@@ -205,12 +205,20 @@ class SpeechService:
         """Check the request's options before any decoding or model work."""
         task = (task or "transcribe").strip().lower()
         if task not in TASKS:
-            raise InvalidRequest(f"`task` must be one of {', '.join(TASKS)}, not {task!r}")
+            raise InvalidRequest(
+                f"`task` must be one of {', '.join(TASKS)}, not {task!r}", details={"field": "task"}
+            )
         lang = (language or "").strip().lower() or None
         if lang is not None and (not lang.isalpha() or not 2 <= len(lang) <= 3):
-            raise InvalidRequest(f"`language` must be {WHISPER_LANGUAGES_HINT}, not {language!r}")
+            raise InvalidRequest(
+                f"`language` must be {WHISPER_LANGUAGES_HINT}, not {language!r}",
+                details={"field": "language"},
+            )
         if lang is not None and lang not in WHISPER_LANGUAGES:
-            raise InvalidRequest(f"`language` {lang!r} is not a language Whisper knows")
+            raise InvalidRequest(
+                f"`language` {lang!r} is not a language Whisper knows",
+                details={"field": "language"},
+            )
         return TranscribeOptions(
             lang,
             task,

@@ -17,7 +17,7 @@ from typing import Any
 from .engines.diffusers_sd import GenerationCancelled
 from .errors import InvalidAudio
 from .image_service import ImageRequest, ImageService, PreparedImage, model_key
-from .jobs import Job, JobCancelled
+from .jobs import InputGone, Job, JobCancelled
 from .jobs.local import LocalJobRunner
 from .prompting import UnderstandSteps, understand_speech
 from .speech_service import (
@@ -26,7 +26,7 @@ from .speech_service import (
     TranscriptionResult,
     discard_upload,
 )
-from .storage import NewTranscript, keyed_id
+from .storage import JobRecord, NewTranscript, keyed_id
 from .style import StyleChoice
 
 __all__ = [
@@ -60,10 +60,86 @@ class SpeechToImageWork:
 
 
 def register_tasks(runner: LocalJobRunner, speech: SpeechService, images: ImageService) -> None:
-    """Register the handlers of every job kind."""
-    runner.register("transcribe", partial(run_transcribe, speech))
-    runner.register("generate", partial(run_generate, images))
-    runner.register("speech_to_image", partial(run_speech_to_image, speech, images))
+    """Register the handler of every job kind, with how its work is saved and restored."""
+    runner.register(
+        "transcribe",
+        partial(run_transcribe, speech),
+        dump=dump_transcribe,
+        restore=partial(restore_transcribe, speech),
+    )
+    runner.register(
+        "generate",
+        partial(run_generate, images),
+        dump=dump_generate,
+        restore=partial(restore_generate, images),
+    )
+    runner.register(
+        "speech_to_image",
+        partial(run_speech_to_image, speech, images),
+        dump=dump_speech_to_image,
+        restore=partial(restore_speech_to_image, speech),
+    )
+
+
+# --- work as JSON in the job row, and back --------------------------------------------------
+def dump_generate(item: PreparedImage) -> dict[str, Any]:
+    """The validated request (every default resolved, the seed too): enough to run it again."""
+    return {"request": dataclasses.asdict(item.request), "model": item.choice.model}
+
+
+def restore_generate(images: ImageService, record: JobRecord) -> Job:
+    """A generation job from its row; the model is chosen again the same way."""
+    item = images.prepare(ImageRequest(**record.work["request"]))
+    return Job.restored(
+        record,
+        item,
+        model=model_key(item.choice.model),
+        batch_key=item.batch_key(),
+        images=item.request.num_images,
+        steps=item.request.steps,
+    )
+
+
+def dump_transcribe(work: TranscribeWork) -> dict[str, Any]:
+    """The stored upload's path and the validated options."""
+    return {"path": str(work.path), "options": dataclasses.asdict(work.options)}
+
+
+def _stored_upload(speech: SpeechService, record: JobRecord) -> Path:
+    path = Path(record.work["path"])
+    if path.parent.resolve() != speech.upload_dir.resolve() or not path.is_file():
+        raise InputGone("its uploaded audio is gone")
+    return path
+
+
+def restore_transcribe(speech: SpeechService, record: JobRecord) -> Job:
+    """A transcription job from its row, if its upload is still there."""
+    path = _stored_upload(speech, record)
+    work = TranscribeWork(path, TranscribeOptions(**record.work["options"]))
+    return Job.restored(record, work, cleanup=partial(discard_upload, path))
+
+
+def dump_speech_to_image(work: SpeechToImageWork) -> dict[str, Any]:
+    """The stored upload's path, the options and the image fields."""
+    return {
+        "path": str(work.path),
+        "options": dataclasses.asdict(work.options),
+        "image_fields": work.image_fields,
+        "understand": dataclasses.asdict(work.understand),
+    }
+
+
+def restore_speech_to_image(speech: SpeechService, record: JobRecord) -> Job:
+    """A speech-to-image job from its row, if its upload is still there."""
+    path = _stored_upload(speech, record)
+    data = record.work
+    work = SpeechToImageWork(
+        path,
+        TranscribeOptions(**data["options"]),
+        dict(data["image_fields"]),
+        UnderstandSteps(**data.get("understand", {})),
+    )
+    return Job.restored(record, work, cleanup=partial(discard_upload, path))
 
 
 def job_payload(job: Job) -> tuple[dict[str, Any], Path | None]:
@@ -139,18 +215,19 @@ def _transcribe_upload(
     *,
     english: bool = False,
 ) -> TranscriptionResult:
-    """Transcribe a stored upload with progress, removing the file as soon as it is read."""
-    try:
-        job.progress("transcribing", 0, 0)  # the stage is known before the audio is decoded
-        return speech.transcribe_file(
-            path,
-            options,
-            on_progress=lambda done, total: job.progress("transcribing", done, total),
-            english=english,
-            on_english_progress=lambda done, total: job.progress("translating", done, total),
-        )
-    finally:
-        discard_upload(path)
+    """Transcribe a stored upload with progress.
+
+    The file stays until the job ends (the job's cleanup removes it): a job interrupted by a
+    crash can then run again from the start.
+    """
+    job.progress("transcribing", 0, 0)  # the stage is known before the audio is decoded
+    return speech.transcribe_file(
+        path,
+        options,
+        on_progress=lambda done, total: job.progress("transcribing", done, total),
+        english=english,
+        on_english_progress=lambda done, total: job.progress("translating", done, total),
+    )
 
 
 def run_transcribe(speech: SpeechService, jobs: list[Job]) -> None:
@@ -245,7 +322,10 @@ def run_speech_to_image(speech: SpeechService, images: ImageService, jobs: list[
         return
     # The row keeps what was said, in the language it was said in.
     record = NewTranscript(
-        transcript.text, transcript.language, transcript.duration, id=keyed_id(job.id, "transcript")
+        transcript.text,
+        transcript.language,
+        transcript.duration,
+        id=keyed_id(job.id, "transcript"),
     )
     clipped = prompt != spoken.prompt or negative != spoken.negative_prompt
     result = images.store(

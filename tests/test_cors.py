@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 ORIGIN = "https://app.example"
@@ -89,3 +90,16 @@ def test_any_origin_without_credentials(make_app) -> None:
     # flask-cors reflects the origin for "*"; without credentials that grants no more than "*".
     assert response.headers["Access-Control-Allow-Origin"] in ("*", ORIGIN)
     assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+def test_a_cross_origin_upload_can_read_its_answer(make_app) -> None:
+    client = make_app(cors_origins=[ORIGIN]).test_client()
+    response = client.post(
+        "/transcribe-audio",
+        data={"audio": (io.BytesIO(b"not audio at all"), "a.wav")},
+        content_type="multipart/form-data",
+        headers={"Origin": ORIGIN},
+    )
+    assert response.status_code == 415
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "X-Request-ID" in response.headers["Access-Control-Expose-Headers"]

@@ -18,7 +18,14 @@ import pytest
 
 from speech2image.storage import Storage
 
-from .distributed_cluster import Cluster, http, multipart, postgres_problem, redis_problem
+from .distributed_cluster import (
+    Cluster,
+    free_port,
+    http,
+    multipart,
+    postgres_problem,
+    redis_problem,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -59,7 +66,7 @@ def cluster(
     cluster.create_schema()
     Storage(cluster.database_url, root / "images").engine.dispose()  # tables before the processes
     try:
-        cluster.start_worker("a")
+        cluster.start_worker("a", S2I_METRICS_PORT=free_port())  # its own /metrics
         cluster.start_worker("b", S2I_WORKER_MODELS="whisper,tiny-art")
         cluster.start_api()
         cluster.start_api()
@@ -115,6 +122,29 @@ def test_generate_sync_and_async_through_workers_from_any_api(cluster: Cluster) 
     assert jobs["jobs"][0]["id"] == job["id"] and jobs["total"] >= 1
     status, _, queued = http("GET", f"{first}/jobs?state=queued")
     assert job["id"] not in {j["id"] for j in queued["jobs"]}
+
+
+def test_a_worker_serves_its_own_metrics(cluster: Cluster) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    api, _ = _urls(cluster)
+    body = {"prompt": "a photo of a harbour", "model": "tiny-photo", "steps": 1}
+    status, _, answer = http("POST", f"{api}/generate-image", body)
+    assert status == 200, answer
+    port = cluster.worker_env["a"]["S2I_METRICS_PORT"]  # only worker a serves tiny-photo
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    done = ("s2i_jobs_finished_total", (("kind", "generate"), ("state", "succeeded")))
+    assert samples[done] >= 1
+    resident = ("s2i_model_resident_bytes", (("device", "cpu"), ("model", "sd:tiny-photo")))
+    assert samples[resident] > 0
+    steps = ("s2i_denoise_step_seconds_count", (("model", "sd:tiny-photo"),))
+    assert samples[steps] >= 1
 
 
 def test_api_process_never_imports_model_libraries(cluster: Cluster) -> None:

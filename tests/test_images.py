@@ -175,7 +175,7 @@ def test_unavailable_model_is_503_while_others_serve(make_app, tiny_models) -> N
 def test_failed_save_leaves_neither_file_nor_row(make_app, monkeypatch) -> None:
     app = make_app()
     client = app.test_client()
-    import speech2image.storage.history as storage_module
+    import speech2image.imagestore.local as storage_module
 
     real_replace = storage_module.os.replace
     calls = {"n": 0}

@@ -319,7 +319,7 @@ def test_failed_speech_to_image_leaves_no_transcript_or_image(
 ) -> None:
     from sqlalchemy import func, select
 
-    import speech2image.storage.history as storage_module
+    import speech2image.imagestore.local as storage_module
     from speech2image.storage import TranscriptRecord
 
     def full_disk(src, dst):  # type: ignore[no-untyped-def]

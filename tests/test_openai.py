@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -170,6 +171,9 @@ def test_validation_errors_are_bad_request_naming_the_param(shared_app, live_ser
     with pytest.raises(openai.BadRequestError) as caught:
         client.audio.transcriptions.create(model="gpt-4o-transcribe", file=b"RIFF")
     assert caught.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.audio.transcriptions.create(model="whisper-1", file=b"RIFF", language="xx")
+    assert caught.value.body["param"] == "language"
 
 
 def test_rate_limit_is_the_sdk_rate_limit_error(make_app, live_server) -> None:
@@ -228,3 +232,26 @@ def test_spec_describes_the_v1_routes_with_openai_errors(client) -> None:
     assert {"file", "model", "prompt", "timestamp_granularities[]"} <= set(
         spec["components"]["schemas"][ref]["properties"]
     )
+
+
+def test_concurrent_generations_share_one_batch(make_app, live_server) -> None:
+    app = make_app(batch_max_wait_ms=3000)
+    client = sdk(live_server(app))
+    results: list[object] = []
+
+    def ask(prompt: str) -> None:
+        results.append(
+            client.images.generate(
+                model="tiny-art", prompt=prompt, size="64x64", extra_body={"steps": 1}
+            )
+        )
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in ("a red boat", "a blue kite")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 's2i_batch_jobs_count{kind="generate"} 1.0' in metrics
+    assert 's2i_batch_jobs_sum{kind="generate"} 2.0' in metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from flask import Blueprint, current_app, jsonify, send_file, url_for
+from flask import Blueprint, current_app, jsonify, redirect, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -114,6 +114,11 @@ def list_images(query: Any) -> ResponseReturnValue:
             "The PNG (with its parameters in a `parameters` text chunk)",
             {"ETag": "SHA-256 of the file", "Cache-Control": "Immutable; private behind auth"},
         ),
+        302: Content(
+            {},
+            "With S2I_S3_PRESIGNED_REDIRECT_SECONDS: a short-lived presigned URL of the object",
+            {"Location": "The presigned URL"},
+        ),
         304: None,
     },
     errors=(404,),
@@ -123,15 +128,31 @@ def list_images(query: Any) -> ResponseReturnValue:
 def get_image(filename: str) -> ResponseReturnValue:
     """Serve one PNG, only if the history records it for the caller."""
     storage = get_storage(current_app)
+    settings = current_app.config["S2I_SETTINGS"]
     record = storage.get_image(client_owner(), filename)
-    path = storage.image_path(record) if record is not None else None
-    if record is None or path is None:
+    if record is None:
+        raise ResourceNotFound("no such image")
+    # Files never change under their id. Behind auth, only private caches may keep them.
+    scope = "private" if settings.api_keys else "public"
+    if request.if_none_match.contains(record.sha256):  # answered without touching the store
+        response = current_app.response_class(status=304)
+        response.set_etag(record.sha256)
+        response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
+        return response
+    expires = settings.s3_presigned_redirect_seconds
+    if expires:
+        url = storage.images.presigned_url(record.filename, expires)
+        if url is not None:
+            response = redirect(url, code=302)
+            # The URL expires: caches may keep the redirect for a fraction of its life only.
+            response.headers["Cache-Control"] = f"private, max-age={max(expires // 2, 1)}"
+            return response
+    source = storage.image_source(record)
+    if source is None:
         raise ResourceNotFound("no such image")
     response = send_file(
-        path, mimetype="image/png", etag=record.sha256, conditional=True, max_age=ONE_YEAR
+        source, mimetype="image/png", etag=record.sha256, conditional=True, max_age=ONE_YEAR
     )
-    # Files never change under their id. Behind auth, only private caches may keep them.
-    scope = "private" if current_app.config["S2I_SETTINGS"].api_keys else "public"
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response
 

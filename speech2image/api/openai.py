@@ -453,10 +453,10 @@ def _image_item(image: dict[str, Any], response_format: str, prompt: str) -> dic
         return {"url": url, "revised_prompt": prompt}
     storage = get_storage(current_app)
     record = storage.get_image(client_owner(), image["filename"])
-    path = storage.image_path(record) if record is not None else None
-    if path is None:  # removed between generation and answer (a cleanup ran)
+    data = storage.image_bytes(record) if record is not None else None
+    if data is None:  # removed between generation and answer (a cleanup ran)
         raise ResourceNotFound("the generated image is gone")
-    return {"b64_json": base64.b64encode(path.read_bytes()).decode(), "revised_prompt": prompt}
+    return {"b64_json": base64.b64encode(data).decode(), "revised_prompt": prompt}
 
 
 # --- models -------------------------------------------------------------------------------

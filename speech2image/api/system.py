@@ -25,7 +25,7 @@ from ..speech_service import get_speech_service
 from ..storage import get_storage
 from .identity import operators_only
 from .openapi import Content, endpoint
-from .responses import Cleanup, Health, Ready, ServerStatus
+from .responses import Cleanup, Health, Ready, ServerConfig, ServerStatus
 
 __all__ = ["bp"]
 
@@ -98,9 +98,16 @@ def _check_database(storage: Any) -> dict[str, Any]:
 
 
 def _check_image_dir(storage: Any, min_free: int) -> dict[str, Any]:
-    folder = getattr(storage, "image_dir", None)
-    if folder is None:  # not a local folder (an object store): nothing to check here
+    store = getattr(storage, "images", None)
+    folder = getattr(store, "folder", None)
+    if store is not None and folder is None:  # an object store: it answers, or it does not
+        try:
+            store.check()
+        except Exception as exc:  # whatever the client library raises
+            log.warning("readiness: image store: %s", exc)
+            return {"ok": False, "problem": "the image store is not answering"}
         return {"ok": True}
+    folder = folder or storage.image_dir
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-", suffix=".tmp") as probe:
             probe.write(b"ok")
@@ -141,6 +148,53 @@ def _check_ratelimit_storage(settings: Any) -> dict[str, Any]:
         "ok": False,
         "problem": "the rate-limit storage is not answering: counting in memory meanwhile",
     }
+
+
+@bp.get("/config")
+@endpoint(responses={200: ServerConfig}, tags=("system",), public=True)
+def config() -> ResponseReturnValue:
+    """Models, schedulers and the limits a form needs, from this server's settings."""
+    settings = current_app.config["S2I_SETTINGS"]
+    images = get_image_service(current_app)
+    fields = images.request_model.model_json_schema()["properties"]
+
+    def limit(name: str, *keys: str) -> dict[str, Any]:
+        schema = fields[name]
+        names = {"min": "minimum", "max": "maximum", "multiple_of": "multipleOf"}
+        names["default"] = "default"
+        return {key: schema[names[key]] for key in keys if names[key] in schema}
+
+    return jsonify(
+        models={
+            "image": [
+                _model_entry(name, spec.source) for name, spec in sorted(images.models.items())
+            ],
+            "whisper": [_whisper_entry(settings.whisper_model)],
+            "default_image": "auto",
+        },
+        schedulers=list(fields["scheduler"]["enum"]),
+        limits={
+            "width": limit("width", "min", "max", "multiple_of", "default"),
+            "height": limit("height", "min", "max", "multiple_of", "default"),
+            "steps": limit("steps", "min", "max", "default"),
+            "num_images": limit("num_images", "min", "max", "default"),
+            "prompt_chars": {"max": settings.max_prompt_chars},
+            "upload_bytes": {"max": int(settings.max_upload_bytes)},
+            "audio_seconds": {"max": settings.max_audio_seconds},
+        },
+        auth={"required": bool(settings.api_keys or settings.admin_api_keys)},
+    )
+
+
+def _model_entry(name: str, source: str) -> dict[str, Any]:
+    # A hub id says what the model is; a server path says nothing to a client and leaks.
+    local = source.startswith(("/", ".", "~")) or os.path.exists(source)
+    return {"name": name} if local else {"name": name, "source": source}
+
+
+def _whisper_entry(model: str) -> dict[str, Any]:
+    local = model.startswith(("/", ".", "~")) or os.path.exists(model)
+    return {"name": os.path.basename(model.rstrip("/")) if local else model}
 
 
 @bp.get("/status")

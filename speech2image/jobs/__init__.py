@@ -16,16 +16,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Hashable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ServiceError
 from ..logging_setup import current_request_id
 
+if TYPE_CHECKING:
+    from ..storage.jobs import JobRecord
+
 __all__ = [
     "TERMINAL",
     "Handler",
+    "InputGone",
     "Job",
     "JobCancelled",
+    "JobListener",
     "JobRunner",
     "JobState",
     "LocalJobRunner",
@@ -53,6 +58,10 @@ class JobCancelled(Exception):
     """Raised inside a handler when every job it works for was cancelled."""
 
 
+class InputGone(Exception):
+    """A job cannot run again: its input (a stored upload) no longer exists."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One unit of model work, its progress and its outcome. Thread-safe."""
@@ -76,6 +85,9 @@ class Job:
     cancel_requested: bool = False
     waiters: int = 0
     cleanup: Callable[[], None] | None = None  # called once when the job ends, however
+    # Told of every change outside the lock ("start", "progress", "finish" with the final
+    # state and result or error, before they are visible): the job row.
+    listener: JobListener | None = dataclasses.field(default=None, repr=False)
     request_id: str | None = dataclasses.field(default_factory=current_request_id)
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -84,12 +96,62 @@ class Job:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # reported by a worker
     _stage_started: float = dataclasses.field(default=0.0, repr=False)
     _exception: BaseException | None = dataclasses.field(default=None, repr=False)
+    _finishing: bool = dataclasses.field(default=False, repr=False)
     _cond: threading.Condition = dataclasses.field(default_factory=threading.Condition, repr=False)
+
+    # --- rows of the job table -------------------------------------------------------------
+    @classmethod
+    def restored(cls, record: JobRecord, work: Any, **fields: Any) -> Job:
+        """The job of ``record`` ready to run again (queued, with its id and request id)."""
+        return cls(
+            kind=record.kind,
+            owner=record.owner,
+            work=work,
+            id=record.id,
+            created_at=record.times()["created_at"],  # type: ignore[arg-type]
+            request_id=record.request_id,
+            **fields,
+        )
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> Job:
+        """A read-only copy of the job as its row describes it (for jobs not in memory)."""
+        times = record.times()
+        created = times["created_at"]
+        assert created is not None
+
+        def since_created(moment: dt.datetime | None) -> float | None:
+            return None if moment is None else (moment - created).total_seconds()
+
+        job = cls(
+            kind=record.kind,
+            owner=record.owner,
+            work=None,
+            model=record.model,
+            id=record.id,
+            created_at=created,
+            state=JobState(record.state),
+            stage=record.stage,
+            step=record.step,
+            total_steps=record.total,
+            result=record.result,
+            error=record.error,
+            cancel_requested=record.cancel_requested,
+            request_id=record.request_id,
+            queued_at=0.0,
+            started_at=since_created(times["started_at"]),
+            finished_at=since_created(times["finished_at"]),
+        )
+        return job
 
     # --- updates (from the runner and handlers) ------------------------------------------
     def _bump(self) -> None:
         self.version += 1
         self._cond.notify_all()
+
+    def _tell(self, event: str, final: dict[str, Any] | None = None) -> None:
+        if self.listener is not None:
+            self.listener(self, event, final or {})
 
     def start(self) -> None:
         """The job left the queue."""
@@ -97,6 +159,7 @@ class Job:
             self.state = JobState.RUNNING
             self.started_at = time.monotonic()
             self._bump()
+        self._tell("start")
 
     def progress(self, stage: str, step: int, total: int) -> None:
         """Report progress in ``stage``; the ETA comes from this job's own step times."""
@@ -108,6 +171,7 @@ class Job:
             elapsed = now - self._stage_started
             self.eta_seconds = round(elapsed / step * (total - step), 2) if step else None
             self._bump()
+        self._tell("progress")
         if self.cancel_requested:
             raise JobCancelled(self.id)
 
@@ -157,19 +221,23 @@ class Job:
 
     def _finish(self, state: JobState, **fields: Any) -> None:
         with self._cond:
-            if self.state in TERMINAL:
+            if self.state in TERMINAL or self._finishing:
                 return
+            self._finishing = True
+        # The row says how the job ended, and its input is removed, before anyone sees it end.
+        self._tell("finish", {"state": state, **fields})
+        if self.cleanup is not None:
+            try:
+                self.cleanup()
+            except Exception:
+                log.exception("cleanup of job %s failed", self.id)
+        with self._cond:
             self.state = state
             for key, value in fields.items():
                 setattr(self, key, value)
             self.finished_at = time.monotonic()
             self.eta_seconds = 0.0 if state == JobState.SUCCEEDED else None
             self._bump()
-        if self.cleanup is not None:
-            try:
-                self.cleanup()
-            except Exception:
-                log.exception("cleanup of job %s failed", self.id)
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -252,6 +320,7 @@ class RemoteJobError(ServiceError):
 
 
 Handler = Callable[[list[Job]], None]
+JobListener = Callable[[Job, str, dict[str, Any]], None]
 
 
 class JobRunner(Protocol):

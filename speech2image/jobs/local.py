@@ -5,6 +5,11 @@ whose model is already resident (avoiding a needless model switch), unless the o
 all has waited longer than the fairness window. Image jobs with the same batch key (model,
 size, steps, scheduler, guidance) are merged into one pipeline call, up to a number of images,
 waiting a short while for companions to arrive.
+
+With a job store, every accepted job is a row (see :mod:`.recorder`): after a crash,
+:meth:`LocalJobRunner.recover` runs again the jobs a dead process left queued or running, or
+fails them as ``interrupted`` when their input is gone, and finished jobs stay readable from
+the table for ``keep_finished_seconds``.
 """
 
 from __future__ import annotations
@@ -18,11 +23,18 @@ from typing import Any
 from ..errors import QueueFull, ServiceBusy, ServiceError
 from ..logging_setup import job_request_id
 from ..observe import NULL_OBSERVER, Observer
-from . import Handler, Job, JobCancelled, JobState
+from ..storage.jobs import JobRecord, JobStore
+from . import Handler, InputGone, Job, JobCancelled, JobState
+from .recorder import JobRecorder, interrupted_error, local_worker_is_dead, local_worker_name
 
-__all__ = ["LocalJobRunner"]
+__all__ = ["MAX_ATTEMPTS", "LocalJobRunner"]
 
 log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # a job that took its process down this often is failed, not run again
+
+WorkDumper = Callable[[Any], dict[str, Any]]
+JobRestorer = Callable[[JobRecord], Job]
 
 
 class LocalJobRunner:
@@ -39,6 +51,7 @@ class LocalJobRunner:
         max_queued_per_owner: int = 16,
         is_resident: Callable[[str], bool] = lambda _model: False,
         keep_finished_seconds: float = 3600.0,
+        store: JobStore | None = None,
         observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.observer = observer
@@ -50,6 +63,12 @@ class LocalJobRunner:
         self.is_resident = is_resident
         self.keep_finished_seconds = keep_finished_seconds
         self._handlers: dict[str, Handler] = {}
+        self._dumpers: dict[str, WorkDumper] = {}
+        self._restorers: dict[str, JobRestorer] = {}
+        self.worker_name = local_worker_name()
+        self.recorder = (
+            JobRecorder(store, self.worker_name, keep_finished_seconds) if store else None
+        )
         self._queue: list[Job] = []
         self._jobs: dict[str, Job] = {}
         self._running: set[Job] = set()
@@ -68,15 +87,32 @@ class LocalJobRunner:
         """Store on a Flask app as ``app.extensions['jobs']``."""
         app.extensions["jobs"] = self
 
-    def register(self, kind: str, handler: Handler) -> None:
-        """Run jobs of ``kind`` with ``handler`` (it receives a batch of one or more jobs)."""
+    def register(
+        self,
+        kind: str,
+        handler: Handler,
+        *,
+        dump: WorkDumper | None = None,
+        restore: JobRestorer | None = None,
+    ) -> None:
+        """Run jobs of ``kind`` with ``handler`` (it receives a batch of one or more jobs).
+
+        ``dump`` turns a job's work into the JSON of its row; ``restore`` rebuilds the job
+        from the row after a restart (raising InputGone when it cannot run again).
+        """
         self._handlers[kind] = handler
+        if dump is not None:
+            self._dumpers[kind] = dump
+        if restore is not None:
+            self._restorers[kind] = restore
 
     # --- the interface ---------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
         """Queue ``job`` unless the owner or the whole queue is at its limit."""
         if job.kind not in self._handlers:
             raise ValueError(f"no handler for job kind {job.kind!r}")
+        dump = self._dumpers.get(job.kind)
+        work = dump(job.work) if dump is not None else {}
         with self._cond:
             self._forget_old()
             active = [j for j in self._queue if j.owner == job.owner]
@@ -92,15 +128,19 @@ class LocalJobRunner:
                     f"the queue is full ({self.max_queued} jobs waiting); retry later",
                     retry_after=self._estimate_wait(),
                 )
+            if self.recorder is not None:  # the row first: an accepted job is never lost
+                self.recorder.accept(job, work)
             self._queue.append(job)
             self._jobs[job.id] = job
             self._cond.notify_all()
         return job
 
     def get(self, owner: str, job_id: str) -> Job | None:
-        """The owner's job by id."""
+        """The owner's job by id (from the job table when it is not in memory)."""
         job = self._jobs.get(job_id)
-        return job if job is not None and job.owner == owner else None
+        if job is not None:
+            return job if job.owner == owner else None
+        return self.recorder.load(owner, job_id) if self.recorder is not None else None
 
     def list_jobs(
         self,
@@ -133,7 +173,53 @@ class LocalJobRunner:
                 return job
         if not job.done:
             job.cancel_requested = True
+            if job.id not in self._jobs and self.recorder is not None:  # another process's
+                self.recorder.store.update(job.id, cancel_requested=True)
         return job
+
+    def recover(self) -> dict[str, int]:
+        """Run again the jobs a dead process left queued or running; fail those that cannot.
+
+        Also deletes finished rows past their keeping time. Only rows of embedded-mode
+        processes of this host that no longer run are taken, each by one claimant.
+        """
+        if self.recorder is None:
+            return {}
+        store = self.recorder.store
+        report = {"requeued": 0, "failed": 0, "expired": self.recorder.expire()}
+        for record in store.unfinished():
+            if not local_worker_is_dead(record.worker):
+                continue
+            if not store.claim(record.id, record.worker, self.worker_name):
+                continue  # another process took it first
+            job, reason = self._restore(record)
+            if job is None:
+                store.finish(record.id, "failed", error=interrupted_error(reason))
+                report["failed"] += 1
+                log.warning("job %s (%s) cannot run again: %s", record.id, record.kind, reason)
+                continue
+            job.listener = self.recorder.changed
+            with self._cond:
+                self._queue.append(job)
+                self._jobs[job.id] = job
+                self._cond.notify_all()
+            report["requeued"] += 1
+            log.info("job %s (%s) queued again after a restart", record.id, record.kind)
+        return report
+
+    def _restore(self, record: JobRecord) -> tuple[Job | None, str]:
+        if record.attempts >= MAX_ATTEMPTS:
+            return None, f"it was interrupted {record.attempts} times"
+        restore = self._restorers.get(record.kind)
+        if restore is None or record.kind not in self._handlers:
+            return None, f"this server cannot restore {record.kind!r} jobs"
+        try:
+            return restore(record), ""
+        except InputGone as exc:
+            return None, str(exc)
+        except Exception:
+            log.exception("restoring job %s failed", record.id)
+            return None, "its request could not be restored"
 
     def watch(self, job: Job, timeout: float = 15.0) -> Iterator[dict[str, Any] | None]:
         """Yield a snapshot on every change until the job ends; None on quiet periods."""

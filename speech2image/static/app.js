@@ -15,6 +15,7 @@ const state = {
   recording: null,
   galleryUrls: [],
   resultUrls: [],
+  countdown: null, // the timer that keeps "Try again in N s" current
 };
 
 // --- talking to the API -------------------------------------------------------------------
@@ -69,12 +70,14 @@ function seconds(value) {
 }
 
 /** A sentence for a person: what went wrong and what to do about it. */
-function describe(error) {
+function describe(error, retryAfter = error.retryAfter) {
   if (!(error instanceof ApiError)) {
     return `The server could not be reached (${error.message}). Check the connection and try again.`;
   }
-  const { status, code, message, retryAfter } = error;
-  const wait = retryAfter != null ? ` Try again in ${seconds(retryAfter)}.` : "";
+  const { status, code, message } = error;
+  let wait = "";
+  if (retryAfter > 0) wait = ` Try again in ${seconds(retryAfter)}.`;
+  else if (retryAfter === 0) wait = " You can try again now.";
   if (status === 401) return `An API key is needed: ${message}. Enter it at the top of the page.`;
   if (status === 403) return `Not allowed with this key: ${message}.`;
   if (status === 413) return `The upload is too large: ${message}.`;
@@ -90,13 +93,25 @@ function describe(error) {
 }
 
 function showError(error) {
-  const text = typeof error === "string" ? error : describe(error);
-  $("error").textContent = text;
+  clearError();
+  $("error").textContent = typeof error === "string" ? error : describe(error);
   $("error").hidden = false;
   if (error instanceof ApiError && error.status === 401) showKeyForm(true);
+  if (error instanceof ApiError && error.retryAfter > 0) countDown(error);
+}
+
+/** Keep "Try again in N s" true while it is shown, then say that now is fine. */
+function countDown(error) {
+  const until = Date.now() + error.retryAfter * 1000;
+  state.countdown = setInterval(() => {
+    const left = Math.max(0, (until - Date.now()) / 1000);
+    $("error").textContent = describe(error, left);
+    if (left === 0) clearInterval(state.countdown);
+  }, 1000);
 }
 
 function clearError() {
+  clearInterval(state.countdown);
   $("error").hidden = true;
   $("error").textContent = "";
 }
@@ -349,7 +364,8 @@ function render(snapshot) {
     bar.value = progress.step;
     const unit = progress.stage === "transcribing" ? "s of audio" : "steps";
     const eta = progress.eta_seconds != null ? ` · about ${seconds(progress.eta_seconds)} left` : "";
-    $("step").textContent = `${progress.step} of ${progress.total} ${unit}${eta}`;
+    const count = (n) => (Number.isInteger(n) ? String(n) : n.toFixed(1)); // audio: seconds
+    $("step").textContent = `${count(progress.step)} of ${count(progress.total)} ${unit}${eta}`;
   } else if (!FINAL_STATES.has(snapshot.state)) {
     bar.removeAttribute("value");
     $("step").textContent = "";

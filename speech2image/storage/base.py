@@ -33,5 +33,5 @@ class Base(DeclarativeBase):
 
 
 def aware(moment: dt.datetime) -> dt.datetime:
-    # SQLite gives naive datetimes back; every stored time is UTC.
+    """``moment`` as timezone-aware UTC (SQLite gives naive datetimes back)."""
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)

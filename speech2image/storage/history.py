@@ -1,22 +1,20 @@
-"""History database (SQLAlchemy) and image files, kept consistent with each other.
+"""History database (SQLAlchemy) and image files (an image store), kept consistent.
 
-Files are named by server-made ids. A batch of images is written as temporary files, the rows
-are committed in one transaction, then the files are renamed into place; any failure removes
-every file of the batch and rolls the rows back, so nothing half-written is left.
+Files are named by server-made ids. A batch of images is written to the image store (each
+write atomic), then its rows are committed in one transaction; any failure removes every file
+of the batch and rolls the rows back, so nothing half-written is left.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import logging
 import math
-import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import (
     JSON,
@@ -34,8 +32,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
+from ..imagestore import ImageStore, LocalImageStore
 from . import migrate
 from .base import Base, aware, new_id, utcnow
 from .jobs import JobStore
@@ -150,19 +150,21 @@ class NewTranscript:
 
 
 class Storage:
-    """The image history: rows in a SQL database, PNG files in one folder; and the job rows."""
+    """The image history: rows in a SQL database, PNGs in an image store; and the job rows."""
 
     def __init__(
         self,
         database_url: str,
         image_dir: Path,
         *,
+        images: ImageStore | None = None,
         migrate_schema: bool = True,
         connect_timeout: float = 5.0,
         statement_timeout: float = 10.0,
     ) -> None:
-        self.image_dir = Path(image_dir).resolve()
+        self.image_dir = Path(image_dir).resolve()  # the local store's folder, the SQLite file's
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.images: ImageStore = images or LocalImageStore(self.image_dir)
         self.engine = make_engine(
             database_url, connect_timeout=connect_timeout, statement_timeout=statement_timeout
         )
@@ -185,53 +187,42 @@ class Storage:
     ) -> list[ImageRecord]:
         """Store a batch of images (and the transcript they came from), or nothing at all.
 
-        Storing again images whose ids are already stored returns the stored records: a job
-        redelivered after its images were saved saves nothing twice.
+        Idempotent for stable ids (see ``keyed_id``): a batch already stored is returned as it
+        was stored, so a job that runs again after a crash or a redelivery stores nothing twice.
         """
-        if images:
-            with self._sessions() as session:
-                found = session.scalars(
-                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
-                ).all()
-                if found:
-                    by_id = {r.id: r for r in found}
-                    return [by_id[i.id] for i in images if i.id in by_id]
+        existing = self._stored(images)
+        if images and len(existing) == len(images):
+            return [existing[image.id] for image in images]
         transcript_id = transcript.id if transcript is not None else None
-        staged: list[tuple[Path, Path]] = []
-        records: list[ImageRecord] = []
-        placed: list[Path] = []
+        now = utcnow()
+        records = [
+            ImageRecord(
+                id=image.id,
+                owner=owner,
+                filename=f"{image.id}.png",
+                prompt=image.prompt,
+                negative_prompt=image.negative_prompt,
+                model=image.model,
+                model_reason=image.model_reason,
+                seed=image.seed,
+                steps=image.steps,
+                guidance_scale=image.guidance_scale,
+                scheduler=image.scheduler,
+                width=image.width,
+                height=image.height,
+                parameters=image.parameters,
+                bytes=len(image.png),
+                sha256=hashlib.sha256(image.png).hexdigest(),
+                created_at=now,
+                transcript_id=transcript_id,
+            )
+            for image in images
+        ]
+        written: list[str] = []
         try:
-            now = utcnow()
-            for image in images:
-                final = self.image_dir / f"{image.id}.png"
-                temporary = self.image_dir / f".{image.id}.png.tmp"
-                with open(temporary, "xb") as out:
-                    out.write(image.png)
-                    out.flush()
-                    os.fsync(out.fileno())
-                staged.append((temporary, final))
-                records.append(
-                    ImageRecord(
-                        id=image.id,
-                        owner=owner,
-                        filename=final.name,
-                        prompt=image.prompt,
-                        negative_prompt=image.negative_prompt,
-                        model=image.model,
-                        model_reason=image.model_reason,
-                        seed=image.seed,
-                        steps=image.steps,
-                        guidance_scale=image.guidance_scale,
-                        scheduler=image.scheduler,
-                        width=image.width,
-                        height=image.height,
-                        parameters=image.parameters,
-                        bytes=len(image.png),
-                        sha256=hashlib.sha256(image.png).hexdigest(),
-                        created_at=now,
-                        transcript_id=transcript_id,
-                    )
-                )
+            for image, record in zip(images, records, strict=True):
+                self.images.put(record.filename, image.png)
+                written.append(record.filename)
             with self._sessions.begin() as session:
                 if transcript is not None:
                     session.add(
@@ -245,19 +236,34 @@ class Storage:
                     )
                     session.flush()  # the images refer to it
                 session.add_all(records)
-                session.flush()
-                for temporary, final in staged:
-                    os.replace(temporary, final)
-                    placed.append(final)
+        except IntegrityError:
+            # The same job stored this batch meanwhile (a redelivered task ran twice at once):
+            # its files are the ones the committed rows name, so they stay.
+            stored = self._stored(images)
+            if images and len(stored) == len(images):
+                return [stored[image.id] for image in images]
+            self._discard(written)
+            raise
         except BaseException:
-            for temporary, final in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    temporary.unlink()
-                if final in placed:
-                    with contextlib.suppress(FileNotFoundError):
-                        final.unlink()
+            self._discard(written)
             raise
         return records
+
+    def _stored(self, images: list[NewImage]) -> dict[str, ImageRecord]:
+        with self._sessions() as session:
+            return {
+                record.id: record
+                for record in session.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([i.id for i in images]))
+                )
+            }
+
+    def _discard(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self.images.delete(name)
+            except Exception:  # the orphan sweep removes it later
+                log.exception("could not remove %s after a failed save", name)
 
     # --- reading -------------------------------------------------------------------------
     def get_image(self, owner: str, filename: str) -> ImageRecord | None:
@@ -284,12 +290,21 @@ class Storage:
             ).all()
         return {row.id: row for row in rows}
 
-    def image_path(self, record: ImageRecord) -> Path | None:
-        """The file of ``record`` if it exists inside the image folder."""
-        path = (self.image_dir / record.filename).resolve()
-        if path.parent != self.image_dir or not path.is_file():
+    def image_source(self, record: ImageRecord) -> Path | BinaryIO | None:
+        """What to serve for ``record``: a local file or the object's bytes; None if gone."""
+        return self.images.source(record.filename)
+
+    def image_bytes(self, record: ImageRecord) -> bytes | None:
+        """The PNG of ``record``, or None if its file is gone."""
+        source = self.image_source(record)
+        if source is None:
             return None
-        return path
+        if isinstance(source, Path):
+            try:
+                return source.read_bytes()
+            except FileNotFoundError:
+                return None
+        return source.read()
 
     def list_images(
         self,
@@ -361,8 +376,10 @@ class Storage:
             ).rowcount
         if not deleted:
             return False
-        with contextlib.suppress(FileNotFoundError):
-            (self.image_dir / filename).unlink()
+        try:
+            self.images.delete(filename)
+        except Exception:  # the orphan sweep removes it later
+            log.exception("could not remove %s after deleting its row", filename)
         return True
 
     def stats(self) -> dict[str, int]:
@@ -407,8 +424,7 @@ class Storage:
                 for chunk in _chunks(list(doomed), 500):
                     session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk)))
             for filename, _ in doomed.values():
-                with contextlib.suppress(FileNotFoundError):
-                    (self.image_dir / filename).unlink()
+                if self.images.delete(filename):
                     removed_files += 1
         orphans = self._remove_orphans()
         return {
@@ -421,27 +437,18 @@ class Storage:
     def _remove_orphans(self) -> int:
         """Delete files that no row names (left by a crash), once they are clearly stale."""
         # A save in progress has files whose rows are not committed yet: leave young files.
-        cutoff = utcnow().timestamp() - ORPHAN_GRACE_SECONDS
-        candidates = []
-        for path in self.image_dir.iterdir():
-            if not (FILENAME_PATTERN.fullmatch(path.name) or path.name.endswith(".png.tmp")):
-                continue
-            try:
-                if path.stat().st_mtime < cutoff:
-                    candidates.append(path)
-            except FileNotFoundError:  # renamed or removed by a save or cleanup meanwhile
-                continue
+        cutoff = utcnow() - dt.timedelta(seconds=ORPHAN_GRACE_SECONDS)
+        candidates = [
+            item.name
+            for item in self.images.objects()
+            if (FILENAME_PATTERN.fullmatch(item.name) or item.name.endswith(".tmp"))
+            and item.modified < cutoff
+        ]
         if not candidates:
             return 0
         with self._sessions() as session:
             known = set(session.scalars(select(ImageRecord.filename)))
-        removed = 0
-        for path in candidates:
-            if path.name not in known:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
-        return removed
+        return sum(1 for name in candidates if name not in known and self.images.delete(name))
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
