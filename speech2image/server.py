@@ -18,6 +18,7 @@ import logging
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -34,6 +35,9 @@ log = logging.getLogger("speech2image.server")
 
 PROBE_READ_TIMEOUT = 5.0  # a probe that has not sent its request by then is dropped
 MAX_PROBE_REQUEST = 8192
+# The probe thread takes the GIL a few times per answer; while job threads run Python code
+# (schedulers, small models) each take can wait a whole switch interval (5 ms by default).
+GIL_SWITCH_INTERVAL = 0.001
 DRAIN_MARGIN = 1.0  # stop draining this long before gunicorn's arbiter kills the worker
 
 
@@ -225,7 +229,8 @@ def _post_worker_init(worker: Any) -> None:
     """In the worker: start the probe listener; make SIGTERM refuse new work first."""
     app: Flask = worker.wsgi
     settings: Settings = app.config["S2I_SETTINGS"]
-    start_probe_server(app, settings)
+    if start_probe_server(app, settings) is not None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     state: ServerState = app.extensions["server_state"]
     stop_worker = worker.handle_exit
 
