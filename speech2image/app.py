@@ -256,6 +256,7 @@ def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService
         states,
         default_model=speech_service.model_name,
         check_upload=speech_service.check_upload,
+        rows=app.extensions["storage"].jobs,
     ).init_app(app)
 
 
@@ -279,6 +280,7 @@ def _init_worker(
         models=worker_models(loader, settings.worker_models),
         loader=loader,
         make_local_job=local_job,
+        rows=app.extensions["storage"].jobs,
     ).init_app(app)
 
 

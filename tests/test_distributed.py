@@ -254,6 +254,8 @@ def test_progress_relayed_by_another_api_and_cancel_stops_a_running_job(
     # The worker is free again.
     after = _submit(second, prompt="a photo of a tree", model="tiny-photo", steps=1)
     assert _wait_job(first, after["id"], ("succeeded",))["state"] == "succeeded"
+    # Their rows say how they ended too.
+    assert _row_states(cluster, job["id"], queued["id"]) == ["cancelled", "cancelled"]
 
 
 def test_status_lists_workers_models_and_queues(cluster: Cluster) -> None:
@@ -263,3 +265,47 @@ def test_status_lists_workers_models_and_queues(cluster: Cluster) -> None:
     assert {"sd:tiny-art", "sd:tiny-photo", "whisper:base"} <= set(jobs["queues"])
     for worker in jobs["workers"]:
         assert {"name", "models", "resident_bytes", "running", "pid"} <= set(worker)
+
+
+def _row_states(cluster: Cluster, *job_ids: str) -> list[str | None]:
+    from sqlalchemy import create_engine
+
+    from speech2image.storage import JobStore
+
+    engine = create_engine(cluster.database_url)
+    try:
+        store = JobStore(engine)
+        return [getattr(store.get(job_id), "state", None) for job_id in job_ids]
+    finally:
+        engine.dispose()
+
+
+def test_every_distributed_job_is_a_row_that_answers_after_redis_forgets_it(
+    cluster: Cluster,
+) -> None:
+    import redis
+    from sqlalchemy import create_engine
+
+    from speech2image.storage import JobStore
+
+    from .distributed_cluster import REDIS_URL
+
+    first, second = _urls(cluster)
+    job = _submit(first, prompt="a red fox", seed=8, steps=2)
+    done = _wait_job(second, job["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    engine = create_engine(cluster.database_url)
+    try:
+        row = JobStore(engine).get(job["id"])
+        assert row is not None and row.state == "succeeded" and row.kind == "generate"
+        assert row.work["request"]["seed"] == 8 and row.attempts == 1
+        assert row.worker in cluster.worker_names(first).values()
+        assert row.result == done["result"]
+    finally:
+        engine.dispose()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(f"{cluster.prefix}:job:{job['id']}")  # expired, or Redis lost its data
+    client.close()
+    status, _, body = http("GET", f"{second}/jobs/{job['id']}")
+    assert status == 200, body
+    assert body["state"] == "succeeded" and body["result"] == done["result"]

@@ -42,6 +42,9 @@ def test_jobs_answer_from_the_table_after_a_restart(make_app) -> None:
     assert body["progress"]["step"] == body["progress"]["total"] == 2
     assert body["created_at"] == done["created_at"]
     assert client.get(f"/jobs/{job['id']}", headers=BETA).status_code == 404
+    listed = client.get("/jobs?state=succeeded", headers=ALPHA).json
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]] and listed["total"] == 1
+    assert client.get("/jobs", headers=BETA).json["jobs"] == []
     stream = client.get(f"/jobs/{job['id']}/events", headers=ALPHA)
     assert [event for event, _ in sse_events(stream.get_data(as_text=True))] == ["succeeded"]
     assert client.delete(f"/jobs/{job['id']}", headers=ALPHA).status_code == 200

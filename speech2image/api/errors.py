@@ -7,11 +7,12 @@ import math
 from typing import Any
 
 import sqlalchemy.exc
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ..errors import DatabaseUnavailable, ServiceError
+from . import openai
 
 __all__ = ["DATABASE_ERRORS", "error_response", "register_error_handlers"]
 
@@ -59,17 +60,27 @@ def error_response(
     return response
 
 
+def _openai_surface() -> bool:
+    """Under /v1 (matched or not), OpenAI's clients expect OpenAI's error shape."""
+    return request.path == openai.PREFIX or request.path.startswith(openai.PREFIX + "/")
+
+
 def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+    response = _http_error(exc)
+    if exc.code == 401:  # RFC 9110: a 401 names the scheme that would be accepted
+        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'  # type: ignore[union-attr]
+    return response
+
+
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
+    if _openai_surface():
+        return openai.http_error(exc)
     status = exc.code or 500
     if isinstance(exc, ServiceError):
         return error_response(
             status, exc.description or "", exc.error, exc.details, exc.retry_after
         )
     message = exc.description or exc.name
-    if status == 401:
-        response = error_response(status, message)
-        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'  # type: ignore[union-attr]
-        return response
     if status == 429:
         message = f"rate limit exceeded: {exc.description}"
     response = error_response(status, message)
@@ -93,7 +104,10 @@ def _handle_database_down(exc: Exception) -> ResponseReturnValue:
 def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
     original = exc.original_exception if isinstance(exc, InternalServerError) else exc
     log.error("unhandled error", exc_info=original)
-    return error_response(500, "internal server error; see the log for this request id")
+    message = "internal server error; see the log for this request id"
+    if _openai_surface():
+        return openai.openai_error(500, message)
+    return error_response(500, message)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -10,7 +10,6 @@ answer what the official ``openai`` clients send and expect; errors here use Ope
 from __future__ import annotations
 
 import base64
-import logging
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -18,7 +17,7 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 
 from ..errors import InvalidRequest, ResourceNotFound, ServiceError
 from ..image_service import get_image_service, model_key
@@ -32,12 +31,20 @@ from .jobs import wait_for
 from .openapi import Content, Upload, endpoint
 from .speech import RESPONSE_FORMATS, _submit_with_upload, to_srt, to_vtt
 
-__all__ = ["IMAGE_ALIASES", "WHISPER_ALIASES", "audio_bp", "bp", "images_bp"]
+__all__ = [
+    "IMAGE_ALIASES",
+    "PREFIX",
+    "WHISPER_ALIASES",
+    "audio_bp",
+    "bp",
+    "http_error",
+    "images_bp",
+    "openai_error",
+]
 
-log = logging.getLogger(__name__)
-
-bp = Blueprint("openai", __name__, url_prefix="/v1")
-# Children of ``bp`` (they share its error shape) so each carries its own rate limit.
+PREFIX = "/v1"
+bp = Blueprint("openai", __name__, url_prefix=PREFIX)
+# Children of ``bp``, so each carries its own rate limit.
 audio_bp = Blueprint("openai_audio", __name__)
 images_bp = Blueprint("openai_images", __name__)
 
@@ -246,7 +253,8 @@ def openai_error(
     return response
 
 
-def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+def http_error(exc: HTTPException) -> Response:
+    """An HTTP error of a /v1 request in OpenAI's shape (api/errors.py routes it here)."""
     status = exc.code or 500
     if isinstance(exc, ServiceError):
         response = openai_error(
@@ -263,19 +271,11 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
         message = f"rate limit exceeded: {exc.description}"
     code = "invalid_api_key" if status == 401 else exc.name.lower().replace(" ", "_")
     response = openai_error(status, message, code=code)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'
     if status == 405 and getattr(exc, "valid_methods", None):
         response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
     return response
-
-
-def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
-    original = exc.original_exception if isinstance(exc, InternalServerError) else exc
-    log.error("unhandled error", exc_info=original)
-    return openai_error(500, "internal server error; see the log for this request id")
-
-
-bp.register_error_handler(HTTPException, _handle_http)
-bp.register_error_handler(Exception, _handle_unexpected)
 
 
 def _field(name: str, message: str) -> InvalidRequest:

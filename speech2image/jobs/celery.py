@@ -13,6 +13,11 @@ A running job keeps its task invisible (it refreshes the task's place in kombu's
 index) and holds a lease, so a job longer than the visibility timeout still runs once.
 Each delivery counts an attempt; past ``S2I_JOB_MAX_ATTEMPTS`` the job is failed as poison.
 
+Every job is also a row of the history database's job table (when the app gives the runner
+and the worker a :class:`~speech2image.storage.jobs.JobStore`): written by the API when the job
+is accepted, marked running and finished by the worker. ``GET /jobs/<id>`` falls back to the
+row when Redis no longer has the job (expired, flushed) or cannot be reached.
+
 Redis keys, all under ``S2I_QUEUE_PREFIX``: ``job:<id>`` (state), ``events`` (pub/sub),
 ``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``attempts:<id>``, ``active`` and
 ``active:<owner>`` (admission), ``worker:<name>`` (heartbeats).
@@ -37,10 +42,13 @@ import redis
 from celery import Celery, Task
 from celery import signals as celery_signals
 from celery.exceptions import Reject
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import Settings
 from ..errors import QueueFull, ServiceBusy
+from ..storage.jobs import JobStore
 from . import TERMINAL, Job, JobState
+from .recorder import JobRecorder, batch_key_json
 
 __all__ = [
     "TASK_NAME",
@@ -207,10 +215,14 @@ class CeleryJobRunner:
         *,
         default_model: str,
         check_upload: Callable[[Path], None],
+        rows: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.celery = celery
         self.states = states
+        self.rows = (
+            JobRecorder(rows, "api", settings.job_keep_seconds) if rows is not None else None
+        )
         self.default_model = default_model
         self.check_upload = check_upload
         self._tracked: dict[int, tuple[Job, float]] = {}
@@ -256,6 +268,7 @@ class CeleryJobRunner:
                     ex=self.states.keep_seconds,
                 )
             self.states.create(_record(job, job.owner))
+            self._accept_row(job, model, payload)
             self.celery.send_task(
                 TASK_NAME,
                 args=[job.id, job.kind, job.owner, payload, job.request_id],
@@ -264,6 +277,13 @@ class CeleryJobRunner:
                 retry=False,
             )
         except Exception as exc:
+            if self.rows is not None and not isinstance(exc, ServiceBusy):
+                with contextlib.suppress(SQLAlchemyError):  # accepted by nobody after all
+                    self.rows.store.finish(
+                        job.id,
+                        JobState.FAILED.value,
+                        error={"status": 503, "code": "service_busy", "message": "not queued"},
+                    )
             with contextlib.suppress(*REDIS_ERRORS):
                 self.states.release(job.id, job.owner)
                 self.states.redis.delete(
@@ -279,13 +299,51 @@ class CeleryJobRunner:
         self._track(job)
         return job
 
+    def _accept_row(self, job: Job, model: str, payload: dict[str, Any]) -> None:
+        """The job's row in the history database, before its task is sent."""
+        if self.rows is None:
+            return
+        try:
+            self.rows.store.add(
+                id=job.id,
+                owner=job.owner,
+                kind=job.kind,
+                model=model,
+                batch_key=batch_key_json(job.batch_key),
+                work=payload,
+                created_at=job.created_at,
+                request_id=job.request_id,
+            )
+        except SQLAlchemyError as exc:
+            log.error("cannot record job %s: %s", job.id, exc)
+            raise ServiceBusy(
+                "the job database is unavailable; retry in a moment", retry_after=5
+            ) from None
+
+    def _finish_row(self, job_id: str, state: str) -> None:
+        if self.rows is None:
+            return
+        try:
+            self.rows.store.finish(job_id, state)
+        except SQLAlchemyError:
+            log.exception("could not record the end of job %s in the job table", job_id)
+
+    def _from_row(self, owner: str, job_id: str) -> Job | None:
+        return self.rows.load(owner, job_id) if self.rows is not None else None
+
     def get(self, owner: str, job_id: str) -> Job | None:
-        """The owner's job, from its record."""
+        """The owner's job, from its record (or its row, when Redis lost or cannot say it)."""
         try:
             record = self.states.load(job_id)
         except REDIS_ERRORS as exc:
+            with contextlib.suppress(ServiceBusy):
+                job = self._from_row(owner, job_id)
+                if job is not None and job.done:  # finished jobs stay readable
+                    return job
             raise _broker_down(exc) from None
-        if record is None or record["owner"] != owner:
+        if record is None:
+            return self._from_row(owner, job_id)
+        if record["owner"] != owner:
             return None
         return job_from_record(record)
 
@@ -322,6 +380,7 @@ class CeleryJobRunner:
                 if self.states.transition(cancelled, {JobState.QUEUED.value}):
                     self.states.release(job_id, owner)
                     self.states.redis.delete(self.states.key("upload", job_id))
+                    self._finish_row(job_id, JobState.CANCELLED.value)
                     return job_from_record(cancelled)
             return job_from_record(self.states.load(job_id) or record)
         except REDIS_ERRORS as exc:
@@ -512,9 +571,11 @@ class JobWorker:
         models: list[str],
         loader: Any,
         make_local_job: Callable[[str, str, str, dict[str, Any], Path | None], Job],
+        rows: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.states = states
+        self.rows = rows
         self.local = local
         self.models = models
         self.loader = loader
@@ -605,6 +666,7 @@ class JobWorker:
                 return
             if record["state"] in TERMINAL:
                 log.info("job %s: already %s; delivery dropped", job_id, record["state"])
+                self._row("finish", job_id, record)  # a no-op unless its row missed the end
                 return
             if keeper.acquire():
                 break
@@ -651,6 +713,7 @@ class JobWorker:
         running = record | {"worker": self.name}
         if not states.transition(running, {JobState.QUEUED.value, JobState.RUNNING.value}):
             return  # cancelled while queued
+        self._row("start", job_id)
         upload: Path | None = None
         if kind in ("transcribe", "speech_to_image"):
             data = client.get(states.key("upload", job_id))
@@ -708,9 +771,32 @@ class JobWorker:
             }
         self._finish(final, owner)
 
+    def _row(self, event: str, job_id: str, record: dict[str, Any] | None = None) -> None:
+        """Mirror a change into the job's row; Redis stays the live state if the write fails."""
+        if self.rows is None:
+            return
+        try:
+            if event == "start":
+                self.rows.start(job_id, self.name)
+            elif record is not None:
+                progress = record.get("progress") or {}
+                self.rows.finish(
+                    job_id,
+                    record["state"],
+                    stage=progress.get("stage"),
+                    step=progress.get("step") or 0,
+                    total=progress.get("total") or 0,
+                    result=record.get("result"),
+                    error=record.get("error"),
+                    worker=self.name,
+                )
+        except (SQLAlchemyError, ValueError):
+            log.exception("could not record %s of job %s in the job table", event, job_id)
+
     def _finish(self, record: dict[str, Any], owner: str) -> None:
         states, job_id = self.states, record["id"]
         states.transition(record, {JobState.QUEUED.value, JobState.RUNNING.value})
+        self._row("finish", job_id, record)
         states.release(job_id, owner)
         states.redis.delete(
             states.key("upload", job_id),

@@ -150,7 +150,14 @@ class LocalJobRunner:
         limit: int = 20,
         offset: int = 0,
     ) -> tuple[list[Job], int]:
-        """The owner's jobs this process still knows, newest first."""
+        """The owner's jobs newest first (from the job table, so a restart forgets none)."""
+        if self.recorder is not None:
+            records, total = self.recorder.for_owner(
+                owner, [state.value for state in states], limit, offset
+            )
+            with self._cond:  # jobs in memory are fresher than their throttled rows
+                live = dict(self._jobs)
+            return [live.get(r.id) or Job.from_record(r) for r in records], total
         with self._cond:
             mine = [
                 job

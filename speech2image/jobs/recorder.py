@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -162,6 +163,21 @@ class JobRecorder:
         if record is None or self.expired(record):
             return None
         return Job.from_record(record)
+
+    def for_owner(
+        self, owner: str, states: Iterable[str], limit: int, offset: int
+    ) -> tuple[list[JobRecord], int]:
+        """The owner's rows newest first, without those past their keeping time."""
+        try:
+            return self.store.for_owner(
+                owner,
+                states=states,
+                finished_after=utcnow() - self.keep,
+                limit=limit,
+                offset=offset,
+            )
+        except SQLAlchemyError as exc:
+            raise ServiceBusy("the job database is unavailable; retry in a moment") from exc
 
     def expired(self, record: JobRecord) -> bool:
         """True when a finished row is past its keeping time."""

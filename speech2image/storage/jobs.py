@@ -137,6 +137,36 @@ class JobStore:
         with self._sessions() as session:
             return session.scalar(select(JobRecord).where(*conditions))
 
+    def for_owner(
+        self,
+        owner: str,
+        *,
+        states: Iterable[str] = (),
+        finished_after: dt.datetime | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[JobRecord], int]:
+        """The owner's jobs newest first (finished ones only if they ended after the given
+        time), and how many match in all."""
+        conditions = [JobRecord.owner == owner]
+        wanted = list(states)
+        if wanted:
+            conditions.append(JobRecord.state.in_(wanted))
+        if finished_after is not None:
+            conditions.append(
+                (JobRecord.finished_at.is_(None)) | (JobRecord.finished_at >= finished_after)
+            )
+        with self._sessions() as session:
+            total = session.scalar(select(func.count()).select_from(JobRecord).where(*conditions))
+            rows = session.scalars(
+                select(JobRecord)
+                .where(*conditions)
+                .order_by(JobRecord.created_at.desc(), JobRecord.id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).all()
+        return list(rows), int(total or 0)
+
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first."""
         with self._sessions() as session:
