@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy.exc
 from werkzeug.exceptions import (
     BadRequest,
     HTTPException,
@@ -15,6 +16,7 @@ from werkzeug.exceptions import (
 )
 
 __all__ = [
+    "DATABASE_ERRORS",
     "AudioError",
     "AudioTooLong",
     "AuthFailuresLimited",
@@ -116,3 +118,7 @@ class AuthFailuresLimited(ServiceError, TooManyRequests):
     """The address failed authentication too often; it is refused for a while."""
 
     error = "rate_limited"
+
+
+# What a database that refuses, times out or runs out of pooled connections raises (503).
+DATABASE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError)

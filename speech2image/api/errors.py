@@ -6,21 +6,18 @@ import logging
 import math
 from typing import Any
 
-import sqlalchemy.exc
 from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from ..errors import DatabaseUnavailable, ServiceError
+from ..errors import DATABASE_ERRORS, DatabaseUnavailable, ServiceError
 from . import openai
 
-__all__ = ["DATABASE_ERRORS", "error_response", "register_error_handlers"]
+__all__ = ["error_response", "register_error_handlers"]
 
 log = logging.getLogger("speech2image.api")
 
 DATABASE_RETRY_AFTER = 5.0
-# What a database that refuses, times out or runs out of pooled connections raises.
-DATABASE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError)
 
 _CODES = {
     400: "bad_request",

@@ -14,9 +14,8 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
-from ..errors import ResourceNotFound, ServiceBusy, ServiceError
+from ..errors import DATABASE_ERRORS, ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
-from .errors import DATABASE_ERRORS
 from .identity import client_owner
 from .openapi import Content, endpoint
 from .responses import JobPage, JobView
