@@ -29,6 +29,7 @@ __all__ = [
     "ServiceBusy",
     "ServiceError",
     "ShuttingDown",
+    "StorageFull",
     "UnsupportedAudio",
 ]
 
@@ -120,5 +121,16 @@ class AuthFailuresLimited(ServiceError, TooManyRequests):
     error = "rate_limited"
 
 
+class StorageFull(ServiceError):
+    """The image folder or the history database has no space left; nothing was stored."""
+
+    code = 507  # Insufficient Storage (werkzeug has no class for it)
+    error = "storage_full"
+
+
 # What a database that refuses, times out or runs out of pooled connections raises (503).
-DATABASE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError)
+DATABASE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)

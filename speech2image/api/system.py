@@ -46,7 +46,13 @@ def health() -> ResponseReturnValue:
     tags=("system",),
 )
 def ready() -> ResponseReturnValue:
-    """Readiness: the database answers, images can be written, the needed models can be had."""
+    """Readiness: the database answers, images can be written, the needed models can be had.
+
+    In the distributed mode: the broker and the database answer, and a live worker serves
+    every model the default flow needs.
+    """
+    if current_app.config.get("S2I_ROLE") == "api":
+        return _ready_distributed()
     settings = current_app.config["S2I_SETTINGS"]
     storage = get_storage(current_app)
     models = _model_readiness(settings)
@@ -148,6 +154,35 @@ def _check_ratelimit_storage(settings: Any) -> dict[str, Any]:
         "ok": False,
         "problem": "the rate-limit storage is not answering: counting in memory meanwhile",
     }
+
+
+def _ready_distributed() -> ResponseReturnValue:
+    from ..jobs.celery import cluster_status
+
+    runner = get_job_runner(current_app)
+    checks: dict[str, Any] = {}
+    try:
+        runner.states.redis.ping()  # type: ignore[attr-defined]
+        cluster = cluster_status(runner.states)  # type: ignore[attr-defined]
+        checks["broker"] = {"ok": True}
+    except Exception as exc:
+        cluster = {"workers": []}
+        checks["broker"] = {"ok": False, "problem": f"{type(exc).__name__}: {exc}"}
+    try:
+        get_storage(current_app).ping()
+        checks["database"] = {"ok": True}
+    except Exception as exc:
+        checks["database"] = {"ok": False, "problem": type(exc).__name__}
+    served = {m for w in cluster["workers"] for m in w["models"]}
+    required = required_models(current_app.config["S2I_SETTINGS"])
+    models = [{"name": name, "required": True, "served": name in served} for name in required]
+    checks["workers"] = {
+        "ok": all(m["served"] for m in models),
+        "live": len(cluster["workers"]),
+    }
+    down = [name for name, check in checks.items() if not check["ok"]]
+    body = {"ready": not down, "down": down, "degraded": [], "checks": checks, "models": models}
+    return jsonify(body), 503 if down else 200
 
 
 @bp.get("/config")
