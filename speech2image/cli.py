@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import Settings, SettingsError, load_settings
+from .config import Settings, SettingsError, exposure_warning, load_settings
 from .server import gunicorn_hooks
 
-__all__ = ["gunicorn_options", "main"]
+__all__ = ["gunicorn_options", "main", "warn_if_exposed"]
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -32,8 +34,27 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
+        "when_ready": partial(_warn_if_exposed, settings),
         **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
+
+
+def _warn_if_exposed(settings: Settings, server: Any) -> None:
+    """gunicorn hook: warn for every bound address reachable from other machines without auth."""
+    for address in server.cfg.bind:
+        if address.startswith(("unix:", "fd://")):
+            continue
+        host = address.rsplit(":", 1)[0] if ":" in address.strip("[]") else address
+        warning = exposure_warning(settings, host)
+        if warning:
+            server.log.warning("speech2image: %s", warning)
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Log a warning when the configured address is public and auth is off."""
+    warning = exposure_warning(settings)
+    if warning:
+        logging.getLogger("speech2image").warning(warning)
 
 
 def _settings() -> Settings:
@@ -75,7 +96,9 @@ def serve(dev: bool) -> None:
     from .app import create_app
 
     if dev:
-        create_app(settings).run(host=settings.host, port=settings.port, threaded=True)
+        app = create_app(settings)
+        warn_if_exposed(settings)
+        app.run(host=settings.host, port=settings.port, threaded=True)
         return
     from gunicorn.app.base import BaseApplication
 

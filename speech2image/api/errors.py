@@ -92,5 +92,17 @@ def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
 
 def register_error_handlers(app: Flask) -> None:
     """Route every HTTP error and every unexpected exception to the JSON shape."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     app.register_error_handler(HTTPException, _handle_http)
+    app.register_error_handler(OperationalError, _handle_database_down)
+    app.register_error_handler(InterfaceError, _handle_database_down)
     app.register_error_handler(Exception, _handle_unexpected)
+
+
+def _handle_database_down(exc: Exception) -> ResponseReturnValue:
+    # The database went away (restart, failover, network): a retryable 503, not a 500.
+    log.warning("database unreachable: %s", str(exc).splitlines()[0])
+    return error_response(
+        503, "the database is unreachable; retry shortly", "database_unavailable", retry_after=5
+    )
