@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 from speech2image.cli import main as cli
-from speech2image.cluster import TINY_MODEL_DIR
+from speech2image.cluster import TINY_MODEL_DIR, LocalCluster
 from speech2image.config import ENV_PREFIX, Settings, load_settings
 
 from .distributed_cluster import POSTGRES_URL, REDIS_URL, http, postgres_problem, redis_problem
@@ -224,3 +225,41 @@ def _wait_for_ready_line(
             return line.split()[1]
     pytest.fail("speech2image cluster not ready in time:\n" + "".join(output))
     raise AssertionError  # unreachable
+
+
+def test_cluster_command_says_what_to_install_without_redis(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
+    env.update(PATH=str(BIN.parent), S2I_BROKER_URL="redis://127.0.0.1:1/0")  # no redis-server
+    result = subprocess.run(
+        [str(BIN), "cluster", "--root", str(tmp_path / "stack")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no Redis answers at redis://127.0.0.1:1/0" in result.stderr
+    assert "apt install redis-server" in result.stderr and "S2I_BROKER_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "stack" / "seaweedfs").exists()  # nothing else was started
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
+def test_cluster_starts_redis_when_none_answers_and_stops_it(tmp_path: Path) -> None:
+    import redis
+
+    lines: list[str] = []
+    stack = LocalCluster(
+        tmp_path,
+        {"PATH": os.environ["PATH"], "S2I_BROKER_URL": "redis://127.0.0.1:1/0"},
+        log=lines.append,
+    )
+    try:
+        url = stack.ensure_redis()
+        assert url != "redis://127.0.0.1:1/0" and stack.settings["S2I_BROKER_URL"] == url
+        assert redis.Redis.from_url(url).ping()
+        assert lines == [f"started Redis at {url}"]
+    finally:
+        stack.stop()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
