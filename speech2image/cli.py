@@ -232,11 +232,13 @@ def cluster(
             time.sleep(1)
             stack.check_alive()
     except KeyboardInterrupt:
-        click.echo("stopping ...", err=True)
+        click.echo("stopping (running jobs may finish) ...", err=True)
     except ClusterError as exc:
-        stack.stop()
         raise click.ClickException(str(exc)) from None
     finally:
+        # A second Ctrl-C must not leave the roles running: stopping is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
     click.echo("stopped", err=True)
 

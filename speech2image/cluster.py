@@ -346,12 +346,14 @@ class LocalCluster:
         folder = cache.expanduser() / TINY_MODEL_DIR
         if not (folder / "model_index.json").exists():
             self.log(f"building the tiny model into {folder} ...")
-            subprocess.run(
+            result = subprocess.run(
                 [self._bin, "build-tiny-model", str(folder)],
                 env=self.env(),
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            if result.returncode != 0:
+                raise ClusterError(f"building the tiny model failed: {result.stderr[-2000:]}")
         self.settings["S2I_IMAGE_MODELS"] = json.dumps({"tiny": {"source": str(folder)}})
         self.settings["S2I_STYLE_MODELS"] = json.dumps({"artistic": "tiny", "photographic": "tiny"})
         for key, value in TINY_SETTINGS.items():
