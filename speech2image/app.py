@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     role = role or ("api" if settings.distributed else "embedded")
     app.config["S2I_ROLE"] = role
     if role == "api":
-        _init_api_jobs(app, settings, speech_service)
+        _init_api_jobs(app, settings, speech_service, storage)
     else:
         runner = LocalJobRunner(
             workers=settings.job_workers,
@@ -161,7 +161,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
         if role == "embedded" and settings.job_recover_on_start:
             runner.recover()
         if role == "worker":
-            _init_worker(app, settings, runner, loader, speech_service)
+            _init_worker(app, settings, runner, loader, storage)
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
     request_stats = RequestStats()
@@ -241,7 +241,9 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     return app
 
 
-def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService) -> None:
+def _init_api_jobs(
+    app: Flask, settings: Settings, speech_service: SpeechService, storage: Storage
+) -> None:
     """Jobs of an API process go to Celery workers."""
     from .jobs.celery import CeleryJobRunner, JobStates, celery_init_app, redis_client
 
@@ -252,7 +254,7 @@ def _init_api_jobs(app: Flask, settings: Settings, speech_service: SpeechService
         states,
         default_model=speech_service.model_name,
         check_upload=speech_service.check_upload,
-        rows=app.extensions["storage"].jobs,
+        rows=storage.jobs,
     ).init_app(app)
 
 
@@ -261,7 +263,7 @@ def _init_worker(
     settings: Settings,
     runner: LocalJobRunner,
     loader: ModelLoader,
-    speech_service: SpeechService,
+    storage: Storage,
 ) -> None:
     """A Celery worker's app: delivered tasks run through the local runner."""
     from .jobs.celery import JobStates, JobWorker, celery_init_app, redis_client
@@ -276,7 +278,7 @@ def _init_worker(
         models=worker_models(loader, settings.worker_models),
         loader=loader,
         make_local_job=local_job,
-        rows=app.extensions["storage"].jobs,
+        rows=storage.jobs,
     ).init_app(app)
 
 
@@ -336,6 +338,8 @@ def _register_request_logging(app: Flask) -> None:
         if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)
         response.headers["X-Request-ID"] = g.get("request_id", "-")
+        # Browsers must not guess a type: an image or a JSON error is never run as a script.
+        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     @app.teardown_request

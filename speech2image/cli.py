@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import Settings, SettingsError, load_settings
+from .config import Settings, SettingsError, exposure_warning, load_settings
 from .server import gunicorn_hooks
 
-__all__ = ["gunicorn_options", "main"]
+__all__ = ["gunicorn_options", "main", "warn_if_exposed"]
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -31,8 +34,27 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
+        "when_ready": partial(_warn_if_exposed, settings),
         **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
+
+
+def _warn_if_exposed(settings: Settings, server: Any) -> None:
+    """gunicorn hook: warn for every bound address reachable from other machines without auth."""
+    for address in server.cfg.bind:
+        if address.startswith(("unix:", "fd://")):
+            continue
+        host = address.rsplit(":", 1)[0] if ":" in address.strip("[]") else address
+        warning = exposure_warning(settings, host)
+        if warning:
+            server.log.warning("speech2image: %s", warning)
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Log a warning when the configured address is public and auth is off."""
+    warning = exposure_warning(settings)
+    if warning:
+        logging.getLogger("speech2image").warning(warning)
 
 
 def _settings() -> Settings:
@@ -74,7 +96,9 @@ def serve(dev: bool) -> None:
     from .app import create_app
 
     if dev:
-        create_app(settings).run(host=settings.host, port=settings.port, threaded=True)
+        app = create_app(settings)
+        warn_if_exposed(settings)
+        app.run(host=settings.host, port=settings.port, threaded=True)
         return
     from gunicorn.app.base import BaseApplication
 
@@ -127,6 +151,92 @@ def worker(torch_threads: int) -> None:
             "--without-heartbeat",
         ]
     )
+
+
+@main.command()
+@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--torch-threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Torch CPU threads per worker (0: torch's default).",
+)
+@click.option("--port", type=int, default=0, help="Port of the API (default: a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the API binds.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of logs, images and the object store's data (default: a new temporary one).",
+)
+@click.option("--tiny", is_flag=True, help="Serve the tiny random-weight model (it draws noise).")
+@click.option(
+    "--no-object-store",
+    is_flag=True,
+    help="Do not start SeaweedFS (images go where S2I_IMAGE_STORE says).",
+)
+def cluster(
+    workers: int,
+    torch_threads: int,
+    port: int,
+    host: str,
+    root: Path | None,
+    tiny: bool,
+    no_object_store: bool,
+) -> None:
+    """Start the distributed stack on this machine: object store, workers, API; Ctrl-C stops it.
+
+    Redis (S2I_BROKER_URL) and PostgreSQL (S2I_DATABASE_URL) are used where they answer, or
+    started from their binaries when those exist.
+    """
+    import signal
+    import tempfile
+
+    from .cluster import ClusterError, LocalCluster
+
+    folder = root or Path(tempfile.mkdtemp(prefix="speech2image-cluster-"))
+    stack = LocalCluster(folder, log=lambda line: click.echo(line, err=True))
+
+    def stop_on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        stack.ensure_redis()
+        stack.ensure_postgres()
+        if not no_object_store:
+            stack.start_object_store(wait=False)  # it starts while the rest does
+        if tiny:
+            stack.use_tiny_model()
+        stack.migrate()
+        for _ in range(workers):
+            stack.start_worker(torch_threads)
+        api = stack.start_api(port, host)
+        click.echo(
+            f"starting {workers} workers and the API (logs in {folder / 'logs'}) ...", err=True
+        )
+        stack.wait_object_store()
+        status = stack.wait_ready()
+        names = ", ".join(w["name"] for w in status["jobs"]["workers"])
+        click.echo(f"ready: {api.url}")
+        click.echo(f"  web page  {api.url}/")
+        click.echo(f"  API docs  {api.url}/docs")
+        click.echo(f"  status    {api.url}/status   (workers: {names})")
+        if not no_object_store:
+            click.echo(f"  S3        {stack.settings['S2I_S3_ENDPOINT_URL']}")
+        click.echo("Ctrl-C stops everything.", err=True)
+        while True:  # until Ctrl-C; a role that dies ends the cluster
+            time.sleep(1)
+            stack.check_alive()
+    except KeyboardInterrupt:
+        click.echo("stopping ...", err=True)
+    except ClusterError as exc:
+        stack.stop()
+        raise click.ClickException(str(exc)) from None
+    finally:
+        stack.stop()
+    click.echo("stopped", err=True)
 
 
 @main.command()

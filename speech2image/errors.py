@@ -27,6 +27,7 @@ __all__ = [
     "ServiceBusy",
     "ServiceError",
     "ShuttingDown",
+    "StorageFull",
     "UnsupportedAudio",
 ]
 
@@ -116,3 +117,10 @@ class AuthFailuresLimited(ServiceError, TooManyRequests):
     """The address failed authentication too often; it is refused for a while."""
 
     error = "rate_limited"
+
+
+class StorageFull(ServiceError):
+    """The image folder or the history database has no space left; nothing was stored."""
+
+    code = 507  # Insufficient Storage (werkzeug has no class for it)
+    error = "storage_full"

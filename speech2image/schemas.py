@@ -33,13 +33,17 @@ __all__ = [
     "MAX_GUIDANCE",
     "MAX_SEED",
     "MIN_SIDE",
+    "NONBLANK_TEXT_PATTERN",
+    "TEXT_PATTERN",
     "SafeText",
     "UtcDateTime",
+    "WholeInt",
     "check_text",
     "image_request_model",
     "invalid_request",
     "parse_json_text",
     "safe_text",
+    "whole",
 ]
 
 MAX_SEED = 2**32 - 1
@@ -47,6 +51,15 @@ MIN_SIDE = 64
 MAX_GUIDANCE = 30.0
 ALLOWED_CONTROLS = frozenset("\t\n\r")
 RANGE_ERRORS = ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "multiple_of")
+
+
+# Every C0/C1 control but tab, newline and carriage return (lone surrogates are not text at all,
+# so a pattern need not name them; check_text refuses them). Written
+# as regular-expression source for the spec; check_text enforces the same set in code.
+_CONTROLS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+TEXT_PATTERN = f"^[^{_CONTROLS}]*$"
+NONBLANK_TEXT_PATTERN = f"^[^{_CONTROLS}]*[^ \\t\\n\\r{_CONTROLS}][^{_CONTROLS}]*$"
+BLANKS = " \t\n\r"
 
 
 def check_text(value: str) -> str:
@@ -64,17 +77,49 @@ def check_text(value: str) -> str:
     return value
 
 
+def _check_raw(value: Any) -> Any:
+    # Before any other step (stripping would hide a control character at either end).
+    return check_text(value) if isinstance(value, str) else value
+
+
+def _strip(value: str) -> str:
+    return value.strip(BLANKS)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip(BLANKS):
+        raise ValueError("must not be empty")
+    return value
+
+
 #: Text a client may send anywhere: valid Unicode, no NUL or other control characters.
-SafeText = Annotated[str, AfterValidator(check_text)]
+SafeText = Annotated[
+    str, BeforeValidator(_check_raw), WithJsonSchema({"type": "string", "pattern": TEXT_PATTERN})
+]
 
 
-def safe_text(max_length: int | None = None, *, strip: bool = True, min_length: int = 0) -> Any:
-    """``SafeText`` with its length bounds (after stripping whitespace when ``strip``)."""
-    return Annotated[
-        str,
-        StringConstraints(strip_whitespace=strip, min_length=min_length, max_length=max_length),
-        AfterValidator(check_text),
+def safe_text(max_length: int | None = None, *, strip: bool = True, required: bool = False) -> Any:
+    """``SafeText`` of at most ``max_length`` characters; ``required``: not blank.
+
+    The length counts the text as sent; ``strip`` trims whitespace after every check.
+    """
+    schema: dict[str, Any] = {
+        "type": "string",
+        "pattern": NONBLANK_TEXT_PATTERN if required else TEXT_PATTERN,
+    }
+    if required:
+        schema["minLength"] = 1
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    steps: list[Any] = [
+        BeforeValidator(_check_raw),
+        StringConstraints(max_length=max_length),
     ]
+    if required:
+        steps.append(AfterValidator(_not_blank))
+    if strip:
+        steps.append(AfterValidator(_strip))
+    return Annotated[(str, *steps, WithJsonSchema(schema))]  # type: ignore[misc]
 
 
 def _utc(value: Any) -> Any:
@@ -126,18 +171,34 @@ def parse_json_text(text: str, field: str) -> Any:
         ) from None
 
 
+def _whole(value: Any) -> Any:
+    # JSON has one number type: 2.0 is the integer 2 (as JSON Schema says); 2.5 is not.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer in a strict JSON body that also takes 2.0 (never "2", never true).
+WholeInt = Annotated[int, BeforeValidator(_whole)]
+
+
+def whole(**constraints: Any) -> Any:
+    """``WholeInt`` with range constraints (``ge``, ``le``, ``multiple_of``)."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_whole)]
+
+
 def image_request_model(
     settings: Settings, models: Iterable[str], schedulers: Iterable[str]
 ) -> type[BaseModel]:
     """The JSON body of POST /generate-image, with this app's ranges and defaults."""
     s = settings
-    prompt_type = safe_text(s.max_prompt_chars, min_length=1)
+    prompt_type = safe_text(s.max_prompt_chars, required=True)
     negative_type = safe_text(s.max_prompt_chars)
     model_names = ("auto", *sorted(models))
     scheduler_names = tuple(schedulers)
 
     def side(limit: int) -> Any:
-        return Annotated[int, Field(ge=MIN_SIDE, le=limit, multiple_of=8)]
+        return whole(ge=MIN_SIDE, le=limit, multiple_of=8)
 
     return create_model(
         "GenerateImageRequest",
@@ -158,7 +219,7 @@ def image_request_model(
             Field(s.default_height, description="Pixels, multiple of 8."),
         ),
         steps=(
-            Annotated[int, Field(ge=1, le=s.max_steps)],
+            whole(ge=1, le=s.max_steps),
             Field(s.default_steps, description="Denoising steps."),
         ),
         guidance_scale=(
@@ -166,11 +227,11 @@ def image_request_model(
             Field(s.default_guidance_scale, description="How closely to follow the prompt."),
         ),
         seed=(
-            Annotated[int, Field(ge=0, le=MAX_SEED)] | None,
+            whole(ge=0, le=MAX_SEED) | None,
             Field(None, description="Seed of the first image (the next ones count up); random."),
         ),
         num_images=(
-            Annotated[int, Field(ge=1, le=s.max_num_images)],
+            whole(ge=1, le=s.max_num_images),
             Field(1, description="Images to make from this prompt."),
         ),
         scheduler=(
@@ -224,9 +285,9 @@ def _message(error: dict[str, Any], field: str, model: type[BaseModel] | None) -
         rule = f"a multiple of {_number(step)} " if step else ""
         if low is not None and high is not None:
             return f"`{field}` must be {rule}from {_number(low)} to {_number(high)}, got {got}"
-    if kind == "string_too_long":
+    if kind in ("string_too_long", "too_long"):
         limit = error.get("ctx", {}).get("max_length")
-        length = len(got.strip()) if isinstance(got, str) else "too many"
+        length = len(got) if isinstance(got, str) else "too many"
         return f"`{field}` has {length} characters; the limit is {limit}"
     if kind == "string_unicode":
         return f"`{field}` must be valid Unicode text (it contains a lone surrogate)"

@@ -116,7 +116,6 @@ class Cluster:
             "S2I_BROKER_URL": REDIS_URL,
             "S2I_QUEUE_PREFIX": self.prefix,
             "S2I_DATABASE_URL": self.database_url,
-            "S2I_IMAGE_DIR": str(root / "images"),
             "S2I_LOG_DIR": str(root / "logs"),
             **{k: str(v) for k, v in settings.items()},
         }
@@ -138,6 +137,9 @@ class Cluster:
             if not k.startswith("S2I_") and k not in ("HOST", "PORT", "DEBUG")
         }
         env.update(self.settings)
+        # Each process its own folders: what crosses processes goes through Redis and S3.
+        own = self.root / f"process-{uuid.uuid4().hex[:8]}"
+        env.update(S2I_IMAGE_DIR=str(own / "images"), S2I_UPLOAD_DIR=str(own / "uploads"))
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -179,7 +181,8 @@ class Cluster:
         return proc
 
     def restart_worker(self, name: str) -> subprocess.Popen:
-        """Start a worker again with the settings it had."""
+        """Start a worker again with the settings it had (after the old process ended)."""
+        self.workers[name].wait(timeout=60)
         return self.start_worker(name, **self.worker_env[name])
 
     def wait_ready(self, url: str, workers: int, timeout: float = 120) -> dict[str, Any]:
@@ -228,3 +231,116 @@ class Cluster:
         with engine.begin() as connection:
             connection.execute(text(f"drop schema if exists {self.schema} cascade"))
         engine.dispose()
+
+
+class TcpProxy:
+    """A TCP forwarder on a fixed loopback port that can be cut and restored (a network fault)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        """Accept and forward connections."""
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the blocked accept() (Linux)
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        for sock in self._conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._conns.clear()
+
+
+class RedisServer:
+    """A private redis-server on a fixed port that a test can stop and start again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start it and wait until it answers."""
+        import redis
+
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping():
+                    return
+            time.sleep(0.1)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Kill it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

@@ -202,6 +202,11 @@ def test_error_shape_on_v1_routes(client) -> None:
     response = client.get("/v1/models/nothing-here")
     assert response.status_code == 404
     assert response.json["error"]["type"] == "not_found_error"
+    response = client.get("/v1/images/generations")  # routing errors too, under /v1
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    assert set(response.json["error"]) == {"message", "type", "param", "code"}
+    assert client.get("/v1/no-such-route").json["error"]["type"] == "not_found_error"
+    assert "status" in client.get("/no-such-route").json["error"]  # the native shape elsewhere
 
 
 def test_prompt_and_temperature_are_checked_before_any_work(client, speech) -> None:

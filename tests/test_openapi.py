@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from speech2image.api.openapi import build_spec
+
+from .test_history import POSTGRES_URL, _postgres_available
 
 # Routes that are not API operations: the docs UI's own files.
 UNDESCRIBED = {"static", "docs.show"}
@@ -57,10 +61,19 @@ def test_uploads_are_multipart_with_a_binary_file(make_app) -> None:
     spec = build_spec(make_app())
     content = spec["paths"]["/transcribe-audio"]["post"]["requestBody"]["content"]
     ref = content["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
-    form = spec["components"]["schemas"][ref]["properties"]
-    assert form["audio"]["anyOf"][0] == {"type": "string", "format": "binary"}
-    assert "en" in form["language"]["anyOf"][0]["enum"]
+    schema = spec["components"]["schemas"][ref]
+    form = schema["properties"]
+    assert {k: form["audio"][k] for k in ("type", "format")} == {
+        "type": "string",
+        "format": "binary",
+    }
+    assert schema["anyOf"] == [{"required": ["audio"]}, {"required": ["file"]}]
+    assert "en" in form["language"]["enum"]
     assert set(form["response_format"]["enum"]) == {"json", "text", "srt", "vtt", "verbose_json"}
+    pipeline = spec["paths"]["/speech-to-image"]["post"]["requestBody"]["content"]
+    assert pipeline["multipart/form-data"]["encoding"] == {
+        "options": {"contentType": "application/json"}
+    }
 
 
 def test_auth_shows_in_the_spec_when_keys_are_configured(make_app) -> None:
@@ -217,3 +230,73 @@ def test_deeply_nested_options_are_400(client, speech) -> None:
         )
     assert response.status_code == 400
     assert response.json["error"]["details"]["field"] == "options"
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not _postgres_available(), reason=f"no PostgreSQL at {POSTGRES_URL}")
+def test_nul_in_a_prompt_is_refused_before_postgresql_sees_it(make_app) -> None:
+    schema = "s2i_test_" + uuid.uuid4().hex[:8]
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    app = make_app(database_url=f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    try:
+        client = app.test_client()
+        for body in ({"prompt": "a\x00b"}, {"prompt": "a cat", "negative_prompt": "x\x00"}):
+            refused = client.post("/generate-image", json={**body, "steps": 1})
+            assert refused.status_code == 400, refused.json
+            assert refused.json["error"]["details"]["field"] in ("prompt", "negative_prompt")
+        assert not any(m["loaded"] for m in app.extensions["model_loader"].status())
+        for query in ("since=0001-01-01T00:00:00%2B01:00", "until=9999-12-31T23:59:59-01:00"):
+            assert client.get(f"/images?{query}").status_code == 400
+        made = client.post("/generate-image", json={"prompt": "a cat\ton a mat", "steps": 1})
+        assert made.status_code == 200, made.json
+        listed = client.get("/images").json
+        assert listed["total"] == 1 and listed["images"][0]["prompt"] == "a cat\ton a mat"
+    finally:
+        app.extensions["storage"].close()
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def test_form_errors_come_together_and_name_each_field(client, speech) -> None:
+    with open(speech["english"], "rb") as fh:
+        response = client.post(
+            "/transcribe-audio",
+            data={
+                "audio": (fh, "clip.wav"),
+                "task": "summarise",
+                "response_format": "pdf",
+                "language": "klingon",
+            },
+            content_type="multipart/form-data",
+        )
+    assert response.status_code == 400
+    fields = {e["field"] for e in response.json["error"]["details"]["errors"]}
+    assert fields == {"task", "response_format", "language"}
+
+
+def test_a_poisoned_prompt_among_good_ones_fails_alone(make_app) -> None:
+    import threading
+
+    app = make_app(api_keys=["good", "evil"], batch_max_wait_ms=500)
+    results: dict[str, int] = {}
+
+    def send(name: str, key: str, prompt: str) -> None:
+        response = app.test_client().post(
+            "/generate-image",
+            json={"prompt": prompt, "steps": 1, "seed": 1},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        results[name] = response.status_code
+
+    threads = [
+        threading.Thread(target=send, args=(f"good{i}", "good", f"a castle {i}")) for i in range(3)
+    ]
+    threads.append(threading.Thread(target=send, args=("evil", "evil", "x \ud800")))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert results == {"good0": 200, "good1": 200, "good2": 200, "evil": 400}

@@ -6,11 +6,12 @@ import logging
 import math
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ..errors import ServiceError
+from . import openai
 
 __all__ = ["error_response", "register_error_handlers"]
 
@@ -54,7 +55,14 @@ def error_response(
     return response
 
 
+def _openai_surface() -> bool:
+    """Under /v1 (matched or not), OpenAI's clients expect OpenAI's error shape."""
+    return request.path == openai.PREFIX or request.path.startswith(openai.PREFIX + "/")
+
+
 def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+    if _openai_surface():
+        return openai.http_error(exc)
     status = exc.code or 500
     if isinstance(exc, ServiceError):
         return error_response(
@@ -76,10 +84,25 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
 def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
     original = exc.original_exception if isinstance(exc, InternalServerError) else exc
     log.error("unhandled error", exc_info=original)
-    return error_response(500, "internal server error; see the log for this request id")
+    message = "internal server error; see the log for this request id"
+    if _openai_surface():
+        return openai.openai_error(500, message)
+    return error_response(500, message)
 
 
 def register_error_handlers(app: Flask) -> None:
     """Route every HTTP error and every unexpected exception to the JSON shape."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     app.register_error_handler(HTTPException, _handle_http)
+    app.register_error_handler(OperationalError, _handle_database_down)
+    app.register_error_handler(InterfaceError, _handle_database_down)
     app.register_error_handler(Exception, _handle_unexpected)
+
+
+def _handle_database_down(exc: Exception) -> ResponseReturnValue:
+    # The database went away (restart, failover, network): a retryable 503, not a 500.
+    log.warning("database unreachable: %s", str(exc).splitlines()[0])
+    return error_response(
+        503, "the database is unreachable; retry shortly", "database_unavailable", retry_after=5
+    )

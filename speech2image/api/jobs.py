@@ -26,6 +26,15 @@ bp = Blueprint("jobs", __name__)
 
 JOB_ID = {"job_id": "The job's id, as the 202 answer gave it"}
 MAX_JOBS_PAGE = 100
+#: One Server-Sent Event: its name, and the job (JobView) as JSON text in `data`.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"enum": ["progress", "succeeded", "failed", "cancelled"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
@@ -201,7 +210,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 @endpoint(
     responses={
         200: Content(
-            {"text/event-stream": {"type": "string"}},
+            {"text/event-stream": SSE_EVENT},
             "Server-Sent Events: `progress` per change, then `succeeded`, `failed` or "
             "`cancelled` with the job as JSON data",
         )

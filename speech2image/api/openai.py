@@ -10,7 +10,6 @@ answer what the official ``openai`` clients send and expect; errors here use Ope
 from __future__ import annotations
 
 import base64
-import logging
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -18,26 +17,34 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 
 from ..errors import InvalidRequest, ResourceNotFound, ServiceError
 from ..image_service import get_image_service, model_key
 from ..jobs import Job, get_job_runner
-from ..schemas import safe_text
+from ..schemas import MIN_SIDE, safe_text, whole
 from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
 from ..storage import get_storage
 from ..tasks import TranscribeWork
 from .identity import client_owner
 from .jobs import wait_for
 from .openapi import Content, Upload, endpoint
-from .speech import RESPONSE_FORMATS, _submit_with_upload, to_srt, to_vtt
+from .speech import RESPONSE_FORMATS, _submit_with_upload, language_type, to_srt, to_vtt
 
-__all__ = ["IMAGE_ALIASES", "WHISPER_ALIASES", "audio_bp", "bp", "images_bp"]
+__all__ = [
+    "IMAGE_ALIASES",
+    "PREFIX",
+    "WHISPER_ALIASES",
+    "audio_bp",
+    "bp",
+    "http_error",
+    "images_bp",
+    "openai_error",
+]
 
-log = logging.getLogger(__name__)
-
-bp = Blueprint("openai", __name__, url_prefix="/v1")
-# Children of ``bp`` (they share its error shape) so each carries its own rate limit.
+PREFIX = "/v1"
+bp = Blueprint("openai", __name__, url_prefix=PREFIX)
+# Children of ``bp``, so each carries its own rate limit.
 audio_bp = Blueprint("openai_audio", __name__)
 images_bp = Blueprint("openai_images", __name__)
 
@@ -172,12 +179,13 @@ def _audio_form(app: Any) -> type[BaseModel]:
             Literal[names],  # type: ignore[valid-type]
             Field(WHISPER_ALIASES[0], description="whisper-1 is the configured Whisper model."),
         ),
+        # A multipart form cannot send a null, only leave a field out: none is nullable.
         language=(
-            safe_text(8) | None,
+            language_type(),
             Field(None, description="ISO 639-1 code of the speech; empty: detect it."),
         ),
         prompt=(
-            safe_text(MAX_PROMPT_CHARS) | None,
+            safe_text(MAX_PROMPT_CHARS),
             Field(None, description="Whisper's initial prompt: spellings of names and jargon."),
         ),
         response_format=(
@@ -185,11 +193,11 @@ def _audio_form(app: Any) -> type[BaseModel]:
             Field("json", description="json, text, srt, verbose_json or vtt."),
         ),
         temperature=(
-            Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None,
+            Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
             Field(None, description="Sampling temperature; none: 0, then 0.4 and 0.8."),
         ),
         timestamp_granularities=(
-            Literal[GRANULARITIES] | None,  # type: ignore[valid-type]
+            Literal[GRANULARITIES],  # type: ignore[valid-type]
             Field(
                 None,
                 alias="timestamp_granularities[]",
@@ -212,20 +220,24 @@ def _image_body(app: Any) -> type[BaseModel]:
             extras[name] = (annotation, Field(description=info.description))
         else:
             extras[name] = (annotation | None, Field(None, description=info.description))
+    models = ("auto", *IMAGE_ALIASES, *sorted(get_image_service(app).models))
+    widths = "|".join(str(w) for w in range(MIN_SIDE, settings.max_width + 1, 8))
+    heights = "|".join(str(h) for h in range(MIN_SIDE, settings.max_height + 1, 8))
     return create_model(
         "OpenAIImageRequest",
-        __config__=ConfigDict(extra="forbid"),
+        __config__=ConfigDict(extra="forbid", strict=True),
         model=(
-            str | None,
+            Literal[models] | None,  # type: ignore[valid-type]
             Field(None, description="dall-e-2 or dall-e-3 (the automatic choice), or a model."),
         ),
         n=(
-            Annotated[int, Field(ge=1, le=settings.max_num_images)] | None,
+            whole(ge=1, le=settings.max_num_images) | None,
             Field(None, description="Images to make."),
         ),
         size=(
-            Annotated[str, Field(pattern=r"^(auto|\d{1,5}x\d{1,5})$")] | None,
-            Field(None, description="WIDTHxHEIGHT, each a multiple of 8."),
+            # The sizes this server makes, spelled out so the schema says exactly that.
+            Annotated[str, Field(pattern=f"^(auto|({widths})x({heights}))$")] | None,
+            Field(None, description="WIDTHxHEIGHT, each a multiple of 8 within the limits."),
         ),
         response_format=(Literal[IMAGE_FORMATS], Field("url")),  # type: ignore[valid-type]
         user=(safe_text(256) | None, Field(None, description="Accepted; the API key is who.")),
@@ -246,7 +258,8 @@ def openai_error(
     return response
 
 
-def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+def http_error(exc: HTTPException) -> Response:
+    """An HTTP error of a /v1 request in OpenAI's shape (api/errors.py routes it here)."""
     status = exc.code or 500
     if isinstance(exc, ServiceError):
         response = openai_error(
@@ -263,19 +276,11 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
         message = f"rate limit exceeded: {exc.description}"
     code = "invalid_api_key" if status == 401 else exc.name.lower().replace(" ", "_")
     response = openai_error(status, message, code=code)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'
     if status == 405 and getattr(exc, "valid_methods", None):
         response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
     return response
-
-
-def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
-    original = exc.original_exception if isinstance(exc, InternalServerError) else exc
-    log.error("unhandled error", exc_info=original)
-    return openai_error(500, "internal server error; see the log for this request id")
-
-
-bp.register_error_handler(HTTPException, _handle_http)
-bp.register_error_handler(Exception, _handle_unexpected)
 
 
 def _field(name: str, message: str) -> InvalidRequest:
@@ -306,11 +311,11 @@ def _audio(task: str, form: Any) -> ResponseReturnValue:
     for item in granularities:
         if item not in GRANULARITIES:
             raise _field(
-                "timestamp_granularities",
+                "timestamp_granularities[]",
                 f"`timestamp_granularities[]` items must be word or segment, not {item!r}",
             )
     options = get_speech_service(current_app).validate_options(
-        form.language, task, "word" in granularities, form.prompt, form.temperature
+        form.language or None, task, "word" in granularities, form.prompt, form.temperature
     )
     job = _submit_with_upload(
         form.file,
@@ -383,28 +388,17 @@ def _image_fields(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The native generation fields of an OpenAI request, and its response format."""
     fields = {k: v for k, v in payload.items() if k not in IGNORED_IMAGE_FIELDS and v is not None}
     response_format = fields.pop("response_format", "url")
-    if response_format not in IMAGE_FORMATS:
-        raise _field(
-            "response_format",
-            f"`response_format` must be url or b64_json, not {response_format!r}",
-        )
-    user = fields.pop("user", None)
-    if user is not None and not isinstance(user, str):
-        raise _field("user", "`user` must be a string")
+    fields.pop("user", None)  # the API key says who asks
     model = fields.get("model")
     if model is None or model in IMAGE_ALIASES:
         fields["model"] = "auto"
     if "n" in fields:
-        if "num_images" in fields:
-            raise _field("n", "give `n` or `num_images`, not both")
         fields["num_images"] = fields.pop("n")
     size = fields.pop("size", None)
     if size is not None and size != "auto":
         match = SIZE.match(size) if isinstance(size, str) else None
         if match is None:
             raise _field("size", f"`size` must look like 512x512 (WIDTHxHEIGHT), not {size!r}")
-        if "width" in fields or "height" in fields:
-            raise _field("size", "give `size` or `width` and `height`, not both")
         fields["width"], fields["height"] = int(match[1]), int(match[2])
     return fields, response_format
 

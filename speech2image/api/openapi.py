@@ -382,13 +382,20 @@ def build_spec(app: Flask) -> dict[str, Any]:
                 },
             }
         elif spec.form is not None:
+            form_model = models.get(spec.form)
+            form_schema = form_model.model_json_schema()
+            # Object fields of a form travel as JSON parts.
+            encoding = {
+                name: {"contentType": "application/json"}
+                for name, prop in form_schema.get("properties", {}).items()
+                if prop.get("type") == "object"
+            }
+            media: dict[str, Any] = {"schema": schema_of(form_model, "validation")}
+            if encoding:
+                media["encoding"] = encoding
             operation["requestBody"] = {
                 "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": schema_of(models.get(spec.form), "validation")
-                    }
-                },
+                "content": {"multipart/form-data": media},
             }
         responses: dict[str, Any] = {}
         for status, answer in sorted(spec.responses.items()):

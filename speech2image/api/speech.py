@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from flask import Blueprint, Response, current_app, jsonify
 from flask.typing import ResponseReturnValue
@@ -12,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     create_model,
     model_validator,
 )
@@ -21,7 +23,7 @@ from ..errors import InvalidRequest
 from ..image_service import get_image_service
 from ..jobs import Job, get_job_runner
 from ..prompting import UnderstandSteps
-from ..schemas import invalid_request, parse_json_text, safe_text
+from ..schemas import check_text, invalid_request, parse_json_text, safe_text
 from ..speech_service import (
     MAX_PROMPT_CHARS,
     TASKS,
@@ -35,7 +37,7 @@ from .jobs import respond, wait_for, wants_async
 from .openapi import Content, Upload, endpoint
 from .responses import Generation, JobAccepted, Transcription
 
-__all__ = ["RESPONSE_FORMATS", "bp", "pipeline_bp"]
+__all__ = ["RESPONSE_FORMATS", "bp", "language_type", "pipeline_bp"]
 
 bp = Blueprint("speech", __name__)
 # Its own blueprint, so it carries the generation rate limit rather than transcription's.
@@ -46,18 +48,12 @@ VERBOSE_ONLY = ("segments", "words", "duration_after_vad")
 
 
 def _language(value: Any) -> Any:
-    # An empty form field means "detect"; codes compare in lower case.
-    if value is None or value == "":
-        return None
+    # Codes compare in lower case; empty means "detect".
     return value.lower() if isinstance(value, str) else value
 
 
-def _empty_is_none(value: Any) -> Any:
-    return None if value == "" else value
-
-
-#: A true/false form field; empty means "not given".
-FormSwitch = Annotated[bool | None, BeforeValidator(lambda v: None if v == "" else v)]
+# Optional form fields are never null: a multipart form cannot send a null, only leave it out.
+FormSwitch = bool
 
 
 def _whisper_languages() -> tuple[str, ...]:
@@ -67,18 +63,22 @@ def _whisper_languages() -> tuple[str, ...]:
     return tuple(sorted(codes))
 
 
+def language_type() -> Any:
+    """A form's `language`: a code Whisper knows (either case), or empty for "detect"."""
+    return Annotated[
+        Literal[("", *_whisper_languages())],  # type: ignore[valid-type]
+        BeforeValidator(_language),
+    ]
+
+
 def _audio_fields(app: Any) -> dict[str, Any]:
     """The fields every audio upload form shares (the file and the transcription options)."""
-    languages = _whisper_languages()
     return {
-        "audio": (Upload | None, Field(None, description="The audio file (any common format).")),
-        "file": (Upload | None, Field(None, description="Same as `audio` (OpenAI's name).")),
+        "audio": (Upload, Field(None, description="The audio file (any common format).")),
+        "file": (Upload, Field(None, description="Same as `audio` (OpenAI's name).")),
         "language": (
-            Annotated[
-                Literal[languages] | None,  # type: ignore[valid-type]
-                BeforeValidator(_language),
-            ],
-            Field(None, description="ISO 639-1 code of the speech; empty: detect it."),
+            language_type(),
+            Field(None, description="ISO 639-1 code of the speech; empty or absent: detect it."),
         ),
         "task": (
             Literal[TASKS],  # type: ignore[valid-type]
@@ -86,7 +86,7 @@ def _audio_fields(app: Any) -> dict[str, Any]:
         ),
         "word_timestamps": (bool, Field(False, description="Word-level timestamps.")),
         "prompt": (
-            Annotated[safe_text(MAX_PROMPT_CHARS) | None, BeforeValidator(_empty_is_none)],
+            safe_text(MAX_PROMPT_CHARS),
             Field(
                 None,
                 description="Whisper's initial prompt: spellings of names and jargon it should "
@@ -94,11 +94,8 @@ def _audio_fields(app: Any) -> dict[str, Any]:
             ),
         ),
         "temperature": (
-            Annotated[
-                Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None,
-                BeforeValidator(_empty_is_none),
-            ],
-            Field(None, description="Fixed sampling temperature; empty: 0, then 0.4 and 0.8."),
+            Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+            Field(None, description="Fixed sampling temperature; absent: 0, then 0.4 and 0.8."),
         ),
         "async_": (
             bool,
@@ -115,10 +112,24 @@ def _needs_audio(form: Any) -> Any:
     return form
 
 
+# The schema says what _needs_audio checks: one of the two file fields.
+AUDIO_REQUIRED = ConfigDict(
+    extra="forbid",
+    json_schema_extra={"anyOf": [{"required": ["audio"]}, {"required": ["file"]}]},
+)
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
 def _transcribe_form(app: Any) -> type[BaseModel]:
     return create_model(
         "TranscribeAudioForm",
-        __config__=ConfigDict(extra="forbid"),
+        __config__=AUDIO_REQUIRED,
         __validators__={"needs_audio": model_validator(mode="after")(_needs_audio)},
         **_audio_fields(app),
         response_format=(
@@ -134,20 +145,28 @@ def _speech_to_image_form(app: Any) -> type[BaseModel]:
     for name, info in image_model.model_fields.items():
         if name in ("prompt", "async_"):
             continue
-        annotation = info.annotation
+        annotation = _without_none(info.annotation)
         if info.metadata:
             annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[misc]
         image_fields[name] = (
-            annotation | None,
+            annotation,
             Field(None, description=f"{info.description} Overrides `options`."),
         )
+    # `options` travels as a JSON part (encoding application/json): described as the object.
+    full = image_model.model_json_schema()
+    options_schema = {
+        "type": "object",
+        "title": "ImageOptions",
+        "properties": {k: v for k, v in full["properties"].items() if k not in ("prompt", "async")},
+        "additionalProperties": False,
+    }
     return create_model(
         "SpeechToImageForm",
-        __config__=ConfigDict(extra="forbid"),
+        __config__=AUDIO_REQUIRED,
         __validators__={"needs_audio": model_validator(mode="after")(_needs_audio)},
         **_audio_fields(app),
         options=(
-            safe_text(64 * 1024, strip=False) | None,
+            Annotated[str, BeforeValidator(_options_text), WithJsonSchema(options_schema)],
             Field(
                 None,
                 description="JSON object of /generate-image fields (not `prompt`: the speech "
@@ -172,9 +191,19 @@ def _speech_to_image_form(app: Any) -> type[BaseModel]:
     )
 
 
+def _options_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be a JSON object sent as a form field")
+    return check_text(value)
+
+
 def _options(form: Any) -> TranscribeOptions:
     return TranscribeOptions(
-        form.language, form.task, form.word_timestamps, form.prompt or None, form.temperature
+        form.language or None,
+        form.task,
+        form.word_timestamps,
+        form.prompt or None,
+        form.temperature,
     )
 
 
@@ -226,7 +255,7 @@ def transcribe_audio(form: Any) -> ResponseReturnValue:
 @endpoint(
     form=_speech_to_image_form,
     responses={200: Generation, 202: JobAccepted},
-    errors=(409, 415, 422, 503),
+    errors=(409, 415, 422, 503, 507),
     tags=("speech", "images"),
 )
 def speech_to_image(form: Any) -> ResponseReturnValue:
@@ -254,8 +283,9 @@ def speech_to_image(form: Any) -> ResponseReturnValue:
     shared |= {"understand", *UNDERSTAND_STEPS}
     given = form.model_dump(include=form.model_fields_set - shared, exclude_none=True)
     fields.update(given)
-    # Check the merged image fields now, with a stand-in prompt, before any audio is decoded.
-    service.validate({**fields, "prompt": "placeholder"})
+    # Check the merged image fields now, with a stand-in prompt, before any audio is decoded,
+    # and that the image model can be had: a transcription must not be spent on a sure 503.
+    service.ensure_available(service.validate({**fields, "prompt": "placeholder"}).model)
     options = _options(form)
     steps = _understand_steps(form)
     job = _submit_with_upload(

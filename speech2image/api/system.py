@@ -40,7 +40,13 @@ def health() -> ResponseReturnValue:
     tags=("system",),
 )
 def ready() -> ResponseReturnValue:
-    """Readiness: the models the default flow needs can be had (loaded, or loadable offline)."""
+    """Readiness: the models the default flow needs can be had (loaded, or loadable offline).
+
+    In the distributed mode: the broker and the database answer, and a live worker serves
+    every model the default flow needs.
+    """
+    if current_app.config.get("S2I_ROLE") == "api":
+        return _ready_distributed()
     loader = get_model_loader(current_app)
     required = set(required_models(current_app.config["S2I_SETTINGS"]))
     models = []
@@ -57,6 +63,34 @@ def ready() -> ResponseReturnValue:
         )
     ok = all(m["loaded"] or m["available"] for m in models if m["required"])
     return jsonify(ready=ok, models=models), 200 if ok else 503
+
+
+def _ready_distributed() -> ResponseReturnValue:
+    from ..jobs.celery import cluster_status
+
+    runner = get_job_runner(current_app)
+    checks: dict[str, Any] = {}
+    try:
+        runner.states.redis.ping()  # type: ignore[attr-defined]
+        cluster = cluster_status(runner.states)  # type: ignore[attr-defined]
+        checks["broker"] = {"ok": True}
+    except Exception as exc:
+        cluster = {"workers": []}
+        checks["broker"] = {"ok": False, "problem": f"{type(exc).__name__}: {exc}"}
+    try:
+        get_storage(current_app).ping()
+        checks["database"] = {"ok": True}
+    except Exception as exc:
+        checks["database"] = {"ok": False, "problem": type(exc).__name__}
+    served = {m for w in cluster["workers"] for m in w["models"]}
+    required = required_models(current_app.config["S2I_SETTINGS"])
+    models = [{"name": name, "required": True, "served": name in served} for name in required]
+    checks["workers"] = {
+        "ok": all(m["served"] for m in models),
+        "live": len(cluster["workers"]),
+    }
+    ok = all(check["ok"] for check in checks.values())
+    return jsonify(ready=ok, checks=checks, models=models), 200 if ok else 503
 
 
 @bp.get("/config")

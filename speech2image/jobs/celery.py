@@ -19,7 +19,8 @@ is accepted, marked running and finished by the worker. ``GET /jobs/<id>`` falls
 row when Redis no longer has the job (expired, flushed) or cannot be reached.
 
 Redis keys, all under ``S2I_QUEUE_PREFIX``: ``job:<id>`` (state), ``events`` (pub/sub),
-``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``attempts:<id>``, ``active`` and
+``cancel:<id>``, ``upload:<id>``, ``lease:<id>``, ``attempts:<id>``, ``deliveries:<id>``,
+``active`` and
 ``active:<owner>`` (admission), ``worker:<name>`` (heartbeats).
 """
 
@@ -659,6 +660,8 @@ class JobWorker:
         with self._lock:
             tag = self._delivery_tags.pop(job_id, None)
         keeper = _Keeper(client, self.states, job_id, self.name, tag, self.settings)
+        deliveries = states.key("deliveries", job_id)
+        client.pipeline().incr(deliveries).expire(deliveries, states.keep_seconds).execute()
         while True:
             record = states.load(job_id)
             if record is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import logging
 import re
@@ -31,9 +32,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
+from ..errors import StorageFull
 from ..imagestore import ImageStore, LocalImageStore
 from . import migrate
 from .base import Base, aware, new_id, utcnow
@@ -239,8 +241,15 @@ class Storage:
                 return [stored[image.id] for image in images]
             self._discard(written)
             raise
-        except BaseException:
+        except BaseException as exc:
             self._discard(written)
+            if _out_of_space(exc):
+                log.error("no space left to store %d image(s): %s", len(images), exc)
+                raise StorageFull(
+                    "no space left to store the images (the image folder or the history "
+                    "database is full); nothing was stored. Free space, or lower "
+                    "S2I_IMAGE_MAX_BYTES / S2I_IMAGE_RETENTION_DAYS and run cleanup"
+                ) from None
             raise
         return records
 
@@ -332,6 +341,11 @@ class Storage:
                 .offset(offset)
             ).all()
         return list(rows), int(total or 0)
+
+    def ping(self) -> None:
+        """Raise if the database does not answer."""
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
 
     def get_transcript(
         self, owner: str, transcript_id: str
@@ -444,6 +458,14 @@ class Storage:
         with self._sessions() as session:
             known = set(session.scalars(select(ImageRecord.filename)))
         return sum(1 for name in candidates if name not in known and self.images.delete(name))
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """True for a write that failed because the disk or a quota is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # SQLite reports SQLITE_FULL as "database or disk is full".
+    return isinstance(exc, OperationalError) and "disk is full" in str(exc.orig)
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:

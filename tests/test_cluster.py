@@ -1,0 +1,226 @@
+"""`speech2image cluster` (the whole distributed stack on one machine) and the container files.
+
+The command test runs the real command with the tiny model against the machine's Redis and
+PostgreSQL (skipped with the reason when either does not answer), generates one image through
+a worker and stops it with Ctrl-C. Docker cannot pull images here: the Dockerfile and
+compose.yaml are parsed and what they name is checked to exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from speech2image.cli import main as cli
+from speech2image.cluster import TINY_MODEL_DIR
+from speech2image.config import ENV_PREFIX, Settings, load_settings
+
+from .distributed_cluster import POSTGRES_URL, REDIS_URL, http, postgres_problem, redis_problem
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent / "speech2image"
+SETTINGS = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {"HOST", "PORT"}
+
+
+def _check_cli(argv: list[str]) -> None:
+    """``argv`` is a `speech2image` command line the CLI knows, options included."""
+    assert argv[0] == "speech2image", argv
+    command = cli.commands[argv[1]]
+    for name in argv[2:]:
+        if hasattr(command, "commands") and name in command.commands:  # a group: `db upgrade`
+            command = command.commands[name]
+            continue
+        if name.startswith("-"):
+            known = {opt for param in command.params for opt in param.opts}
+            assert name.split("=")[0] in known, f"{name} is no option of {argv[:2]}"
+
+
+def _check_settings(env: dict[str, str]) -> None:
+    names = {k for k in env if k.startswith(ENV_PREFIX) or k in ("HOST", "PORT")}
+    assert names <= SETTINGS, f"unknown settings: {sorted(names - SETTINGS)}"
+    overrides = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k in names}
+    load_settings(**overrides)  # valid values, not only known names
+
+
+def test_compose_file_mirrors_the_cluster_command() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "postgres", "seaweedfs", "migrate", "api", "worker"}
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert "--torch-threads" in services["worker"]["command"]
+    for name in ("migrate", "api", "worker"):
+        service = services[name]
+        _check_cli(service["command"])
+        _check_settings(service["environment"])
+        env = service["environment"]
+        assert env["S2I_BROKER_URL"].startswith("redis://redis:")
+        assert "@postgres:" in env["S2I_DATABASE_URL"]
+        assert env["S2I_IMAGE_STORE"] == "s3" and "//seaweedfs:" in env["S2I_S3_ENDPOINT_URL"]
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services
+    assert services["api"]["command"] == ["speech2image", "serve"]
+    assert services["api"]["ports"] == ["5000:5000"]
+    assert services["migrate"]["build"] == "."
+    assert all(services[n]["image"] == services["migrate"]["image"] for n in ("api", "worker"))
+    weed = services["seaweedfs"]["command"]
+    assert weed[0] == "server" and "-s3" in weed and "-s3.port=8333" in weed
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)  # continuation lines
+    lines = [line.strip() for line in text.splitlines()]
+    instructions = []
+    for line in lines:
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def test_dockerfile_names_files_and_commands_that_exist() -> None:
+    instructions = _dockerfile()
+    known = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "EXPOSE", "HEALTHCHECK", "CMD"}
+    assert {k for k, _ in instructions} <= known
+    assert instructions[0][0] == "FROM"
+    for keyword, rest in instructions:
+        if keyword == "COPY":
+            *sources, _ = shlex.split(rest)
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: no such file"
+        if keyword == "ENV":
+            env = dict(pair.split("=", 1) for pair in shlex.split(rest))
+            settings = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX) or k == "HOST"}
+            _check_settings(settings)
+        if keyword == "RUN":
+            for part in re.split(r"&&", rest):
+                word = shlex.split(part)[0]
+                assert word in {"pip", "useradd", "mkdir", "chown"}, word
+        if keyword == "CMD":
+            _check_cli(json.loads(rest))
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    copied = [s for k, r in instructions if k == "COPY" for s in shlex.split(r)[:-1]]
+    assert not set(copied) & set(ignored), "the Dockerfile copies what .dockerignore leaves out"
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_cluster_command_starts_generates_and_stops_on_ctrl_c(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    problem = redis_problem() or postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    cache = tmp_path / "cache"  # `--tiny` finds its model built (the session's tiny-art)
+    cache.mkdir()
+    (cache / TINY_MODEL_DIR).symlink_to(tiny_models["tiny-art"])
+    from sqlalchemy import create_engine, text
+
+    prefix = f"s2icluster{uuid.uuid4().hex[:8]}"
+    schema = f"s2i_cluster_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        connection.execute(text(f"create schema {schema}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
+    env.update(
+        S2I_BROKER_URL=REDIS_URL,
+        S2I_QUEUE_PREFIX=prefix,
+        S2I_DATABASE_URL=f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
+        S2I_MODEL_CACHE_DIR=str(cache),
+        S2I_MODEL_IDLE_SECONDS="0",
+        S2I_CLEANUP_INTERVAL_SECONDS="0",
+        S2I_RATELIMIT_ENABLED="false",
+    )
+    process = subprocess.Popen(
+        [str(BIN), "cluster", "--tiny", "--root", str(tmp_path / "stack")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    output: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            output.append(line)
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        url = _wait_for_ready_line(lines, process, output, timeout=150)
+        status, _, body = http(
+            "POST", f"{url}/generate-image", {"prompt": "a red fox", "seed": 3, "steps": 2}
+        )
+        assert status == 200, body
+        (image,) = body["images"]
+        assert image["width"] == 64 and body["model"] == "tiny"
+        status, _, png = http("GET", f"{url}{image['url']}")
+        assert status == 200 and png.startswith(b"\x89PNG")
+        _, _, state = http("GET", f"{url}/status")
+        worker_pids = [w["pid"] for w in state["jobs"]["workers"]]
+        assert len(worker_pids) == 2
+        # The image went to the object store the command started, not to a local folder.
+        assert not list((tmp_path / "stack").rglob("*.png"))
+
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=60) == 0, "".join(output)
+        reader.join(timeout=5)
+        assert "stopped" in "".join(output)
+        with pytest.raises(OSError):
+            http("GET", f"{url}/health", timeout=2)
+        for pid in worker_pids:
+            assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"worker {pid} still runs"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=5)
+        process.stdout.close()  # type: ignore[union-attr]
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        with engine.begin() as connection:
+            connection.execute(text(f"drop schema if exists {schema} cascade"))
+        engine.dispose()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_for_ready_line(
+    lines: queue.Queue[str], process: subprocess.Popen, output: list[str], timeout: float
+) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if process.poll() is not None:
+                pytest.fail("speech2image cluster exited:\n" + "".join(output))
+            continue
+        if line.startswith("ready: "):
+            return line.split()[1]
+    pytest.fail("speech2image cluster not ready in time:\n" + "".join(output))
+    raise AssertionError  # unreachable
