@@ -34,6 +34,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
+        # gunicorn's control socket sits at one path per user: a second server would take it.
+        "control_socket_disable": True,
         "when_ready": partial(_warn_if_exposed, settings),
         **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
