@@ -128,7 +128,11 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     )
     loader.init_app(app)
     storage = Storage(
-        settings.resolved_database_url(), settings.image_dir, images=make_image_store(settings)
+        settings.resolved_database_url(),
+        settings.image_dir,
+        images=make_image_store(settings),
+        connect_timeout=settings.database_connect_timeout_seconds,
+        statement_timeout=settings.database_statement_timeout_seconds,
     )
     storage.init_app(app)
     speech_service = SpeechService(settings, loader)
