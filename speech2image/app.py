@@ -128,7 +128,11 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     )
     loader.init_app(app)
     storage = Storage(
-        settings.resolved_database_url(), settings.image_dir, images=make_image_store(settings)
+        settings.resolved_database_url(),
+        settings.image_dir,
+        images=make_image_store(settings),
+        connect_timeout=settings.database_connect_timeout_seconds,
+        statement_timeout=settings.database_statement_timeout_seconds,
     )
     storage.init_app(app)
     speech_service = SpeechService(settings, loader)
@@ -346,6 +350,8 @@ def _register_request_logging(app: Flask) -> None:
         if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)
         response.headers["X-Request-ID"] = g.get("request_id", "-")
+        # Browsers must not guess a type: an image or a JSON error is never run as a script.
+        response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     @app.teardown_request

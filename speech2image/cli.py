@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import Settings, SettingsError, load_settings
+from .config import Settings, SettingsError, exposure_warning, load_settings
 from .server import gunicorn_hooks
 
-__all__ = ["gunicorn_options", "main"]
+__all__ = ["gunicorn_options", "main", "warn_if_exposed"]
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -32,8 +34,29 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
+        # gunicorn's control socket sits at one path per user: a second server would take it.
+        "control_socket_disable": True,
+        "when_ready": partial(_warn_if_exposed, settings),
         **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
+
+
+def _warn_if_exposed(settings: Settings, server: Any) -> None:
+    """gunicorn hook: warn for every bound address reachable from other machines without auth."""
+    for address in server.cfg.bind:
+        if address.startswith(("unix:", "fd://")):
+            continue
+        host = address.rsplit(":", 1)[0] if ":" in address.strip("[]") else address
+        warning = exposure_warning(settings, host)
+        if warning:
+            server.log.warning("speech2image: %s", warning)
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Log a warning when the configured address is public and auth is off."""
+    warning = exposure_warning(settings)
+    if warning:
+        logging.getLogger("speech2image").warning(warning)
 
 
 def _settings() -> Settings:
@@ -75,7 +98,9 @@ def serve(dev: bool) -> None:
     from .app import create_app
 
     if dev:
-        create_app(settings).run(host=settings.host, port=settings.port, threaded=True)
+        app = create_app(settings)
+        warn_if_exposed(settings)
+        app.run(host=settings.host, port=settings.port, threaded=True)
         return
     from gunicorn.app.base import BaseApplication
 
@@ -131,15 +156,22 @@ def worker(torch_threads: int) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="Worker processes."
+)
 @click.option(
     "--torch-threads",
-    type=int,
+    type=click.IntRange(0),
     default=1,
     show_default=True,
     help="Torch CPU threads per worker (0: torch's default).",
 )
-@click.option("--port", type=int, default=0, help="Port of the API (default: a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the API (default: a free one).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API binds.")
 @click.option(
     "--root",
@@ -195,7 +227,7 @@ def cluster(
         )
         stack.wait_object_store()
         status = stack.wait_ready()
-        names = ", ".join(w["name"] for w in status["jobs"]["workers"])
+        names = ", ".join(w["name"] for w in status.get("jobs", {}).get("workers", []))
         click.echo(f"ready: {api.url}")
         click.echo(f"  web page  {api.url}/")
         click.echo(f"  API docs  {api.url}/docs")
@@ -207,11 +239,13 @@ def cluster(
             time.sleep(1)
             stack.check_alive()
     except KeyboardInterrupt:
-        click.echo("stopping ...", err=True)
+        click.echo("stopping (running jobs may finish) ...", err=True)
     except ClusterError as exc:
-        stack.stop()
         raise click.ClickException(str(exc)) from None
     finally:
+        # A second Ctrl-C must not leave the roles running: stopping is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
     click.echo("stopped", err=True)
 

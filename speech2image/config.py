@@ -6,6 +6,7 @@ Every field reads ``S2I_<FIELD>`` (upper case) except the classic ``HOST``, ``PO
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "env_name",
+    "exposure_warning",
     "load_settings",
 ]
 
@@ -161,7 +163,7 @@ class Settings(BaseSettings):
         "auto", description="auto: float16 on CUDA, float32 on CPU."
     )
     image_allow_download: bool = Field(
-        False, description="Let diffusers fetch hub checkpoints not in the cache."
+        True, description="Fetch hub checkpoints not in the cache on first use."
     )
     image_dir: Path = Field(Path("generated_images"), description="Folder of generated PNGs.")
     database_url: str = Field(
@@ -216,7 +218,10 @@ class Settings(BaseSettings):
     style_default: str = Field(DEFAULT_STYLE, description="Style when no cue decides.")
     image_retention_days: float = Field(30.0, ge=0, description="0 keeps images forever.")
     image_max_count: int = Field(0, ge=0, description="Keep at most this many images; 0: no cap.")
-    image_max_bytes: ByteSize = Field(ByteSize(0), description="Keep at most this many bytes.")
+    image_max_bytes: ByteSize = Field(
+        ByteSize(10 * 1024**3),
+        description="Keep at most this many bytes of images (oldest go first); 0: no cap.",
+    )
     cleanup_interval_seconds: float = Field(
         3600.0, ge=0, description="Run cleanup this often; 0: only on POST /cleanup."
     )
@@ -384,6 +389,29 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):  # type: ignore[no-untyped-def]
         # Only explicit arguments and the environment: no .env file, no secrets dir.
         return (init_settings, env_settings)
+
+
+def _is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_warning(settings: Settings, host: str | None = None) -> str | None:
+    """A warning when the server listens beyond this machine with auth off, else None."""
+    host = settings.host if host is None else host
+    if settings.api_keys or settings.admin_api_keys or _is_loopback(host):
+        return None
+    return (
+        f"listening on {host!r}, reachable from other machines, with authentication off: "
+        "anyone who can connect may generate images, read every image and run cleanup. "
+        "Set S2I_API_KEYS (and S2I_ADMIN_API_KEYS), or bind HOST=127.0.0.1"
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy.exc
 from werkzeug.exceptions import (
     BadRequest,
     HTTPException,
@@ -15,6 +16,7 @@ from werkzeug.exceptions import (
 )
 
 __all__ = [
+    "DATABASE_ERRORS",
     "AudioError",
     "AudioTooLong",
     "AuthFailuresLimited",
@@ -27,6 +29,7 @@ __all__ = [
     "ServiceBusy",
     "ServiceError",
     "ShuttingDown",
+    "StorageFull",
     "UnsupportedAudio",
 ]
 
@@ -116,3 +119,18 @@ class AuthFailuresLimited(ServiceError, TooManyRequests):
     """The address failed authentication too often; it is refused for a while."""
 
     error = "rate_limited"
+
+
+class StorageFull(ServiceError):
+    """The image folder or the history database has no space left; nothing was stored."""
+
+    code = 507  # Insufficient Storage (werkzeug has no class for it)
+    error = "storage_full"
+
+
+# What a database that refuses, times out or runs out of pooled connections raises (503).
+DATABASE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)

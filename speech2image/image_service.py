@@ -16,10 +16,17 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .config import Settings
-from .engines.diffusers_sd import SCHEDULERS, DiffusersFactory, GenerationSpec, generate
+from .engines.diffusers_sd import (
+    SCHEDULERS,
+    DiffusersFactory,
+    GenerationCancelled,
+    GenerationSpec,
+    generate,
+    public_source,
+)
 from .engines.diffusers_sd import prompt_token_count as count_tokens
 from .errors import InvalidRequest, ModelUnavailable
-from .model_loader import DeviceOutOfMemory, ModelLoader
+from .model_loader import DeviceOutOfMemory, Lease, ModelLoader
 from .schemas import MAX_SEED, image_request_model, invalid_request
 from .storage import ImageRecord, NewImage, NewTranscript, Storage, keyed_id
 from .style import StyleChoice, StyleChooser
@@ -38,6 +45,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+RECENT_FAILURE_SECONDS = 60.0  # a model that failed to load this recently is refused at once
 
 
 def model_key(name: str) -> str:
@@ -80,12 +89,13 @@ class PreparedImage:
 
 @dataclasses.dataclass(frozen=True)
 class BatchOutput:
-    """What one pipeline call produced, split back per item."""
+    """What a batch produced, split back per item: its images, or the error it failed with."""
 
     images: list[list[Any]]
     truncated: list[bool]
     timings: dict[str, float]
-    batch_size: int
+    batch_sizes: list[int]  # images in the pipeline call that made each item's images
+    errors: list[BaseException | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +195,26 @@ class ImageService:
             body.scheduler,
         )
 
+    def ensure_available(self, model: str) -> None:
+        """Raise 503 now, loading nothing, if a model this request may use cannot be had.
+
+        ``auto`` may pick any model of the automatic choice. A model is available when it is
+        loaded, local, in the hub cache, or downloadable and did not just fail to download.
+        """
+        names = sorted(set(self.settings.style_models.values())) if model == "auto" else [model]
+        for name in names:
+            key = model_key(name)
+            if self.loader.is_resident(key):
+                continue
+            factory: DiffusersFactory = self.loader.factory(key)  # type: ignore[assignment]
+            problem = factory.describe().get("problem")
+            if problem:
+                error = factory.unavailable(problem)
+                raise ModelUnavailable(str(error), details={"model": name})
+            failure = self.loader.recent_failure(key, RECENT_FAILURE_SECONDS)
+            if failure:
+                raise ModelUnavailable(failure, details={"model": name}, retry_after=60)
+
     # --- generation ----------------------------------------------------------------------
     def prepare(self, request: ImageRequest) -> PreparedImage:
         """Choose the model now, so the job knows its batch key before it runs."""
@@ -195,22 +225,15 @@ class ImageService:
         items: list[PreparedImage],
         on_step: Callable[[int, int], None] | None = None,
     ) -> BatchOutput:
-        """One pipeline call for compatible items; each keeps its prompts and seeds."""
+        """One pipeline call for compatible items; each keeps its prompts and seeds.
+
+        A lone item's failure is raised. In a merged batch one request must not fail the
+        others: an item whose prompt cannot be encoded is set aside with its error, and when
+        the merged call fails, each item is generated again alone so only the culprit fails.
+        """
         first = items[0]
         assert all(i.batch_key() == first.batch_key() for i in items), "incompatible batch"
-        r = first.request
-        spec = GenerationSpec(
-            prompts=[i.request.prompt for i in items for _ in range(i.request.num_images)],
-            negative_prompts=[
-                i.request.negative_prompt for i in items for _ in range(i.request.num_images)
-            ],
-            seeds=[seed for i in items for seed in i.request.seeds()],
-            width=r.width,
-            height=r.height,
-            steps=r.steps,
-            guidance_scale=r.guidance_scale,
-            scheduler=r.scheduler,
-        )
+        count = len(items)
         with self._lock:
             self._waiting += 1
         waiting = True
@@ -220,28 +243,90 @@ class ImageService:
                     self._waiting -= 1
                     self._running += 1
                 waiting = False
-                limit = lease.model.tokenizer.model_max_length
-                truncated = [count_tokens(lease.model, i.request.prompt) > limit for i in items]
                 started = time.perf_counter()
-                images = self._generate_with_retry(
-                    lease.model, lease.device, first.choice.model, spec, on_step
-                )
+                truncated, errors = self._count_tokens(lease.model, items)
+                images: list[list[Any]] = [[] for _ in items]
+                sizes = [0] * count
+                live = [i for i in range(count) if errors[i] is None]
+                try:
+                    if live:
+                        self._generate_into(
+                            lease, [items[i] for i in live], live, images, sizes, on_step
+                        )
+                except GenerationCancelled:
+                    raise
+                except Exception as exc:
+                    if len(live) == 1 and count == 1:
+                        raise
+                    if len(live) == 1:
+                        errors[live[0]] = exc
+                    else:
+                        log.warning(
+                            "a merged batch of %d requests failed (%s): generating each alone",
+                            len(live),
+                            type(exc).__name__,
+                        )
+                        for i in live:
+                            try:
+                                self._generate_into(lease, [items[i]], [i], images, sizes, on_step)
+                            except GenerationCancelled:
+                                raise
+                            except Exception as alone:
+                                errors[i] = alone
                 inference = time.perf_counter() - started
-                self.loader.observer.denoised(
-                    model_key(first.choice.model), r.steps, len(spec.prompts), inference
-                )
         finally:
             with self._lock:
                 if waiting:
                     self._waiting -= 1
                 else:
                     self._running -= 1
-        per_item, offset = [], 0
-        for item in items:
-            per_item.append(images[offset : offset + item.request.num_images])
-            offset += item.request.num_images
         timings = {"wait": lease.wait_seconds, "load": lease.load_seconds, "inference": inference}
-        return BatchOutput(per_item, truncated, timings, batch_size=len(spec.prompts))
+        return BatchOutput(images, truncated, timings, sizes, errors)
+
+    def _count_tokens(
+        self, pipe: Any, items: list[PreparedImage]
+    ) -> tuple[list[bool], list[BaseException | None]]:
+        """Whether each prompt is truncated; a prompt that cannot be encoded gets its error."""
+        limit = pipe.tokenizer.model_max_length
+        truncated: list[bool] = []
+        errors: list[BaseException | None] = []
+        for item in items:
+            try:
+                truncated.append(count_tokens(pipe, item.request.prompt) > limit)
+                errors.append(None)
+            except Exception as exc:
+                if len(items) == 1:
+                    raise
+                truncated.append(False)
+                errors.append(exc)
+        return truncated, errors
+
+    def _generate_into(
+        self,
+        lease: Lease,
+        items: list[PreparedImage],
+        positions: list[int],
+        images: list[list[Any]],
+        sizes: list[int],
+        on_step: Callable[[int, int], None] | None,
+    ) -> None:
+        """Generate ``items`` in one call; put each one's images at its position."""
+        spec = _spec(items)
+        started = time.perf_counter()
+        made = self._generate_with_retry(
+            lease.model, lease.device, items[0].choice.model, spec, on_step
+        )
+        self.loader.observer.denoised(
+            model_key(items[0].choice.model),
+            spec.steps,
+            len(spec.prompts),
+            time.perf_counter() - started,
+        )
+        offset = 0
+        for position, item in zip(positions, items, strict=True):
+            images[position] = made[offset : offset + item.request.num_images]
+            sizes[position] = len(spec.prompts)
+            offset += item.request.num_images
 
     def store(
         self,
@@ -319,7 +404,7 @@ class ImageService:
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "model": choice.model,
-            "model_source": self.models[choice.model].source,
+            "model_source": public_source(choice.model, self.models[choice.model]),
             "model_reason": choice.reason,
             "seed": seed,
             "steps": request.steps,
@@ -348,6 +433,23 @@ class ImageService:
             parameters=parameters,
             **({"id": image_id} if image_id else {}),
         )
+
+
+def _spec(items: list[PreparedImage]) -> GenerationSpec:
+    """One pipeline call for compatible ``items``."""
+    r = items[0].request
+    return GenerationSpec(
+        prompts=[i.request.prompt for i in items for _ in range(i.request.num_images)],
+        negative_prompts=[
+            i.request.negative_prompt for i in items for _ in range(i.request.num_images)
+        ],
+        seeds=[seed for i in items for seed in i.request.seeds()],
+        width=r.width,
+        height=r.height,
+        steps=r.steps,
+        guidance_scale=r.guidance_scale,
+        scheduler=r.scheduler,
+    )
 
 
 def register_image_models(loader: ModelLoader, settings: Settings) -> dict[str, Any]:

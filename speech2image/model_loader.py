@@ -27,9 +27,31 @@ __all__ = [
     "ModelLoader",
     "ModelNotAvailable",
     "get_model_loader",
+    "import_engine",
 ]
 
 log = logging.getLogger(__name__)
+
+
+# The interpreter's modules are process-wide, so is the lock that guards importing them.
+_ENGINE_IMPORT_LOCK = threading.Lock()
+_engines_imported: set[str] = set()
+
+
+def import_engine(name: str, importer: Callable[[], object]) -> None:
+    """Run ``importer`` (an engine's heavy imports) once per process, one thread at a time.
+
+    torch, diffusers, transformers and faster-whisper import each other. Two threads importing
+    them at once (the first requests after start-up) can each be handed a partially
+    initialised module by the interpreter's circular-import handling ("partially initialized
+    module 'torch'"). Every engine imports through here, before it touches those libraries.
+    """
+    if name in _engines_imported:
+        return
+    with _ENGINE_IMPORT_LOCK:
+        if name not in _engines_imported:
+            importer()
+            _engines_imported.add(name)
 
 
 class ModelNotAvailable(Exception):
@@ -80,6 +102,7 @@ class _Entry:
     loads: int = 0
     load_seconds: float = 0.0
     error: str | None = None
+    error_at: float = 0.0  # clock reading of the failed load that set ``error``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +278,7 @@ class ModelLoader:
             except ModelNotAvailable as exc:
                 with self._cond:
                     self._entries[name].error = str(exc)
+                    self._entries[name].error_at = self._clock()
                 raise ModelUnavailable(str(exc), details={"model": name}) from exc
         seconds = time.perf_counter() - started
         measured = factory.measure(model)
@@ -439,6 +463,14 @@ class ModelLoader:
         if entry is None or entry.device is None:
             return False
         return entry.device == self._factories[name].home_device()
+
+    def recent_failure(self, name: str, within: float) -> str | None:
+        """Why the last load of ``name`` failed, if it did less than ``within`` seconds ago."""
+        with self._cond:
+            entry = self._entries.get(name)
+            if entry is None or entry.device is not None or entry.error is None:
+                return None
+            return entry.error if self._clock() - entry.error_at < within else None
 
     def resident_bytes(self, device: str) -> int:
         """Bytes of resident models on ``device``."""

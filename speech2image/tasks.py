@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .engines.diffusers_sd import GenerationCancelled
-from .errors import InvalidAudio
+from .errors import InvalidAudio, ServiceError
 from .image_service import ImageRequest, ImageService, PreparedImage, model_key
 from .jobs import InputGone, Job, JobCancelled
 from .jobs.local import LocalJobRunner
@@ -254,24 +254,32 @@ def run_generate(images: ImageService, jobs: list[Job]) -> None:
         for job in jobs:
             job.mark_cancelled()
         return
-    for job, item, pictures, truncated in zip(
-        jobs, items, output.images, output.truncated, strict=True
+    for job, item, pictures, truncated, size, error in zip(
+        jobs,
+        items,
+        output.images,
+        output.truncated,
+        output.batch_sizes,
+        output.errors,
+        strict=True,
     ):
         if job.cancel_requested:
             job.mark_cancelled()  # its images are dropped: no file, no row
             continue
         try:
+            if error is not None:
+                raise error  # this request alone failed; the others of its batch go on
             timings = {**output.timings, "queue": _queued(job)}
             result = images.store(
                 job.owner, item, pictures, truncated=truncated, timings=timings, job_id=job.id
             )
         except Exception as exc:
-            if not hasattr(exc, "error"):
-                log.exception("storing images of job %s failed", job.id)
+            if not isinstance(exc, ServiceError):
+                log.exception("job %s failed", job.id)
             job.fail(exc)
             continue
         result.timings["total"] = _elapsed(job)
-        job.succeed(result.as_dict() | {"batch_size": output.batch_size})
+        job.succeed(result.as_dict() | {"batch_size": size})
 
 
 def clip_prompt(text: str, limit: int) -> str:

@@ -60,6 +60,7 @@ def _test_settings(
         "model_idle_seconds": 0,
         "cleanup_interval_seconds": 0,
         "image_models": {name: {"source": str(path)} for name, path in tiny_models.items()},
+        "image_allow_download": False,  # no test reaches a model hub
         "style_models": {"artistic": "tiny-art", "photographic": "tiny-photo"},
         "default_width": 64,
         "default_height": 64,

@@ -41,6 +41,7 @@ def cli_env(tmp_path: Path, model_cache: Path, tiny_models: dict[str, Path]):  #
             S2I_DEFAULT_WIDTH="64",
             S2I_DEFAULT_HEIGHT="64",
             S2I_DEFAULT_STEPS="2",
+            S2I_IMAGE_ALLOW_DOWNLOAD="false",  # no test reaches a model hub
         )
         env.update(extra)
         return env

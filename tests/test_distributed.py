@@ -250,9 +250,11 @@ def test_progress_relayed_by_another_api_and_cancel_stops_a_running_job(
     queued = _submit(first, prompt="a photo of a lake", model="tiny-photo", steps=399)
     time.sleep(0.5)  # the worker holds it behind the running job
     seen = []
+    asked = False
     for event, data in _events(second, job["id"]):
         seen.append((event, data["state"], data["progress"]["step"]))
-        if event == "progress" and data["progress"]["step"] >= 2:
+        if event == "progress" and data["progress"]["step"] >= 2 and not asked:
+            asked = True  # once: later progress events may still arrive before it stops
             # The second job waits behind it: cancelling it is immediate.
             status, _, body = http("DELETE", f"{second}/jobs/{queued['id']}")
             assert (status, body["state"]) == (200, "cancelled")

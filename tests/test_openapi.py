@@ -258,3 +258,45 @@ def test_nul_in_a_prompt_is_refused_before_postgresql_sees_it(make_app) -> None:
         with admin.begin() as connection:
             connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def test_form_errors_come_together_and_name_each_field(client, speech) -> None:
+    with open(speech["english"], "rb") as fh:
+        response = client.post(
+            "/transcribe-audio",
+            data={
+                "audio": (fh, "clip.wav"),
+                "task": "summarise",
+                "response_format": "pdf",
+                "language": "klingon",
+            },
+            content_type="multipart/form-data",
+        )
+    assert response.status_code == 400
+    fields = {e["field"] for e in response.json["error"]["details"]["errors"]}
+    assert fields == {"task", "response_format", "language"}
+
+
+def test_a_poisoned_prompt_among_good_ones_fails_alone(make_app) -> None:
+    import threading
+
+    app = make_app(api_keys=["good", "evil"], batch_max_wait_ms=500)
+    results: dict[str, int] = {}
+
+    def send(name: str, key: str, prompt: str) -> None:
+        response = app.test_client().post(
+            "/generate-image",
+            json={"prompt": prompt, "steps": 1, "seed": 1},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        results[name] = response.status_code
+
+    threads = [
+        threading.Thread(target=send, args=(f"good{i}", "good", f"a castle {i}")) for i in range(3)
+    ]
+    threads.append(threading.Thread(target=send, args=("evil", "evil", "x \ud800")))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert results == {"good0": 200, "good1": 200, "good2": 200, "evil": 400}

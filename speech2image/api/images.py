@@ -62,7 +62,7 @@ def _list_query(app: Any) -> type[BaseModel]:
 @endpoint(
     body=_generate_model,
     responses={200: Generation, 202: JobAccepted},
-    errors=(409, 503),
+    errors=(409, 503, 507),
     tags=("images",),
 )
 def generate_image(body: Any) -> ResponseReturnValue:
@@ -133,7 +133,7 @@ def get_image(filename: str) -> ResponseReturnValue:
     if record is None:
         raise ResourceNotFound("no such image")
     # Files never change under their id. Behind auth, only private caches may keep them.
-    scope = "private" if settings.api_keys else "public"
+    scope = "private" if settings.api_keys or settings.admin_api_keys else "public"
     if request.if_none_match.contains(record.sha256):  # answered without touching the store
         response = current_app.response_class(status=304)
         response.set_etag(record.sha256)

@@ -255,7 +255,7 @@ def transcribe_audio(form: Any) -> ResponseReturnValue:
 @endpoint(
     form=_speech_to_image_form,
     responses={200: Generation, 202: JobAccepted},
-    errors=(409, 415, 422, 503),
+    errors=(409, 415, 422, 503, 507),
     tags=("speech", "images"),
 )
 def speech_to_image(form: Any) -> ResponseReturnValue:
@@ -283,8 +283,9 @@ def speech_to_image(form: Any) -> ResponseReturnValue:
     shared |= {"understand", *UNDERSTAND_STEPS}
     given = form.model_dump(include=form.model_fields_set - shared, exclude_none=True)
     fields.update(given)
-    # Check the merged image fields now, with a stand-in prompt, before any audio is decoded.
-    service.validate({**fields, "prompt": "placeholder"})
+    # Check the merged image fields now, with a stand-in prompt, before any audio is decoded,
+    # and that the image model can be had: a transcription must not be spent on a sure 503.
+    service.ensure_available(service.validate({**fields, "prompt": "placeholder"}).model)
     options = _options(form)
     steps = _understand_steps(form)
     job = _submit_with_upload(

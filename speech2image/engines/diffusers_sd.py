@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import socket
 import sys
 import threading
 import weakref
@@ -21,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ImageModelSpec
-from ..model_loader import DeviceOutOfMemory, ModelNotAvailable
+from ..model_loader import DeviceOutOfMemory, ModelNotAvailable, import_engine
 
 __all__ = [
     "SCHEDULERS",
     "DiffusersFactory",
     "GenerationCancelled",
     "generate",
+    "import_diffusers",
+    "local_path",
     "prompt_token_count",
+    "public_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,11 +53,63 @@ class GenerationCancelled(Exception):
     """Raised from the step callback to stop a generation between denoising steps."""
 
 
+def _engine_imports() -> None:
+    """Every heavy import of this engine, lazy attributes resolved (see ``import_engine``)."""
+    import diffusers
+    import torch
+    import transformers
+
+    torch.cuda.is_available()
+    for name in ("AutoencoderKL", "StableDiffusionPipeline", "UNet2DConditionModel"):
+        getattr(diffusers, name)
+    for class_name, _ in SCHEDULERS.values():
+        getattr(diffusers, class_name)
+    for name in ("CLIPTextModel", "CLIPTokenizer", "CLIPTokenizerFast"):
+        getattr(transformers, name)
+
+
+def _hub_imports() -> None:
+    from huggingface_hub import try_to_load_from_cache  # noqa: F401
+
+
+def import_diffusers() -> None:
+    """Import torch, diffusers and transformers once, safely from any thread."""
+    import_engine("diffusers", _engine_imports)
+
+
 def _cuda_available() -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        import torch
+    import_diffusers()
+    import torch
+
     return bool(torch.cuda.is_available())
+
+
+def _why(exc: BaseException, downloading: bool) -> str:
+    """A one-line reason for a failed load; a network failure deep in the chain is named."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        network = isinstance(cause, ConnectionError | TimeoutError | socket.gaierror) or (
+            type(cause).__module__.split(".")[0].rstrip("0123456789") in _NETWORK_LIBRARIES
+        )
+        if downloading and network:
+            reason = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            return f"the model hub could not be reached to download it ({reason})"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+_NETWORK_LIBRARIES = {"httpx", "httpcore", "requests", "urllib", "aiohttp"}
+
+
+def local_path(source: str) -> Path | None:
+    """The local file or folder ``source`` names, or None for a hub id."""
+    path = Path(source).expanduser()
+    return path if path.exists() or source.startswith(("/", ".", "~")) else None
+
+
+def public_source(name: str, spec: ImageModelSpec) -> str:
+    """What records may show of where model ``name`` came from: its hub id, never a path."""
+    return name if local_path(spec.source) is not None else spec.source
 
 
 class DiffusersFactory:
@@ -80,10 +136,11 @@ class DiffusersFactory:
 
     # --- where it comes from -------------------------------------------------------------
     def _local(self, source: str) -> Path | None:
-        path = Path(source).expanduser()
-        return path if path.exists() or source.startswith(("/", ".", "~")) else None
+        return local_path(source)
 
     def _hub_cached(self, repo: str) -> bool:
+        # Request threads ask this while a job thread may be importing the engine.
+        import_engine("huggingface_hub", _hub_imports)
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(repo, "model_index.json", cache_dir=self._hub_dir())
@@ -114,17 +171,28 @@ class DiffusersFactory:
             info["problem"] = "; ".join(problems)
         return info
 
-    def _unavailable(self, detail: str) -> ModelNotAvailable:
+    def unavailable(self, detail: str) -> ModelNotAvailable:
+        """The error saying why this checkpoint cannot be had and how to get one that can."""
+        ways = [
+            "put the checkpoint in a local diffusers folder or .safetensors file and point "
+            "S2I_IMAGE_MODELS at it",
+            f"pre-download it into {self._hub_dir()}",
+        ]
+        if not self.allow_download:
+            ways.append("set S2I_IMAGE_ALLOW_DOWNLOAD=true where the hub is reachable")
+        ways.append(
+            "or try the service with the tiny demo model: `speech2image build-tiny-model DIR` "
+            "prints the S2I_IMAGE_MODELS value that uses it"
+        )
         return ModelNotAvailable(
             f"image model {self.name!r} ({self.spec.source}) is not available: {detail}. "
-            f"Put the checkpoint in a local folder or .safetensors file and point "
-            f"S2I_IMAGE_MODELS at it, pre-download it into {self._hub_dir()}, or set "
-            "S2I_IMAGE_ALLOW_DOWNLOAD=true where the hub is reachable"
+            f"To fix it: {'; '.join(ways)}"
         )
 
     # --- loader protocol -----------------------------------------------------------------
     def home_device(self) -> str:
         """CUDA when asked for or available under 'auto', else CPU."""
+        import_diffusers()  # the first lease of a fresh process imports the engine here
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
         return self.device
@@ -153,6 +221,7 @@ class DiffusersFactory:
 
     def load(self, device: str) -> Any:
         """Build the pipeline on ``device``; offline unless downloads are allowed."""
+        import_diffusers()
         import diffusers
         import torch
         import transformers
@@ -165,7 +234,7 @@ class DiffusersFactory:
         transformers.utils.logging.set_verbosity_error()
         problem = self.describe().get("problem")
         if problem:
-            raise self._unavailable(problem)
+            raise self.unavailable(problem)
         dtype = self.torch_dtype(device)
         common: dict[str, Any] = {
             "dtype": dtype,
@@ -194,7 +263,7 @@ class DiffusersFactory:
         except torch.cuda.OutOfMemoryError as exc:
             raise DeviceOutOfMemory(str(exc)) from exc
         except (OSError, ValueError) as exc:
-            raise self._unavailable(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            raise self.unavailable(_why(exc, self.allow_download)) from exc
         return pipe
 
     def _warm_up(self, pipe: Any) -> None:
@@ -287,6 +356,7 @@ def generate(
     ``on_step(done, total)`` is called after each denoising step; raising
     :class:`GenerationCancelled` from it stops the call before the next step.
     """
+    import_diffusers()
     import torch
     from diffusers import StableDiffusionPipeline
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model_loader import DeviceOutOfMemory, ModelNotAvailable
+from ..model_loader import DeviceOutOfMemory, ModelNotAvailable, import_engine
 
 __all__ = [
     "BUNDLED_WHISPER",
@@ -26,6 +26,7 @@ __all__ = [
     "TranscriptSegment",
     "TranscriptWord",
     "WhisperFactory",
+    "import_whisper",
     "resolve_whisper_model",
     "transcribe",
 ]
@@ -150,8 +151,20 @@ def resolve_whisper_model(name: str, cache_dir: Path, *, assemble: bool = True) 
     return name
 
 
+def _engine_imports() -> None:
+    import ctranslate2  # noqa: F401
+    import faster_whisper
+    import faster_whisper.tokenizer  # noqa: F401
+
+
+def import_whisper() -> None:
+    """Import faster-whisper and CTranslate2 once, safely from any thread."""
+    import_engine("whisper", _engine_imports)
+
+
 def _cuda_available() -> bool:
     try:
+        import_whisper()
         import ctranslate2
 
         return ctranslate2.get_cuda_device_count() > 0
@@ -183,6 +196,7 @@ class WhisperFactory:
 
     def home_device(self) -> str:
         """CUDA when asked for or available under 'auto', else CPU."""
+        import_whisper()  # the first lease of a fresh process imports the engine here
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
         return self.device
@@ -217,6 +231,7 @@ class WhisperFactory:
         }
 
     def _hub_cached(self, name: str) -> bool:
+        import_whisper()  # request threads ask this while a job thread may be importing
         from faster_whisper.utils import download_model
 
         try:
@@ -238,6 +253,7 @@ class WhisperFactory:
 
     def load(self, device: str) -> Any:
         """Build the WhisperModel on ``device`` (offline unless downloads are allowed)."""
+        import_whisper()
         from faster_whisper import WhisperModel
 
         source = resolve_whisper_model(self.name, self.cache_dir)
