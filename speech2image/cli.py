@@ -156,15 +156,22 @@ def worker(torch_threads: int) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="Worker processes."
+)
 @click.option(
     "--torch-threads",
-    type=int,
+    type=click.IntRange(0),
     default=1,
     show_default=True,
     help="Torch CPU threads per worker (0: torch's default).",
 )
-@click.option("--port", type=int, default=0, help="Port of the API (default: a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the API (default: a free one).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API binds.")
 @click.option(
     "--root",
@@ -220,7 +227,7 @@ def cluster(
         )
         stack.wait_object_store()
         status = stack.wait_ready()
-        names = ", ".join(w["name"] for w in status["jobs"]["workers"])
+        names = ", ".join(w["name"] for w in status.get("jobs", {}).get("workers", []))
         click.echo(f"ready: {api.url}")
         click.echo(f"  web page  {api.url}/")
         click.echo(f"  API docs  {api.url}/docs")
