@@ -457,6 +457,7 @@ class CeleryJobRunner:
         """Apply published changes to followed jobs; re-read them each second (missed events)."""
         pubsub = None
         last_poll = 0.0
+        outage = False
         while True:
             jobs = self._followed()
             if not jobs:
@@ -485,9 +486,14 @@ class CeleryJobRunner:
                         if record is not None:
                             job.apply_snapshot(record)
             except REDIS_ERRORS:
-                log.warning("job events: Redis unreachable; retrying")
-                pubsub = None
+                if not outage:  # once per outage, not once a second
+                    log.warning("job events: Redis unreachable; retrying every second")
+                outage, pubsub = True, None
                 time.sleep(1.0)
+                continue
+            if outage:
+                log.info("job events: Redis answers again")
+                outage = False
 
 
 def _is_connection_error(exc: BaseException) -> bool:
