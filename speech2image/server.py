@@ -13,6 +13,7 @@ finish for up to ``S2I_SHUTDOWN_GRACE_SECONDS`` (gunicorn's ``graceful_timeout``
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import selectors
@@ -231,6 +232,9 @@ def _post_worker_init(worker: Any) -> None:
     settings: Settings = app.config["S2I_SETTINGS"]
     if start_probe_server(app, settings) is not None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # Everything loaded so far (the app, preloaded models) lives as long as the process: keep
+    # it out of the collector, or each full collection stops every thread, probes included.
+    gc.freeze()
     state: ServerState = app.extensions["server_state"]
     stop_worker = worker.handle_exit
 
