@@ -251,9 +251,9 @@ def _worker_exit(_arbiter: Any, worker: Any) -> None:
     if app is None or "server_state" not in getattr(app, "extensions", {}):
         return
     state: ServerState = app.extensions["server_state"]
-    state.begin_stop()
     runner = app.extensions["jobs"]
-    if state.drain(runner):
+    # Only a graceful stop (SIGTERM) waits for the jobs; SIGINT and SIGQUIT mean now.
+    if state.stopping and state.drain(runner):
         log.info("all jobs finished; stopping")
     runner.shutdown()
     probe = app.extensions.get("probe_server")
