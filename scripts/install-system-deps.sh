@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite needs: espeak-ng synthesizes the speech the
-# transcription tests listen to, and chromium is the browser the page's end-to-end tests drive
-# through Playwright (whose own browser downloads are never used). The server itself needs
-# none: PyAV wheels bundle FFmpeg. Only missing packages are installed. The dpkg lock may be
-# held by another apt run on the same machine: then this waits and retries.
+# transcription tests listen to; chromium is the browser the page's end-to-end tests drive
+# through Playwright (whose own browser downloads are never used); redis-server is the private
+# Redis a test starts and kills (rate limits that outlive their storage). The server itself
+# needs none: PyAV wheels bundle FFmpeg. Only missing packages are installed. The dpkg lock may
+# be held by another apt run on the same machine: then this waits and retries.
 set -euo pipefail
 
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -128,7 +128,11 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     )
     loader.init_app(app)
     storage = Storage(
-        settings.resolved_database_url(), settings.image_dir, images=make_image_store(settings)
+        settings.resolved_database_url(),
+        settings.image_dir,
+        images=make_image_store(settings),
+        connect_timeout=settings.database_connect_timeout_seconds,
+        statement_timeout=settings.database_statement_timeout_seconds,
     )
     storage.init_app(app)
     speech_service = SpeechService(settings, loader)
@@ -183,7 +187,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
         in_memory_fallback_enabled=True,
         headers_enabled=True,
         enabled=settings.ratelimit_enabled,
-        key_prefix="s2i",
+        key_prefix=settings.queue_prefix,  # "s2i" unless deployments share one Redis
     )
     # The work limits count only requests that passed validation: a developer iterating on
     # a form must not be locked out by their own 400s.
@@ -266,8 +270,11 @@ def _init_worker(
     storage: Storage,
 ) -> None:
     """A Celery worker's app: delivered tasks run through the local runner."""
-    from .jobs.celery import JobStates, JobWorker, celery_init_app, redis_client
+    from .image_service import model_key
+    from .jobs.celery import JobStates, JobWorker, celery_init_app, pipeline_queues, redis_client
     from .tasks import local_job
+
+    models = worker_models(loader, settings.worker_models)
 
     celery_init_app(app)
     states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
@@ -275,7 +282,12 @@ def _init_worker(
         settings,
         states,
         runner,
-        models=worker_models(loader, settings.worker_models),
+        models=models,
+        pipelines=pipeline_queues(
+            models,
+            f"whisper:{settings.whisper_model}",
+            [model_key(m) for m in settings.style_models.values()],
+        ),
         loader=loader,
         make_local_job=local_job,
         rows=storage.jobs,

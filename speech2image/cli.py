@@ -34,6 +34,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "keepalive": 5,
         "accesslog": None,  # the app logs one line per request, with its request id
         "errorlog": "-",
+        # gunicorn's control socket sits at one path per user: a second server would take it.
+        "control_socket_disable": True,
         "when_ready": partial(_warn_if_exposed, settings),
         **gunicorn_hooks(),  # the probe listener (S2I_HEALTH_PORT) and the graceful stop
     }
@@ -154,15 +156,22 @@ def worker(torch_threads: int) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="Worker processes."
+)
 @click.option(
     "--torch-threads",
-    type=int,
+    type=click.IntRange(0),
     default=1,
     show_default=True,
     help="Torch CPU threads per worker (0: torch's default).",
 )
-@click.option("--port", type=int, default=0, help="Port of the API (default: a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the API (default: a free one).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API binds.")
 @click.option(
     "--root",
@@ -218,7 +227,7 @@ def cluster(
         )
         stack.wait_object_store()
         status = stack.wait_ready()
-        names = ", ".join(w["name"] for w in status["jobs"]["workers"])
+        names = ", ".join(w["name"] for w in status.get("jobs", {}).get("workers", []))
         click.echo(f"ready: {api.url}")
         click.echo(f"  web page  {api.url}/")
         click.echo(f"  API docs  {api.url}/docs")
@@ -230,11 +239,13 @@ def cluster(
             time.sleep(1)
             stack.check_alive()
     except KeyboardInterrupt:
-        click.echo("stopping ...", err=True)
+        click.echo("stopping (running jobs may finish) ...", err=True)
     except ClusterError as exc:
-        stack.stop()
         raise click.ClickException(str(exc)) from None
     finally:
+        # A second Ctrl-C must not leave the roles running: stopping is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
     click.echo("stopped", err=True)
 

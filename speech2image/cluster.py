@@ -346,12 +346,14 @@ class LocalCluster:
         folder = cache.expanduser() / TINY_MODEL_DIR
         if not (folder / "model_index.json").exists():
             self.log(f"building the tiny model into {folder} ...")
-            subprocess.run(
+            result = subprocess.run(
                 [self._bin, "build-tiny-model", str(folder)],
                 env=self.env(),
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            if result.returncode != 0:
+                raise ClusterError(f"building the tiny model failed: {result.stderr[-2000:]}")
         self.settings["S2I_IMAGE_MODELS"] = json.dumps({"tiny": {"source": str(folder)}})
         self.settings["S2I_STYLE_MODELS"] = json.dumps({"artistic": "tiny", "photographic": "tiny"})
         for key, value in TINY_SETTINGS.items():
@@ -390,29 +392,41 @@ class LocalCluster:
         return process
 
     def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
-        """Wait until every API answers /ready and /status lists every worker; returns /status."""
+        """Wait until every API answers /ready and /status lists every worker; returns /status.
+
+        With auth on it uses the first admin key (else the first API key: then /status may be
+        refused, and /ready alone decides).
+        """
         headers = {}
-        admin = [k for k in self.settings.get("S2I_ADMIN_API_KEYS", "").split(",") if k]
-        if admin:
-            headers["Authorization"] = f"Bearer {admin[0]}"
+        keys = [
+            k
+            for name in ("S2I_ADMIN_API_KEYS", "S2I_API_KEYS")
+            for k in self.settings.get(name, "").split(",")
+            if k.strip()
+        ]
+        if keys:
+            headers["Authorization"] = f"Bearer {keys[0].strip()}"
         deadline = time.monotonic() + timeout
         last: Any = "no answer yet"
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                body: dict[str, Any] = {}
+                body: Any = {}
                 for api in self.apis:
-                    code, ready = http_json("GET", f"{api.url}/ready", timeout=10)
+                    code, ready = http_json("GET", f"{api.url}/ready", headers=headers, timeout=10)
                     if code != 200:
                         last = ready
                         break
                     code, body = http_json("GET", f"{api.url}/status", headers=headers, timeout=10)
-                    workers = body.get("jobs", {}).get("workers", []) if code == 200 else []
+                    if code in (401, 403):
+                        continue  # not an operator key: /ready said enough
+                    jobs = body.get("jobs", {}) if isinstance(body, dict) else {}
+                    workers = jobs.get("workers", []) if code == 200 else []
                     if len(workers) < len(self.workers):
                         last = f"{len(workers)} of {len(self.workers)} workers live"
                         break
                 else:
-                    return body
+                    return body if isinstance(body, dict) else {}
             except (OSError, ValueError) as exc:
                 last = exc
             time.sleep(0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy.exc
 from werkzeug.exceptions import (
     BadRequest,
     HTTPException,
@@ -15,6 +16,7 @@ from werkzeug.exceptions import (
 )
 
 __all__ = [
+    "DATABASE_ERRORS",
     "AudioError",
     "AudioTooLong",
     "AuthFailuresLimited",
@@ -124,3 +126,11 @@ class StorageFull(ServiceError):
 
     code = 507  # Insufficient Storage (werkzeug has no class for it)
     error = "storage_full"
+
+
+# What a database that refuses, times out or runs out of pooled connections raises (503).
+DATABASE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)

@@ -59,17 +59,23 @@ def make_formatter(log_format: str = "text") -> logging.Formatter:
     return logging.Formatter(FORMAT)
 
 
+# Libraries whose own messages belong in app.log: Flask-Limiter says there when its storage
+# (Redis) fails and when it comes back.
+LIBRARY_LOGGERS = ("flask-limiter",)
+
+
 def configure_logging(
     log_dir: Path, level: str, max_bytes: int, backup_count: int, log_format: str = "text"
 ) -> Path:
     """Send the package's logs to ``log_dir/app.log`` (rotated) and stderr; idempotent."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "app.log"
-    logger = logging.getLogger("speech2image")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_speech2image", False):
-            logger.removeHandler(handler)
-            handler.close()
+    loggers = [logging.getLogger(name) for name in ("speech2image", *LIBRARY_LOGGERS)]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(handler, "_speech2image", False):
+                logger.removeHandler(handler)
+                handler.close()
     formatter = make_formatter(log_format)
     file_handler = logging.handlers.RotatingFileHandler(
         path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
@@ -79,7 +85,9 @@ def configure_logging(
         handler.setFormatter(formatter)
         handler.addFilter(RequestIdFilter())
         handler._speech2image = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+        for logger in loggers:
+            logger.addHandler(handler)
+    for logger in loggers:
+        logger.setLevel(level)
+        logger.propagate = False
     return path

@@ -3,8 +3,8 @@
 Gunicorn's threaded worker pins one request thread per connection, for as long as a slow
 client takes to send its headers and as long as a synchronous generation runs. With every
 thread held, a liveness probe on the main port waits in the queue and the process gets
-restarted, losing its jobs. The probe listener answers ``/health`` and ``/ready`` on a port
-of its own (``S2I_HEALTH_PORT``), in its own threads, through the same app.
+restarted, losing its jobs. The probe listener answers ``/health`` on a port of its own
+(``S2I_HEALTH_PORT``), in a thread of its own.
 
 On SIGTERM the server refuses new work (503 ``shutting_down``), lets running and queued jobs
 finish for up to ``S2I_SHUTDOWN_GRACE_SECONDS`` (gunicorn's ``graceful_timeout``), then stops.
@@ -12,26 +12,40 @@ finish for up to ``S2I_SHUTDOWN_GRACE_SECONDS`` (gunicorn's ``graceful_timeout``
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
+import selectors
 import signal
+import socket
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask, request
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from . import __version__
 from .config import Settings
 from .errors import ShuttingDown
 
-__all__ = ["ProbeServer", "ServerState", "gunicorn_hooks", "start_probe_server"]
+__all__ = ["ProbeServer", "ServerState", "gunicorn_hooks", "health_body", "start_probe_server"]
 
 log = logging.getLogger("speech2image.server")
 
-PROBE_PATHS = frozenset({"/health", "/ready"})
-PROBE_READ_TIMEOUT = 10.0  # a probe that has not sent its request by then is dropped
+PROBE_READ_TIMEOUT = 5.0  # a probe that has not sent its request by then is dropped
+MAX_PROBE_REQUEST = 8192
+# The probe thread takes the GIL a few times per answer; while job threads run Python code
+# (schedulers, small models) each take can wait a whole switch interval (5 ms by default).
+GIL_SWITCH_INTERVAL = 0.001
 DRAIN_MARGIN = 1.0  # stop draining this long before gunicorn's arbiter kills the worker
+
+
+def health_body(app: Flask) -> dict[str, Any]:
+    """The body of /health, on the main port and on the probe listener."""
+    uptime = time.time() - app.config["S2I_STARTED_AT"]
+    return {"status": "ok", "version": __version__, "uptime_seconds": round(uptime, 1)}
 
 
 class ServerState:
@@ -86,47 +100,111 @@ class ServerState:
             )
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """Werkzeug's handler with a read timeout and without its access log (the app logs)."""
-
-    timeout = PROBE_READ_TIMEOUT
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """The app already logs each request with its id."""
-
-
 class ProbeServer:
-    """A small threaded HTTP listener that serves only the probe paths of ``app``."""
+    """A tiny listener that answers ``GET /health`` in one thread of its own.
+
+    One selector loop, no thread per connection and no trip through the WSGI stack: few
+    Python steps per probe, so it stays fast while request and job threads compete for the
+    GIL. A client that never finishes its request is dropped after ``PROBE_READ_TIMEOUT``.
+    """
 
     def __init__(self, app: Flask, host: str, port: int) -> None:
         self._app = app
-        self._server: BaseWSGIServer = make_server(
-            host, port, self._dispatch, threaded=True, request_handler=_QuietHandler
-        )
-        self._server.daemon_threads = True
-        self.port = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
+        self._listener = socket.create_server((host, port), backlog=64)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._pending: dict[socket.socket, tuple[bytearray, float]] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="probe-listener", daemon=True)
 
     def start(self) -> ProbeServer:
         """Serve in a daemon thread."""
         self._thread.start()
-        log.info("probe listener on port %d (/health, /ready)", self.port)
+        log.info("probe listener on port %d (GET /health)", self.port)
         return self
 
     def close(self) -> None:
         """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
+        self._stopping = True
+        self._wake_writer.send(b"x")
+        self._thread.join(5)
 
-    def _dispatch(
-        self, environ: dict[str, Any], start_response: Callable[..., Any]
-    ) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") in PROBE_PATHS:
-            return self._app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"the probe port serves /health and /ready only\n"]
+    def _serve(self) -> None:
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        try:
+            while not self._stopping:
+                for key, _ in self._selector.select(timeout=1.0):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is not self._wake_reader:
+                        self._read(key.fileobj)  # type: ignore[arg-type]
+                now = time.monotonic()
+                for conn, (_, deadline) in list(self._pending.items()):
+                    if deadline < now:
+                        self._drop(conn)
+        finally:
+            for conn in list(self._pending):
+                self._drop(conn)
+            self._selector.close()
+            self._listener.close()
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                log.warning("probe listener: accept failed", exc_info=True)
+                return
+            conn.setblocking(False)
+            self._pending[conn] = (bytearray(), time.monotonic() + PROBE_READ_TIMEOUT)
+            self._selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, conn: socket.socket) -> None:
+        buffer, _ = self._pending[conn]
+        try:
+            chunk = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        buffer += chunk
+        if not chunk or len(buffer) > MAX_PROBE_REQUEST:
+            self._drop(conn)
+        elif b"\r\n\r\n" in buffer or b"\n\n" in buffer:
+            self._answer(conn, bytes(buffer))
+
+    def _answer(self, conn: socket.socket, raw: bytes) -> None:
+        method, _, rest = raw.partition(b" ")
+        target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method in (b"GET", b"HEAD") and target == b"/health":
+            status, body = "200 OK", json.dumps(health_body(self._app)).encode()
+        else:
+            status, body = "404 Not Found", b'{"error": "the probe port serves GET /health only"}'
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        try:
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            conn.sendall(head if method == b"HEAD" else head + body)
+        except OSError:
+            pass
+        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._pending.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
+        conn.close()
 
 
 def start_probe_server(app: Flask, settings: Settings) -> ProbeServer | None:
@@ -152,7 +230,11 @@ def _post_worker_init(worker: Any) -> None:
     """In the worker: start the probe listener; make SIGTERM refuse new work first."""
     app: Flask = worker.wsgi
     settings: Settings = app.config["S2I_SETTINGS"]
-    start_probe_server(app, settings)
+    if start_probe_server(app, settings) is not None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # Everything loaded so far (the app, preloaded models) lives as long as the process: keep
+    # it out of the collector, or each full collection stops every thread, probes included.
+    gc.freeze()
     state: ServerState = app.extensions["server_state"]
     stop_worker = worker.handle_exit
 
@@ -169,9 +251,9 @@ def _worker_exit(_arbiter: Any, worker: Any) -> None:
     if app is None or "server_state" not in getattr(app, "extensions", {}):
         return
     state: ServerState = app.extensions["server_state"]
-    state.begin_stop()
     runner = app.extensions["jobs"]
-    if state.drain(runner):
+    # Only a graceful stop (SIGTERM) waits for the jobs; SIGINT and SIGQUIT mean now.
+    if state.stopping and state.drain(runner):
         log.info("all jobs finished; stopping")
     runner.shutdown()
     probe = app.extensions.get("probe_server")

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 from speech2image.cli import main as cli
-from speech2image.cluster import TINY_MODEL_DIR
+from speech2image.cluster import TINY_MODEL_DIR, LocalCluster
 from speech2image.config import ENV_PREFIX, Settings, load_settings
 
 from .distributed_cluster import POSTGRES_URL, REDIS_URL, http, postgres_problem, redis_problem
@@ -73,8 +74,11 @@ def test_compose_file_mirrors_the_cluster_command() -> None:
             assert dependency in services
     assert services["api"]["command"] == ["speech2image", "serve"]
     assert services["api"]["ports"] == ["5000:5000"]
-    assert services["migrate"]["build"] == "."
-    assert all(services[n]["image"] == services["migrate"]["image"] for n in ("api", "worker"))
+    assert "/health" in services["api"]["healthcheck"]["test"][-1]
+    assert "healthcheck" not in services["worker"]  # a worker has no HTTP port
+    for name in ("api", "worker"):  # one image, built from this folder
+        assert services[name]["build"] == "." == services["migrate"]["build"]
+        assert services[name]["image"] == services["migrate"]["image"]
     weed = services["seaweedfs"]["command"]
     assert weed[0] == "server" and "-s3" in weed and "-s3.port=8333" in weed
 
@@ -93,7 +97,7 @@ def _dockerfile() -> list[tuple[str, str]]:
 
 def test_dockerfile_names_files_and_commands_that_exist() -> None:
     instructions = _dockerfile()
-    known = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "EXPOSE", "HEALTHCHECK", "CMD"}
+    known = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "EXPOSE", "CMD"}
     assert {k for k, _ in instructions} <= known
     assert instructions[0][0] == "FROM"
     for keyword, rest in instructions:
@@ -224,3 +228,41 @@ def _wait_for_ready_line(
             return line.split()[1]
     pytest.fail("speech2image cluster not ready in time:\n" + "".join(output))
     raise AssertionError  # unreachable
+
+
+def test_cluster_command_says_what_to_install_without_redis(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
+    env.update(PATH=str(BIN.parent), S2I_BROKER_URL="redis://127.0.0.1:1/0")  # no redis-server
+    result = subprocess.run(
+        [str(BIN), "cluster", "--root", str(tmp_path / "stack")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no Redis answers at redis://127.0.0.1:1/0" in result.stderr
+    assert "apt install redis-server" in result.stderr and "S2I_BROKER_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "stack" / "seaweedfs").exists()  # nothing else was started
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
+def test_cluster_starts_redis_when_none_answers_and_stops_it(tmp_path: Path) -> None:
+    import redis
+
+    lines: list[str] = []
+    stack = LocalCluster(
+        tmp_path,
+        {"PATH": os.environ["PATH"], "S2I_BROKER_URL": "redis://127.0.0.1:1/0"},
+        log=lines.append,
+    )
+    try:
+        url = stack.ensure_redis()
+        assert url != "redis://127.0.0.1:1/0" and stack.settings["S2I_BROKER_URL"] == url
+        assert redis.Redis.from_url(url).ping()
+        assert lines == [f"started Redis at {url}"]
+    finally:
+        stack.stop()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()

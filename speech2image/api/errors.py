@@ -10,12 +10,14 @@ from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from ..errors import ServiceError
+from ..errors import DATABASE_ERRORS, DatabaseUnavailable, ServiceError
 from . import openai
 
 __all__ = ["error_response", "register_error_handlers"]
 
 log = logging.getLogger("speech2image.api")
+
+DATABASE_RETRY_AFTER = 5.0
 
 _CODES = {
     400: "bad_request",
@@ -61,6 +63,13 @@ def _openai_surface() -> bool:
 
 
 def _handle_http(exc: HTTPException) -> ResponseReturnValue:
+    response = _http_error(exc)
+    if exc.code == 401:  # RFC 9110: a 401 names the scheme that would be accepted
+        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'  # type: ignore[union-attr]
+    return response
+
+
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
     if _openai_surface():
         return openai.http_error(exc)
     status = exc.code or 500
@@ -69,16 +78,24 @@ def _handle_http(exc: HTTPException) -> ResponseReturnValue:
             status, exc.description or "", exc.error, exc.details, exc.retry_after
         )
     message = exc.description or exc.name
-    if status == 401:
-        response = error_response(status, message)
-        response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'  # type: ignore[union-attr]
-        return response
     if status == 429:
         message = f"rate limit exceeded: {exc.description}"
     response = error_response(status, message)
     if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
         response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined,union-attr]
     return response
+
+
+def _handle_database_down(exc: Exception) -> ResponseReturnValue:
+    # A refused connection, a connect or statement timeout, an exhausted pool: the database,
+    # not this request, is the problem; the client may retry.
+    log.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+    return _handle_http(
+        DatabaseUnavailable(
+            "the history database is not answering; retry shortly",
+            retry_after=DATABASE_RETRY_AFTER,
+        )
+    )
 
 
 def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
@@ -92,17 +109,7 @@ def _handle_unexpected(exc: Exception) -> ResponseReturnValue:
 
 def register_error_handlers(app: Flask) -> None:
     """Route every HTTP error and every unexpected exception to the JSON shape."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
     app.register_error_handler(HTTPException, _handle_http)
-    app.register_error_handler(OperationalError, _handle_database_down)
-    app.register_error_handler(InterfaceError, _handle_database_down)
+    for error in DATABASE_ERRORS:
+        app.register_error_handler(error, _handle_database_down)
     app.register_error_handler(Exception, _handle_unexpected)
-
-
-def _handle_database_down(exc: Exception) -> ResponseReturnValue:
-    # The database went away (restart, failover, network): a retryable 503, not a 500.
-    log.warning("database unreachable: %s", str(exc).splitlines()[0])
-    return error_response(
-        503, "the database is unreachable; retry shortly", "database_unavailable", retry_after=5
-    )

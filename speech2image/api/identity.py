@@ -79,7 +79,8 @@ def _auth_failure_counter(limit_text: str) -> tuple[Any, Any, tuple[str, ...]] |
     if limiter is None or not limiter.enabled:
         return None
     # The limiter's current strategy: Redis, or memory while Redis is down.
-    ids = ("s2i", "auth-failures", request.remote_addr or "unknown")
+    prefix = current_app.config["S2I_SETTINGS"].queue_prefix  # the limiter's key prefix
+    ids = (prefix, "auth-failures", request.remote_addr or "unknown")
     return limiter.limiter, parse(limit_text), ids
 
 

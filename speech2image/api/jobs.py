@@ -14,7 +14,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
-from ..errors import ResourceNotFound, ServiceBusy, ServiceError
+from ..errors import DATABASE_ERRORS, ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
 from .identity import client_owner
 from .openapi import Content, endpoint
@@ -104,7 +104,7 @@ def wait_for(job: Job) -> dict[str, Any]:
     if job.state == JobState.CANCELLED:
         raise JobCancelledConflict("the job was cancelled before it finished")
     error = job.exception
-    if isinstance(error, ServiceError):
+    if isinstance(error, (ServiceError, *DATABASE_ERRORS)):  # answered 4xx/503 by handlers
         raise error
     raise RuntimeError(f"job {job.id} failed") from error
 

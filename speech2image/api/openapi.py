@@ -106,6 +106,15 @@ class ErrorDetail(BaseModel):
     message: str
 
 
+class ErrorDetails(BaseModel):
+    """Extra facts about an error; for a 400, the fields at fault."""
+
+    model_config = ConfigDict(extra="allow")
+
+    field: str | None = Field(None, description="The first field at fault.")
+    errors: list[ErrorDetail] | None = Field(None, description="Every field at fault.")
+
+
 class ErrorInfo(BaseModel):
     """What went wrong, with a stable code and the request id to quote in a report."""
 
@@ -115,9 +124,8 @@ class ErrorInfo(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
     message: str = Field(description="For people; names the field and the allowed range.")
     request_id: str | None = Field(description="X-Request-ID of this request.")
-    details: dict[str, Any] | None = Field(
-        None,
-        description="Extra facts; for 400: `field` (the first) and `errors` ({field, message}).",
+    details: ErrorDetails | None = Field(
+        None, description="Extra facts; for 400: `field` (the first) and `errors`."
     )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "PromptChange",
     "PromptFromSpeech",
     "Ready",
+    "ReadyCheck",
     "ServerConfig",
     "ServerStatus",
     "TranscriptRow",
@@ -51,10 +52,20 @@ class ReadyModel(_Open):
     problem: str | None = None
 
 
+class ReadyCheck(_Open):
+    """One dependency: whether it works, and what is wrong if not."""
+
+    ok: bool
+    problem: str | None = None
+
+
 class Ready(_Open):
-    """Whether the models the default flow needs can be had."""
+    """Whether this instance can serve: database, image folder, models, rate-limit storage."""
 
     ready: bool
+    down: list[str] = Field(description="Checks that fail (503): what is down")
+    degraded: list[str] = Field(description="Checks that fail without stopping service")
+    checks: dict[str, ReadyCheck]
     models: list[ReadyModel]
 
 

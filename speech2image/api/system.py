@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
+from sqlalchemy import text
 
 from .. import __version__
 from ..image_service import get_image_service, required_models
 from ..jobs import get_job_runner
 from ..maintenance import get_maintenance
 from ..model_loader import get_model_loader
+from ..server import health_body
 from ..speech_service import get_speech_service
 from ..storage import get_storage
 from .identity import operators_only
@@ -24,14 +30,14 @@ from .responses import Cleanup, Health, Ready, ServerConfig, ServerStatus
 __all__ = ["bp"]
 
 bp = Blueprint("system", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.get("/health")
 @endpoint(responses={200: Health}, tags=("system",), public=True, rate_limited=False)
 def health() -> ResponseReturnValue:
     """Liveness: the process answers. Touches no model and takes no lock a model holds."""
-    started = current_app.config["S2I_STARTED_AT"]
-    return jsonify(status="ok", version=__version__, uptime_seconds=round(time.time() - started, 1))
+    return jsonify(health_body(current_app))
 
 
 @bp.get("/ready")
@@ -40,15 +46,38 @@ def health() -> ResponseReturnValue:
     tags=("system",),
 )
 def ready() -> ResponseReturnValue:
-    """Readiness: the models the default flow needs can be had (loaded, or loadable offline).
+    """Readiness: the database answers, images can be written, the needed models can be had.
 
     In the distributed mode: the broker and the database answer, and a live worker serves
     every model the default flow needs.
     """
     if current_app.config.get("S2I_ROLE") == "api":
         return _ready_distributed()
+    settings = current_app.config["S2I_SETTINGS"]
+    storage = get_storage(current_app)
+    models = _model_readiness(settings)
+    required_ok = all(m["loaded"] or m["available"] for m in models if m["required"])
+    checks: dict[str, dict[str, Any]] = {
+        "database": _check_database(storage),
+        "image_dir": _check_image_dir(storage, int(settings.ready_min_free_bytes)),
+        "models": {"ok": required_ok}
+        | ({} if required_ok else {"problem": "a model the default flow needs cannot be had"}),
+        "server": _check_server(),
+        "ratelimit_storage": _check_ratelimit_storage(settings),
+    }
+    down = [name for name, check in checks.items() if not check["ok"] and name in CRITICAL]
+    degraded = [name for name, check in checks.items() if not check["ok"] and name not in CRITICAL]
+    body = {"ready": not down, "down": down, "degraded": degraded, "checks": checks}
+    return jsonify(body | {"models": models}), 503 if down else 200
+
+
+# A failing check in this set makes the instance not ready; the others only degrade it.
+CRITICAL = frozenset({"database", "image_dir", "models", "server"})
+
+
+def _model_readiness(settings: Any) -> list[dict[str, Any]]:
     loader = get_model_loader(current_app)
-    required = set(required_models(current_app.config["S2I_SETTINGS"]))
+    required = set(required_models(settings))
     models = []
     for row in loader.status():
         info = loader.factory(row["name"]).describe()
@@ -61,8 +90,70 @@ def ready() -> ResponseReturnValue:
                 "problem": info.get("problem"),
             }
         )
-    ok = all(m["loaded"] or m["available"] for m in models if m["required"])
-    return jsonify(ready=ok, models=models), 200 if ok else 503
+    return models
+
+
+def _check_database(storage: Any) -> dict[str, Any]:
+    try:
+        with storage.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        log.warning("readiness: database: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return {"ok": False, "problem": "the history database is not answering"}
+    return {"ok": True}
+
+
+def _check_image_dir(storage: Any, min_free: int) -> dict[str, Any]:
+    store = getattr(storage, "images", None)
+    folder = getattr(store, "folder", None)
+    if store is not None and folder is None:  # an object store: it answers, or it does not
+        try:
+            store.check()
+        except Exception as exc:  # whatever the client library raises
+            log.warning("readiness: image store: %s", exc)
+            return {"ok": False, "problem": "the image store is not answering"}
+        return {"ok": True}
+    folder = folder or storage.image_dir
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-", suffix=".tmp") as probe:
+            probe.write(b"ok")
+            probe.flush()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        log.warning("readiness: image folder: %s", exc)
+        return {"ok": False, "problem": f"the image folder is not writable ({exc.strerror})"}
+    if free < min_free:
+        return {
+            "ok": False,
+            "problem": f"{free} bytes free for images, less than S2I_READY_MIN_FREE_BYTES",
+        }
+    return {"ok": True}
+
+
+def _check_server() -> dict[str, Any]:
+    state = current_app.extensions.get("server_state")
+    if state is not None and state.stopping:
+        return {"ok": False, "problem": "the server is stopping"}
+    return {"ok": True}
+
+
+def _check_ratelimit_storage(settings: Any) -> dict[str, Any]:
+    limiter = current_app.extensions.get("s2i_limiter")
+    if limiter is None or not limiter.enabled or settings.ratelimit_storage_uri == "memory://":
+        return {"ok": True}
+    try:
+        reachable = bool(limiter.storage.check())
+    except Exception:  # any storage error means it does not answer
+        reachable = False
+    # Flask-Limiter keeps counting in memory until its back-off check sees the storage again;
+    # it has no public flag for that state.
+    falling_back = bool(getattr(limiter, "_storage_dead", False))
+    if reachable and not falling_back:
+        return {"ok": True}
+    return {
+        "ok": False,
+        "problem": "the rate-limit storage is not answering: counting in memory meanwhile",
+    }
 
 
 def _ready_distributed() -> ResponseReturnValue:
@@ -89,8 +180,9 @@ def _ready_distributed() -> ResponseReturnValue:
         "ok": all(m["served"] for m in models),
         "live": len(cluster["workers"]),
     }
-    ok = all(check["ok"] for check in checks.values())
-    return jsonify(ready=ok, checks=checks, models=models), 200 if ok else 503
+    down = [name for name, check in checks.items() if not check["ok"]]
+    body = {"ready": not down, "down": down, "degraded": [], "checks": checks, "models": models}
+    return jsonify(body), 503 if down else 200
 
 
 @bp.get("/config")

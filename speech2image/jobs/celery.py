@@ -57,6 +57,8 @@ __all__ = [
     "JobStates",
     "JobWorker",
     "celery_init_app",
+    "pipeline_queue_name",
+    "pipeline_queues",
     "queue_name",
 ]
 
@@ -95,6 +97,22 @@ return 0
 def queue_name(model: str) -> str:
     """The Celery queue of a model (its loader name, e.g. ``sd:dreamshaper``)."""
     return f"model.{model}"
+
+
+def pipeline_queue_name(image_model: str | None) -> str:
+    """The queue of speech-to-image jobs: Whisper plus an image model named by the request
+    (``sd:<name>``), or plus every model the automatic choice may pick (None)."""
+    return f"pipeline.{image_model or 'auto'}"
+
+
+def pipeline_queues(models: list[str], whisper: str, auto_models: list[str]) -> list[str]:
+    """The speech-to-image queues a worker serving ``models`` can take."""
+    if whisper not in models:
+        return []
+    queues = [pipeline_queue_name(m) for m in models if m.startswith("sd:")]
+    if all(m in models for m in auto_models):
+        queues.append(pipeline_queue_name(None))
+    return queues
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -273,7 +291,7 @@ class CeleryJobRunner:
             self.celery.send_task(
                 TASK_NAME,
                 args=[job.id, job.kind, job.owner, payload, job.request_id],
-                queue=queue_name(model),
+                queue=self._queue(job, model),
                 task_id=job.id,
                 retry=False,
             )
@@ -299,6 +317,14 @@ class CeleryJobRunner:
                 job.cleanup = None
         self._track(job)
         return job
+
+    @staticmethod
+    def _queue(job: Job, model: str) -> str:
+        """Speech-to-image goes to workers that serve Whisper and the image model it may use."""
+        if job.kind != "speech_to_image":
+            return queue_name(model)
+        chosen = str(job.work.image_fields.get("model") or "auto").strip()
+        return pipeline_queue_name(None if chosen == "auto" else f"sd:{chosen}")
 
     def _accept_row(self, job: Job, model: str, payload: dict[str, Any]) -> None:
         """The job's row in the history database, before its task is sent."""
@@ -431,6 +457,7 @@ class CeleryJobRunner:
         """Apply published changes to followed jobs; re-read them each second (missed events)."""
         pubsub = None
         last_poll = 0.0
+        outage = False
         while True:
             jobs = self._followed()
             if not jobs:
@@ -459,9 +486,14 @@ class CeleryJobRunner:
                         if record is not None:
                             job.apply_snapshot(record)
             except REDIS_ERRORS:
-                log.warning("job events: Redis unreachable; retrying")
-                pubsub = None
+                if not outage:  # once per outage, not once a second
+                    log.warning("job events: Redis unreachable; retrying every second")
+                outage, pubsub = True, None
                 time.sleep(1.0)
+                continue
+            if outage:
+                log.info("job events: Redis answers again")
+                outage = False
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -572,6 +604,7 @@ class JobWorker:
         models: list[str],
         loader: Any,
         make_local_job: Callable[[str, str, str, dict[str, Any], Path | None], Job],
+        pipelines: list[str] | None = None,
         rows: JobStore | None = None,
     ) -> None:
         self.settings = settings
@@ -579,6 +612,7 @@ class JobWorker:
         self.rows = rows
         self.local = local
         self.models = models
+        self.pipelines = list(pipelines or [])
         self.loader = loader
         self.make_local_job = make_local_job
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -596,8 +630,8 @@ class JobWorker:
         celery_signals.worker_shutting_down.connect(self._on_shutdown, weak=False)
 
     def queues(self) -> list[str]:
-        """The queues this worker consumes."""
-        return [queue_name(m) for m in self.models]
+        """The queues this worker consumes: its models', and speech-to-image it can finish."""
+        return [queue_name(m) for m in self.models] + self.pipelines
 
     def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         with contextlib.suppress(AttributeError), self._lock:
@@ -638,6 +672,7 @@ class JobWorker:
             "name": self.name,
             "pid": os.getpid(),
             "models": self.models,
+            "queues": self.queues(),
             "resident_models": resident,
             "resident_bytes": sum(resident.values()),
             "running": running,

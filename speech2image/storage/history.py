@@ -12,6 +12,7 @@ import datetime as dt
 import errno
 import hashlib
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +32,7 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
@@ -160,11 +161,15 @@ class Storage:
         *,
         images: ImageStore | None = None,
         migrate_schema: bool = True,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
     ) -> None:
         self.image_dir = Path(image_dir).resolve()  # the local store's folder, the SQLite file's
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.images: ImageStore = images or LocalImageStore(self.image_dir)
-        self.engine = make_engine(database_url)
+        self.engine = make_engine(
+            database_url, connect_timeout=connect_timeout, statement_timeout=statement_timeout
+        )
         if migrate_schema:
             migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -472,20 +477,41 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def make_engine(database_url: str) -> Engine:
-    """An engine for the history database (SQLite gets WAL, foreign keys, a busy timeout)."""
-    connect_args = {"check_same_thread": False} if database_url.startswith("sqlite") else {}
-    engine = create_engine(database_url, connect_args=connect_args, pool_pre_ping=True)
-    if database_url.startswith("sqlite"):
-        event.listen(engine, "connect", _sqlite_pragmas)
+def make_engine(
+    database_url: str, *, connect_timeout: float = 5.0, statement_timeout: float = 10.0
+) -> Engine:
+    """An engine for the history database whose every wait is bounded.
+
+    PostgreSQL gets a connect timeout and a server-side statement timeout; SQLite gets WAL,
+    foreign keys and a busy timeout. A database that does not answer then fails the call
+    within the timeouts (an OperationalError, answered 503) instead of hanging a thread.
+    """
+    url = make_url(database_url)
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        connect_args = {"check_same_thread": False, "timeout": statement_timeout}
+    elif url.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = max(1, math.ceil(connect_timeout))  # whole seconds
+        options = url.query.get("options")
+        timeout_option = f"-c statement_timeout={int(statement_timeout * 1000)}"
+        connect_args["options"] = f"{options} {timeout_option}" if options else timeout_option
+    engine = create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_timeout=connect_timeout + statement_timeout,  # waiting for a pooled connection
+    )
+    if url.get_backend_name() == "sqlite":
+        busy_ms = int(statement_timeout * 1000)
+        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, busy_ms))
     return engine
 
 
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(connection: Any, busy_ms: int) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.close()
 
 

@@ -1,0 +1,267 @@
+"""The production server command (`speech2image serve`: gunicorn, one worker, threads).
+
+Liveness under load through the probe listener (S2I_HEALTH_PORT), and a graceful stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`speech2image serve` in a subprocess, on free ports."""
+
+    def __init__(self, root: Path, tiny: Path, **extra: str) -> None:
+        self.port, self.health_port = _free_port(), _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
+        env.update(
+            PORT=str(self.port),
+            S2I_HEALTH_PORT=str(self.health_port),
+            S2I_LOG_DIR=str(root / "logs"),
+            S2I_UPLOAD_DIR=str(root / "uploads"),
+            S2I_IMAGE_DIR=str(root / "images"),
+            S2I_IMAGE_MODELS=json.dumps({"tiny": {"source": str(tiny)}}),
+            S2I_STYLE_MODELS=json.dumps({"artistic": "tiny", "photographic": "tiny"}),
+            S2I_DEFAULT_WIDTH="64",
+            S2I_DEFAULT_HEIGHT="64",
+            S2I_RATELIMIT_DEFAULT="100000/minute",
+            S2I_RATELIMIT_GENERATE="100000/minute",
+            S2I_QUEUE_MAX_PER_OWNER="64",
+            S2I_MODEL_IDLE_SECONDS="0",
+            S2I_CLEANUP_INTERVAL_SECONDS="0",
+            S2I_PRELOAD_MODELS="sd:tiny",
+        )
+        env.update(extra)
+        self.log = (root / "server.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "speech2image", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            try:
+                if self.get("/health", port=self.health_port, timeout=2)[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not start:\n" + self.output())
+
+    def get(self, path: str, *, port: int | None = None, timeout: float = 10) -> tuple[int, Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        finally:
+            connection.close()
+
+    def generate(self, timeout: float = 120, **fields: Any) -> tuple[int, dict[str, Any]]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            body = json.dumps({"prompt": "a lighthouse", **fields})
+            connection.request(
+                "POST", "/generate-image", body, {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-5000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # gunicorn: stop now, worker included
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(20)
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Any]:
+    started: list[Server] = []
+
+    def start(**extra: str) -> Server:
+        running = Server(tmp_path, tiny_models["tiny-art"], **extra)
+        started.append(running)
+        running.wait_ready()
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def _probe_latencies(server: Server, count: int) -> list[float]:
+    latencies = []
+    for _ in range(count):
+        began = time.perf_counter()
+        status, body = server.get("/health", port=server.health_port, timeout=5)
+        latencies.append(time.perf_counter() - began)
+        assert status == 200 and body["status"] == "ok"
+        time.sleep(0.02)
+    return sorted(latencies)
+
+
+def _p99(latencies: list[float]) -> float:
+    return latencies[max(0, round(len(latencies) * 0.99) - 1)]
+
+
+def _hold_every_thread(port: int, stop: Any, served: Any, failed: Any) -> None:
+    """16 synchronous clients and 8 slow ones (headers a byte a second), in a process of its own
+    so that the measuring thread does not share a GIL with them."""
+
+    def synchronous_client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        body = json.dumps({"prompt": "a lighthouse", "steps": 12})
+        while not stop.is_set():
+            try:
+                connection.request(
+                    "POST", "/generate-image", body, {"Content-Type": "application/json"}
+                )
+                response = connection.getresponse()
+                response.read()
+                counter = served if response.status == 200 else failed
+            except OSError:
+                counter = failed
+                connection.close()
+            with counter.get_lock():
+                counter.value += 1
+
+    def slow_client() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            while not stop.wait(1.0):
+                sock.sendall(b"X")  # one header byte per second, never the end
+
+    threads = [threading.Thread(target=synchronous_client) for _ in range(16)]
+    threads += [threading.Thread(target=slow_client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+@pytest.mark.slow
+def test_health_answers_fast_while_every_request_thread_is_held(server) -> None:
+    # Every request thread is held whatever the jobs cost; one job thread with one torch
+    # thread keeps the tiny CPU model from taking both cores of a small test machine.
+    running = server(S2I_THREADS="8", S2I_JOB_WORKERS="1", OMP_NUM_THREADS="1")
+    assert running.generate(steps=2)[0] == 200  # the model is resident
+    context = multiprocessing.get_context("spawn")
+    stop, served, failed = context.Event(), context.Value("i", 0), context.Value("i", 0)
+    load = context.Process(target=_hold_every_thread, args=(running.port, stop, served, failed))
+    load.start()
+    try:
+        time.sleep(3.0)  # every request thread is held by now
+        held = _probe_latencies(running, 250)
+        # The main port is saturated meanwhile: its /health waits for a request thread.
+        with pytest.raises(OSError):
+            running.get("/health", timeout=0.5)
+    finally:
+        stop.set()
+        load.join(120)
+    print(
+        f"/health on the probe port: p50 {held[len(held) // 2] * 1000:.1f} ms, p99 "
+        f"{_p99(held) * 1000:.1f} ms, max {held[-1] * 1000:.1f} ms ({len(held)} probes)"
+    )
+    assert _p99(held) < 0.050, f"p99 {_p99(held) * 1000:.1f} ms; slowest {held[-5:]}"
+    assert served.value > 0 and failed.value == 0
+
+
+def test_sigterm_lets_running_jobs_finish_and_refuses_new_work(server, tmp_path) -> None:
+    running = server(S2I_THREADS="4", S2I_SHUTDOWN_GRACE_SECONDS="300", S2I_JOB_WORKERS="1")
+    results: dict[str, Any] = {}
+
+    def long_job() -> None:
+        try:
+            results["sync"] = running.generate(timeout=300, steps=8, seed=1)
+        except Exception as exc:  # reported by the assertion below
+            results["sync"] = exc
+
+    client = threading.Thread(target=long_job)
+    client.start()
+    _wait_until(lambda: running.get("/status")[1]["jobs"]["running"] >= 1)
+    # A second job, accepted (202) before SIGTERM, queued behind the first.
+    status, queued = _post_async(running)
+    assert status == 202
+    # A client with a kept-alive connection opened before SIGTERM.
+    kept = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+    kept.request("GET", "/health")
+    assert kept.getresponse().read()
+    running.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # New work is refused: on the kept-alive connection with 503, on new ones by the listener.
+    try:
+        body = json.dumps({"prompt": "late"})
+        kept.request("POST", "/generate-image", body, {"Content-Type": "application/json"})
+        late = kept.getresponse()
+        assert late.status == 503, late.status
+        assert json.loads(late.read())["error"]["code"] == "shutting_down"
+        assert late.getheader("Retry-After")
+    except (ConnectionError, http.client.RemoteDisconnected):
+        pass  # the connection was closed instead: also no new work
+    finally:
+        kept.close()
+    with pytest.raises(OSError):
+        running.generate(timeout=5)
+    client.join(300)
+    assert isinstance(results["sync"], tuple), results["sync"]
+    assert results["sync"][0] == 200, results["sync"]
+    assert running.process.wait(300) == 0
+    # The queued job ran too before the process stopped: its image is in the history.
+    log = running.output()
+    assert "all jobs finished" in log, log
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2, log
+    assert queued["id"]
+
+
+def _wait_until(condition: Any, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _post_async(server: Server) -> tuple[int, dict[str, Any]]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        body = json.dumps({"prompt": "a harbour", "steps": 1, "async": True})
+        connection.request("POST", "/generate-image", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
