@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
 from speech2image.api.openapi import build_spec
+
+from .test_history import POSTGRES_URL, _postgres_available
 
 KEY = "k-user"
 
@@ -42,3 +49,35 @@ def test_errors_do_not_echo_huge_client_names_or_values(client) -> None:
         content_type="multipart/form-data",
     )
     assert form.status_code == 400 and len(form.data) < 4000
+
+
+ODD_IDS = ("%00", "x%00.png", "%ff%fe", "%ed%a0%80", "..%2f..%2fetc%2fpasswd", "%E2%98%83")
+ID_ROUTES = ("/jobs/{}", "/jobs/{}/events", "/images/{}", "/transcripts/{}")
+
+
+@pytest.mark.postgres
+def test_odd_path_ids_are_404_on_postgresql(make_app) -> None:
+    # A NUL in a path id reached PostgreSQL ("cannot contain NUL characters"): a 500.
+    if not _postgres_available():
+        pytest.skip(f"PostgreSQL does not answer at {POSTGRES_URL}")
+    schema = "s2i_test_" + uuid.uuid4().hex[:8]
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    app = make_app(database_url=f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    try:
+        client = app.test_client()
+        wrong = []
+        for route in ID_ROUTES:
+            for odd in ODD_IDS:
+                path = route.format(odd)
+                for method in ("GET", "DELETE"):
+                    answer = client.open(path, method=method)
+                    if not (400 <= answer.status_code < 500 and answer.is_json):
+                        wrong.append((method, path, answer.status_code))
+        assert wrong == [], wrong
+    finally:
+        app.extensions["storage"].close()
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

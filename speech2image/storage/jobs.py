@@ -131,6 +131,8 @@ class JobStore:
 
     def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """A job by id (only the owner's, when ``owner`` is given)."""
+        if "\x00" in job_id:  # a client's path id; PostgreSQL refuses NUL in any string
+            return None
         conditions = [JobRecord.id == job_id]
         if owner is not None:
             conditions.append(JobRecord.owner == owner)
