@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 
 import pytest
@@ -81,3 +82,27 @@ def test_odd_path_ids_are_404_on_postgresql(make_app) -> None:
         with admin.begin() as connection:
             connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+class _BadChunks(io.BytesIO):
+    """A request body as gunicorn reads it when the client sends a bad chunk size."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        from gunicorn.http.errors import InvalidChunkSize
+
+        raise InvalidChunkSize(b"zz")
+
+    readline = readinto = read1 = read  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("path", ["/generate-image", "/transcribe-audio", "/v1/images/generations"])
+def test_a_malformed_chunked_body_is_400_not_500(client, path) -> None:
+    # Under gunicorn: `Transfer-Encoding: chunked` with the chunk size "zz" answered 500.
+    content_type = "multipart/form-data; boundary=x" if "audio" in path else "application/json"
+    answer = client.post(
+        path,
+        input_stream=_BadChunks(b"x" * 20),
+        headers={"Content-Type": content_type, "Content-Length": "20"},
+    )
+    assert answer.status_code == 400 and b"malformed" in answer.data, answer.data
+    assert answer.is_json

@@ -112,4 +112,23 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(HTTPException, _handle_http)
     for error in DATABASE_ERRORS:
         app.register_error_handler(error, _handle_database_down)
+    for body_error in _malformed_body_errors():
+        app.register_error_handler(body_error, _handle_malformed_body)
     app.register_error_handler(Exception, _handle_unexpected)
+
+
+def _malformed_body_errors() -> tuple[type[Exception], ...]:
+    # What gunicorn raises while the view reads a body that is malformed (a bad chunk size)
+    # or cut short (the client went away): the client's fault, never a 500.
+    try:
+        from gunicorn.http.errors import NoMoreData, ParseException
+    except ImportError:  # pragma: no cover - gunicorn is a runtime dependency
+        return ()
+    return (ParseException, NoMoreData)
+
+
+def _handle_malformed_body(exc: Exception) -> ResponseReturnValue:
+    message = f"the request body is malformed or was cut short: {exc}"
+    if _openai_surface():
+        return openai.openai_error(400, message, code="malformed_body")
+    return error_response(400, message, "malformed_body")
