@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import uuid
 
 import pytest
@@ -106,3 +107,17 @@ def test_a_malformed_chunked_body_is_400_not_500(client, path) -> None:
     )
     assert answer.status_code == 400 and b"malformed" in answer.data, answer.data
     assert answer.is_json
+
+
+def test_an_image_folder_removed_while_serving_is_made_again(make_app, tmp_path) -> None:
+    # rm -rf of the image folder under a running server made every generation a 500.
+    app = make_app(database_url=f"sqlite:///{tmp_path / 'history.sqlite3'}")
+    client = app.test_client()
+    shutil.rmtree(tmp_path / "images")
+    made = client.post("/generate-image", json={"prompt": "a cat", "steps": 1})
+    assert made.status_code == 200, made.json
+    filename = made.json["images"][0]["filename"]
+    assert (tmp_path / "images" / filename).is_file()
+    served = client.get(f"/images/{filename}")
+    served.close()
+    assert served.status_code == 200

@@ -35,6 +35,8 @@ class LocalImageStore:
         final = self._path(name)
         if final is None:
             raise ValueError(f"not a plain file name: {name!r}")
+        # An operator may have removed the folder while the server runs: make it again.
+        self.folder.mkdir(parents=True, exist_ok=True)
         # Unique even when the same job writes twice at once (a redelivered task).
         temporary = self.folder / f".{name}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}"
         try:
