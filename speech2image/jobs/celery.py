@@ -252,6 +252,12 @@ class CeleryJobRunner:
         """Store on a Flask app as ``app.extensions['jobs']``."""
         app.extensions["jobs"] = self
 
+    # An API process runs no job itself: a graceful stop has nothing of its own to drain.
+    runs_jobs = False
+
+    def shutdown(self) -> None:
+        """Nothing to stop here: jobs run on the workers and queued ones stay in the broker."""
+
     # --- the interface ---------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
         """Check the input, count the job against the limits, record it and send its task."""
