@@ -345,6 +345,7 @@ def test_ready_checks_broker_database_and_a_worker_per_model(cluster: Cluster) -
     assert {name for name, check in body["checks"].items() if check["ok"]} == {
         "broker",
         "database",
+        "image_store",
         "workers",
     }
     assert {m["name"] for m in body["models"]} == {"whisper:base", "sd:tiny-art", "sd:tiny-photo"}

@@ -48,8 +48,8 @@ def health() -> ResponseReturnValue:
 def ready() -> ResponseReturnValue:
     """Readiness: the database answers, images can be written, the needed models can be had.
 
-    In the distributed mode: the broker and the database answer, and a live worker serves
-    every model the default flow needs.
+    In the distributed mode: the broker, the database and the image store answer, and a live
+    worker serves every model the default flow needs.
     """
     if current_app.config.get("S2I_ROLE") == "api":
         return _ready_distributed()
@@ -173,8 +173,13 @@ def _ready_distributed() -> ResponseReturnValue:
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "problem": type(exc).__name__}
+    settings = current_app.config["S2I_SETTINGS"]
+    # The object store (or the folder) the workers write to and this process serves from.
+    checks["image_store"] = _check_image_dir(
+        get_storage(current_app), int(settings.ready_min_free_bytes)
+    )
     served = {m for w in cluster["workers"] for m in w["models"]}
-    required = required_models(current_app.config["S2I_SETTINGS"])
+    required = required_models(settings)
     models = [{"name": name, "required": True, "served": name in served} for name in required]
     checks["workers"] = {
         "ok": all(m["served"] for m in models),
