@@ -114,6 +114,33 @@ def weed_binary() -> str | None:
     return _binary("weed")
 
 
+def seaweedfs_command(binary: str, folder: Path) -> tuple[list[str], int]:
+    """The `weed server -s3` command storing under ``folder``, and the S3 port it serves."""
+    s3_port = free_port()
+    command = [
+        binary,
+        "server",
+        f"-dir={folder}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        # Every port explicit: the defaults (and port + 10000 for gRPC) collide between runs.
+        f"-master.port={free_port()}",
+        f"-master.port.grpc={free_port()}",
+        f"-volume.port={free_port()}",
+        f"-volume.port.grpc={free_port()}",
+        f"-filer.port={free_port()}",
+        f"-filer.port.grpc={free_port()}",
+        "-s3",
+        f"-s3.port={s3_port}",
+        f"-s3.port.grpc={free_port()}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-volume.max=0",
+        "-master.volumeSizeLimitMB=64",
+    ]
+    return command, s3_port
+
+
 @dataclasses.dataclass
 class Process:
     """A process the cluster started, with its log file."""
@@ -291,28 +318,7 @@ class LocalCluster:
             )
         folder = self.root / "seaweedfs"
         folder.mkdir(parents=True, exist_ok=True)
-        s3_port = free_port()
-        command = [
-            binary,
-            "server",
-            f"-dir={folder}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            # Every port explicit: the defaults (and port + 10000 for gRPC) collide.
-            f"-master.port={free_port()}",
-            f"-master.port.grpc={free_port()}",
-            f"-volume.port={free_port()}",
-            f"-volume.port.grpc={free_port()}",
-            f"-filer.port={free_port()}",
-            f"-filer.port.grpc={free_port()}",
-            "-s3",
-            f"-s3.port={s3_port}",
-            f"-s3.port.grpc={free_port()}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-volume.max=0",
-            "-master.volumeSizeLimitMB=64",
-        ]
+        command, s3_port = seaweedfs_command(binary, folder)
         process = self._spawn("seaweedfs", command, self.base_env)
         endpoint = f"http://127.0.0.1:{s3_port}"
         process.url = endpoint

