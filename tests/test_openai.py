@@ -240,7 +240,7 @@ def test_spec_describes_the_v1_routes_with_openai_errors(client) -> None:
 
 
 def test_concurrent_generations_share_one_batch(make_app, live_server) -> None:
-    app = make_app(batch_max_wait_ms=3000)
+    app = make_app(batch_max_wait_ms=3000, job_workers=1)  # one worker: the other cannot take job 2
     client = sdk(live_server(app))
     results: list[object] = []
 
