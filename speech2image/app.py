@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -20,7 +21,10 @@ from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .image_service import ImageService
 from .imagestore import make_image_store
+from .jobs import JobKind, JobKinds
+from .jobs.inputs import FolderInputs
 from .jobs.local import LocalJobRunner
+from .kinds import service_kinds
 from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .metrics import Metrics, start_metrics_server
@@ -29,7 +33,6 @@ from .server import ServerState
 from .speech_service import SpeechService
 from .storage import Storage
 from .style import StyleChooser
-from .tasks import register_tasks
 
 __all__ = ["counts_against_work_limits", "create_app"]
 
@@ -93,19 +96,33 @@ def _memory_budgets(settings: Settings) -> dict[str, int]:
     return budgets
 
 
-def create_app(settings: Settings | None = None, role: str | None = None) -> Flask:
-    """Build the app: settings, logging, services, rate limits, blueprints, error handlers.
+ROLES = ("embedded", "api", "worker", "cli")
 
-    ``role`` is ``embedded`` (jobs run in this process), ``api`` (jobs go to Celery workers;
-    this process never imports torch) or ``worker`` (a Celery worker's app). By default:
-    ``api`` when S2I_BROKER_URL is set, else ``embedded``.
+
+def create_app(
+    settings: Settings | None = None,
+    role: str | None = None,
+    *,
+    kinds: list[JobKind] | None = None,
+) -> Flask:
+    """Build the app for one role, with what that role needs and nothing else.
+
+    ``role`` is ``embedded`` (the HTTP API, jobs run in this process), ``api`` (the HTTP
+    API of the distributed mode: jobs go to Celery workers; this process never imports a
+    model library), ``worker`` (a Celery worker: jobs, no HTTP) or ``cli`` (a command that
+    runs jobs here: no HTTP, no timers, no crash recovery). By default: ``api`` when
+    S2I_BROKER_URL is set, else ``embedded``. ``kinds`` adds job kinds to the service's own.
     """
     settings = settings or load_settings()
+    role = role or ("api" if settings.distributed else "embedded")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     # No app-wide static route: the web blueprint serves speech2image/static/ itself.
     app = Flask(__name__, static_folder=None)
     app.config.update(
         S2I_SETTINGS=settings,
         S2I_STARTED_AT=time.time(),
+        S2I_ROLE=role,
         MAX_CONTENT_LENGTH=int(settings.max_upload_bytes) + FORM_OVERHEAD,
         DEBUG=settings.debug,
     )
@@ -140,32 +157,57 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
     chooser = StyleChooser(settings.style_cues, settings.style_models, settings.style_default)
     image_service = ImageService(settings, loader, storage, chooser)
     image_service.init_app(app)
-    Maintenance(settings, storage, loader).init_app(app)
-    role = role or ("api" if settings.distributed else "embedded")
-    app.config["S2I_ROLE"] = role
+    job_kinds = service_kinds(speech_service, image_service, kinds)
+    app.extensions["job_kinds"] = job_kinds
+    maintenance = Maintenance(settings, storage, loader)
+    maintenance.init_app(app)
+    if role in ("embedded", "api") and settings.cleanup_interval_seconds > 0:
+        maintenance.start(settings.cleanup_interval_seconds)
+
     if role == "api":
-        _init_api_jobs(app, settings, speech_service, storage)
+        _init_api_jobs(app, settings, job_kinds, speech_service, storage, loader)
     else:
         runner = LocalJobRunner(
+            job_kinds,
             workers=settings.job_workers,
             max_batch_images=settings.batch_max_images,
             max_batch_wait=settings.batch_max_wait_ms / 1000,
             fairness_seconds=settings.schedule_fairness_seconds,
             # A worker holds at most its concurrency; admission happened at the API.
-            max_queued=settings.queue_max if role == "embedded" else 10_000,
-            max_queued_per_owner=settings.queue_max_per_owner if role == "embedded" else 10_000,
+            max_queued=settings.queue_max if role != "worker" else 10_000,
+            max_queued_per_owner=settings.queue_max_per_owner if role != "worker" else 10_000,
             is_resident=loader.is_resident,
             keep_finished_seconds=settings.job_keep_seconds,
             observer=metrics,
-            # Embedded: every job is a row of the history (workers' jobs are the API's).
-            store=storage.jobs if role == "embedded" else None,
+            # Every job of this process is a row of the history (a worker's are the API's).
+            store=storage.jobs if role != "worker" else None,
+            inputs=FolderInputs(settings.upload_dir),
         )
-        register_tasks(runner, speech_service, image_service)
         runner.init_app(app)
         if role == "embedded" and settings.job_recover_on_start:
             runner.recover()
         if role == "worker":
-            _init_worker(app, settings, runner, loader, storage)
+            _init_worker(app, settings, job_kinds, runner, loader, storage)
+    if role in ("embedded", "api"):
+        _init_http(app, settings, metrics)
+    else:
+        metrics.watch(loader=loader, runner=app.extensions["jobs"])
+        if settings.metrics_port:  # a worker has no HTTP front of its own
+            app.extensions["metrics_server"] = start_metrics_server(
+                metrics, settings.metrics_port, settings.host
+            )
+    if role == "api":
+        return app  # no model ever loads here
+    if settings.model_idle_seconds > 0 and role != "cli":
+        app.extensions["model_idle_reaper"] = loader.start_idle_reaper()
+    if settings.preload_models and role != "cli":
+        loader.preload(_preload_names(loader, settings.preload_models))
+    return app
+
+
+def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
+    """The HTTP API: limits, identity, blueprints, error handlers, CORS, /metrics."""
+    loader: ModelLoader = app.extensions["model_loader"]
     # Each event stream holds a request thread for the whole job: keep half of them free.
     jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
     request_stats = RequestStats()
@@ -236,52 +278,112 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
             metrics, settings.metrics_port, settings.host
         )
 
-    if role == "api":
-        return app  # no model ever loads here
-    if settings.model_idle_seconds > 0:
-        app.extensions["model_idle_reaper"] = loader.start_idle_reaper()
-    if settings.preload_models:
-        loader.preload(_preload_names(loader, settings.preload_models))
-    return app
+
+def _broker(settings: Settings) -> Any:
+    from .jobs.celery import BrokerState, redis_client
+
+    client = redis_client(settings.broker_url, settings.redis_timeout_seconds)
+    return BrokerState(client, settings.queue_prefix)
+
+
+def _reconciler(app: Flask, broker: Any, send: Any, inputs: Any) -> None:
+    """Every distributed process reconciles rows and broker; one at a time does it."""
+    from .errors import error_body
+    from .jobs.celery import REDIS_ERRORS, Reconciler
+    from .jobs.records import job_event, job_from_row
+
+    settings: Settings = app.config["S2I_SETTINGS"]
+    store = app.extensions["storage"].jobs
+
+    def fail(record: Any, error: Exception) -> None:
+        store.finish(record.id, "failed", error=error_body(error), lease_expires_at=None)
+        with contextlib.suppress(*REDIS_ERRORS):
+            broker.release(record.id, record.owner)
+            broker.publish(job_event(job_from_row(store.get(record.id) or record)))
+        if record.input:
+            with contextlib.suppress(Exception):
+                inputs.discard(record.id, record.input)
+
+    def input_exists(location: str) -> bool:
+        return bool(inputs.store.exists(location))
+
+    reconciler = Reconciler(
+        store,
+        broker,
+        send=send,
+        fail=fail,
+        input_exists=input_exists,
+        lease_seconds=settings.job_lease_seconds,
+        interval=settings.reconcile_interval_seconds,
+        max_attempts=settings.job_max_attempts,
+    )
+    app.extensions["reconciler"] = reconciler
+    reconciler.start()
+
+
+def _all_queues(loader: ModelLoader) -> list[str]:
+    """Every queue a job of this deployment may wait in (for queue depth and reconciling)."""
+    from .jobs.kinds import pipeline_queue_name, queue_name
+
+    models = loader.names()
+    queues = [queue_name(m) for m in models]
+    queues += [pipeline_queue_name(m) for m in models if m.startswith("sd:")]
+    return [*queues, pipeline_queue_name(None)]
 
 
 def _init_api_jobs(
-    app: Flask, settings: Settings, speech_service: SpeechService, storage: Storage
+    app: Flask,
+    settings: Settings,
+    job_kinds: JobKinds,
+    speech_service: SpeechService,
+    storage: Storage,
+    loader: ModelLoader,
 ) -> None:
-    """Jobs of an API process go to Celery workers."""
-    from .jobs.celery import CeleryJobRunner, JobStates, celery_init_app, redis_client
+    """Jobs of an API process go to Celery workers; rows are the truth."""
+    from .jobs.celery import CeleryJobRunner, celery_init_app
+    from .jobs.inputs import StoreInputs
+    from .jobs.records import JobRecorder
 
-    states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
-    CeleryJobRunner(
+    broker = _broker(settings)
+    inputs = StoreInputs(storage.images, settings.upload_dir)
+    runner = CeleryJobRunner(
         settings,
         celery_init_app(app),
-        states,
+        broker,
+        job_kinds,
+        recorder=JobRecorder(storage.jobs, "api", settings.job_keep_seconds),
+        inputs=inputs,
         default_model=speech_service.model_name,
+        queues=_all_queues(loader),
         check_upload=speech_service.check_upload,
-        rows=storage.jobs,
-    ).init_app(app)
+    )
+    runner.init_app(app)
+    _reconciler(app, broker, runner.send_row, inputs)
 
 
 def _init_worker(
     app: Flask,
     settings: Settings,
+    job_kinds: JobKinds,
     runner: LocalJobRunner,
     loader: ModelLoader,
     storage: Storage,
 ) -> None:
     """A Celery worker's app: delivered tasks run through the local runner."""
     from .image_service import model_key
-    from .jobs.celery import JobStates, JobWorker, celery_init_app, pipeline_queues, redis_client
-    from .tasks import local_job
+    from .jobs.celery import JobWorker, celery_init_app
+    from .jobs.inputs import StoreInputs
+    from .jobs.kinds import pipeline_queues
 
     models = worker_models(loader, settings.worker_models)
-
-    celery_init_app(app)
-    states = JobStates(redis_client(settings), settings.queue_prefix, settings.job_keep_seconds)
+    celery = celery_init_app(app)
+    broker = _broker(settings)
+    inputs = StoreInputs(storage.images, settings.upload_dir)
     JobWorker(
         settings,
-        states,
+        broker,
         runner,
+        job_kinds,
         models=models,
         pipelines=pipeline_queues(
             models,
@@ -289,9 +391,24 @@ def _init_worker(
             [model_key(m) for m in settings.style_models.values()],
         ),
         loader=loader,
-        make_local_job=local_job,
         rows=storage.jobs,
+        inputs=inputs,
     ).init_app(app)
+
+    def send(record: Any) -> None:
+        from .jobs.celery import send_job
+
+        send_job(
+            celery,
+            record.id,
+            record.kind,
+            record.owner,
+            record.work,
+            record.request_id,
+            record.queue,
+        )
+
+    _reconciler(app, broker, send, inputs)
 
 
 def worker_models(loader: ModelLoader, wanted: list[str]) -> list[str]:

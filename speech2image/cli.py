@@ -353,13 +353,8 @@ def generate(
     from .api.identity import LOCAL_OWNER
     from .app import create_app
     from .errors import ServiceError
-    from .image_service import model_key
-    from .jobs import Job
 
-    settings = _settings().model_copy(
-        update={"cleanup_interval_seconds": 0, "job_recover_on_start": False}
-    )
-    app = create_app(settings)
+    app = create_app(_settings(), role="cli")
     service, runner = app.extensions["images"], app.extensions["jobs"]
     payload = {"prompt": prompt, "model": model, "num_images": num_images}
     for key, value in (("width", width), ("height", height), ("steps", steps), ("seed", seed)):
@@ -367,15 +362,7 @@ def generate(
             payload[key] = value
     try:
         item = service.prepare(service.validate(payload))
-        job = runner.submit(
-            Job(
-                kind="generate",
-                owner=LOCAL_OWNER,
-                work=item,
-                model=model_key(item.choice.model),
-                steps=item.request.steps,
-            )
-        )
+        job = runner.submit(app.extensions["job_kinds"].new("generate", LOCAL_OWNER, item))
         with _progress_bar("generating", "step") as bar:
             for snapshot in runner.watch(job, timeout=1.0):
                 if snapshot and snapshot["progress"]["total"]:
@@ -398,10 +385,7 @@ def cleanup() -> None:
     """Remove images past retention now (rows and files together)."""
     from .app import create_app
 
-    settings = _settings().model_copy(
-        update={"cleanup_interval_seconds": 0, "job_recover_on_start": False}
-    )
-    report = create_app(settings).extensions["maintenance"].run()
+    report = create_app(_settings(), role="cli").extensions["maintenance"].run()
     click.echo(json.dumps(report, indent=2))
 
 

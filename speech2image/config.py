@@ -268,6 +268,23 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(
         1800.0, ge=1, description="Seconds a distributed job may run before it is stopped."
     )
+    job_lease_seconds: float = Field(
+        15.0,
+        ge=2,
+        le=3600,
+        description="A worker renews its jobs' leases every second; a job whose lease lapses "
+        "this long (its worker died) is queued again.",
+    )
+    reconcile_interval_seconds: float = Field(
+        5.0,
+        ge=0.5,
+        le=3600,
+        description="How often rows and broker are reconciled (also at once after Redis "
+        "restarts or loses its data).",
+    )
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="Every Redis call fails after this long (503 then)."
+    )
 
     # --- identity and rate limits -------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

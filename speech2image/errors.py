@@ -7,7 +7,11 @@ from typing import Any
 import sqlalchemy.exc
 from werkzeug.exceptions import (
     BadRequest,
+    Conflict,
+    GatewayTimeout,
+    Gone,
     HTTPException,
+    InternalServerError,
     NotFound,
     ServiceUnavailable,
     TooManyRequests,
@@ -21,16 +25,26 @@ __all__ = [
     "AudioTooLong",
     "AuthFailuresLimited",
     "DatabaseUnavailable",
+    "IdempotencyConflict",
+    "InputExpired",
+    "InternalError",
     "InvalidAudio",
     "InvalidRequest",
+    "JobFailedRepeatedly",
+    "JobInterrupted",
+    "JobTimeout",
     "ModelUnavailable",
     "QueueFull",
+    "RemoteJobError",
     "ResourceNotFound",
     "ServiceBusy",
     "ServiceError",
     "ShuttingDown",
     "StorageFull",
+    "StorageUnavailable",
     "UnsupportedAudio",
+    "error_body",
+    "error_from_body",
 ]
 
 
@@ -128,9 +142,85 @@ class StorageFull(ServiceError):
     error = "storage_full"
 
 
+class StorageUnavailable(ServiceError, ServiceUnavailable):
+    """The image store (a folder or an object store) cannot be reached or written now."""
+
+    error = "storage_unavailable"
+
+
+class IdempotencyConflict(ServiceError, Conflict):
+    """An Idempotency-Key was used before for a different kind of request."""
+
+    error = "idempotency_key_reused"
+
+
+# --- how jobs end badly (a job's error is the same JSON body an HTTP error has) -----------
+class InternalError(ServiceError, InternalServerError):
+    """Something unexpected failed; the log has the traceback, the client a generic message."""
+
+    error = "internal_error"
+    description = "internal error"
+
+
+class JobTimeout(ServiceError, GatewayTimeout):
+    """The job ran longer than S2I_JOB_TIME_LIMIT and was stopped."""
+
+    error = "job_timeout"
+
+
+class InputExpired(ServiceError, Gone):
+    """The upload a queued job needs is no longer stored."""
+
+    error = "upload_expired"
+
+
+class JobFailedRepeatedly(ServiceError, InternalServerError):
+    """The job took its worker down too often: it is not tried again."""
+
+    error = "job_failed_repeatedly"
+
+
+class JobInterrupted(ServiceError, ServiceUnavailable):
+    """The server stopped before the job finished, and the job cannot run again."""
+
+    error = "interrupted"
+
+
+class RemoteJobError(ServiceError):
+    """A job error rebuilt from its JSON body (it happened in another process or earlier)."""
+
+
 # What a database that refuses, times out or runs out of pooled connections raises (503).
 DATABASE_ERRORS = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
 )
+
+
+def error_body(error: BaseException) -> dict[str, Any]:
+    """The JSON body of any error: ``{"status", "code", "message", ["details"]}``.
+
+    The service's own errors keep their status, code and message; a database outage is
+    ``database_unavailable``; anything else is a generic ``internal_error`` (never its text).
+    """
+    if isinstance(error, DATABASE_ERRORS):
+        error = DatabaseUnavailable("the history database is not answering; retry shortly")
+    if not isinstance(error, ServiceError):
+        error = InternalError()
+    body: dict[str, Any] = {
+        "status": error.code,
+        "code": error.error,
+        "message": error.description,
+    }
+    if error.details:
+        body["details"] = error.details
+    return body
+
+
+def error_from_body(body: dict[str, Any]) -> ServiceError:
+    """The error an :func:`error_body` describes (for a job that failed elsewhere)."""
+    error = RemoteJobError(str(body.get("message", "the job failed")), details=body.get("details"))
+    error.code = int(body.get("status", 500))
+    error.error = str(body.get("code", "internal_error"))
+    return error

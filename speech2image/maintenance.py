@@ -28,10 +28,8 @@ class Maintenance:
         self.last_run: dict[str, Any] | None = None
 
     def init_app(self, app: Any) -> None:
-        """Store on the app and start the timer when an interval is set."""
+        """Store on the app as ``app.extensions['maintenance']`` (its role starts the timer)."""
         app.extensions["maintenance"] = self
-        if self.settings.cleanup_interval_seconds > 0:
-            self.start(self.settings.cleanup_interval_seconds)
 
     def run(self) -> dict[str, Any]:
         """Remove expired images and job rows, unload idle models; report what was removed."""

@@ -207,25 +207,36 @@ class LiveCollector(Collector):
 
     def _jobs(self) -> Iterator[Metric]:
         stats = self.runner.stats()
-        yield GaugeMetricFamily(
-            "s2i_queue_depth", "Jobs waiting for a worker.", stats.get("queued", 0)
-        )
+        if stats.queued is not None:  # unknown while the broker is away: no sample, not 0
+            yield GaugeMetricFamily("s2i_queue_depth", "Jobs waiting for a worker.", stats.queued)
         jobs = GaugeMetricFamily(
             "s2i_jobs", "Jobs queued or running now, by kind and state.", labels=["kind", "state"]
         )
-        for kind, counts in sorted(stats.get("by_kind", {}).items()):
+        for kind, counts in sorted(stats.by_kind.items()):
             for state, n in sorted(counts.items()):
                 jobs.add_metric([kind, state], n)
         yield jobs
-        if isinstance(stats.get("queues"), dict):  # the distributed runner: one queue per model
+        if stats.queues is not None:  # the distributed runner: one queue per model
             queues = GaugeMetricFamily(
                 "s2i_queue_depth_by_model",
-                "Jobs waiting in each model's queue (distributed mode).",
+                "Jobs waiting in each queue, from the broker (distributed mode).",
                 labels=["model"],
             )
-            for model, n in sorted(stats["queues"].items()):
-                queues.add_metric([model], n)
+            for name, n in sorted(stats.queues.items()):
+                queues.add_metric([name], n)
             yield queues
+        if stats.workers is not None:
+            per_model = GaugeMetricFamily(
+                "s2i_workers", "Live workers serving each model (distributed mode).", ["model"]
+            )
+            counts: dict[str, int] = {}
+            for worker in stats.workers:
+                for model in worker.get("models", []):
+                    counts[model] = counts.get(model, 0) + 1
+            models = {name for name in stats.queues or {} if not name.startswith("pipeline.")}
+            for model in sorted(models | set(counts)):
+                per_model.add_metric([model], counts.get(model, 0))
+            yield per_model
 
     def _models(self) -> Iterator[Metric]:
         resident = GaugeMetricFamily(

@@ -79,17 +79,17 @@ class ServerState:
     def drain(self, runner: Any, poll: float = 0.1) -> bool:
         """Wait until ``runner`` has no queued or running job, or the grace period ends."""
         end = self.deadline() - DRAIN_MARGIN
-        if not getattr(runner, "runs_jobs", True):
+        if not runner.runs_jobs:
             return True  # the Celery runner's stats are the cluster's, not this process's
         while True:
             stats = runner.stats()
-            if not stats.get("queued") and not stats.get("running"):
+            if not stats.queued and not stats.running:
                 return True
             if time.monotonic() >= end:
                 log.warning(
                     "grace period over with %s job(s) queued and %s running",
-                    stats.get("queued"),
-                    stats.get("running"),
+                    stats.queued,
+                    stats.running,
                 )
                 return False
             time.sleep(poll)

@@ -74,8 +74,11 @@ def _test_settings(
 def make_app(tmp_path: Path, model_cache: Path, tiny_models: dict[str, Path]) -> AppFactory:
     """Build a fresh app with test settings plus ``overrides``."""
 
-    def build(**overrides: Any) -> Flask:
-        return create_app(_test_settings(tmp_path, model_cache, tiny_models, **overrides))
+    def build(
+        *, role: str | None = None, kinds: list[Any] | None = None, **overrides: Any
+    ) -> Flask:
+        settings = _test_settings(tmp_path, model_cache, tiny_models, **overrides)
+        return create_app(settings, role, kinds=kinds)
 
     return build
 

@@ -80,7 +80,7 @@ def test_poisoned_request_fails_alone_in_a_merged_batch(
         assert len(done["result"]["images"]) == 1
         assert done["result"]["batch_size"] == good_batch_size
     assert len(calls[0]) == (3 if fault == "tokenizer" else 4)  # the four were merged
-    assert app.extensions["jobs"].stats()["batches_run"] == 1
+    assert app.extensions["jobs"].stats().batches_run == 1
     assert client.get("/images", headers=ALPHA).json["total"] == 0
     assert client.get("/images", headers=BETA).json["total"] == 3
     assert len(image_files(app)) == 3

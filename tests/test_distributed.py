@@ -360,18 +360,16 @@ def _row(cluster: Cluster, job_id: str) -> dict[str, Any]:
     engine = create_engine(cluster.database_url)
     with engine.connect() as connection:
         row = connection.execute(
-            text("select state, attempts, worker from jobs where id = :id"), {"id": job_id}
+            text("select state, attempts, worker, deliveries from jobs where id = :id"),
+            {"id": job_id},
         ).one()
     engine.dispose()
     return dict(row._mapping)
 
 
 def _deliveries(cluster: Cluster, job_id: str) -> int:
-    import redis
-
-    from .distributed_cluster import REDIS_URL
-
-    return int(redis.Redis.from_url(REDIS_URL).get(f"{cluster.prefix}:deliveries:{job_id}") or 0)
+    """How many times a worker took the job's task (its row counts them)."""
+    return int(_row(cluster, job_id)["deliveries"])
 
 
 def _running_on(cluster: Cluster, url: str, job_id: str) -> str:

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech2image.jobs import Job
+from speech2image.jobs import Job, JobKinds
 from speech2image.jobs.local import LocalJobRunner
 
 from .audio_samples import multipart_body
 from .test_images import generate, image_files, pixels
+from .toy_kinds import CallbackKind
 
 LONG = 60  # steps: a couple of seconds with the tiny model on 2 cores
 
@@ -129,7 +130,7 @@ def test_batching_merges_requests_and_matches_unbatched_images(make_app, monkeyp
     results = [wait_state(client, j["id"], {"succeeded"})["result"] for j in jobs]
     assert calls == [3]  # one pipeline call for the three requests
     assert all(r["batch_size"] == 3 for r in results)
-    assert app.extensions["jobs"].stats()["batches_run"] == 1
+    assert app.extensions["jobs"].stats().batches_run == 1
 
     alone = make_app(job_workers=1, batch_max_images=1)
     solo = alone.test_client()
@@ -183,12 +184,18 @@ def test_scheduler_prefers_resident_models_within_fairness_window() -> None:
     def handler(jobs: list[Job]) -> None:
         gate.wait(10)
         for job in jobs:
-            order.append(job.work)
+            order.append(job.work["name"])
             job.succeed({})
 
-    runner = LocalJobRunner(workers=1, fairness_seconds=60, is_resident=lambda m: m == "warm")
-    runner.register("x", handler)
-    blocker = runner.submit(Job(kind="x", owner="o", work="blocker", model="warm"))
+    kinds = JobKinds([CallbackKind("x", handler)])
+
+    def job(name: str, model: str) -> Job:
+        return kinds.new("x", "o", {"name": name, "model": model})
+
+    runner = LocalJobRunner(
+        kinds, workers=1, fairness_seconds=60, is_resident=lambda m: m == "warm"
+    )
+    blocker = runner.submit(job("blocker", "warm"))
     time.sleep(0.05)  # the worker holds the blocker; the rest queue up
     for name, model in (
         ("cold-1", "cold"),
@@ -196,7 +203,7 @@ def test_scheduler_prefers_resident_models_within_fairness_window() -> None:
         ("cold-2", "cold"),
         ("warm-2", "warm"),
     ):
-        runner.submit(Job(kind="x", owner="o", work=name, model=model))
+        runner.submit(job(name, model))
     gate.set()
     assert blocker.wait(10)
     deadline = time.monotonic() + 10
@@ -209,12 +216,13 @@ def test_scheduler_prefers_resident_models_within_fairness_window() -> None:
     unfair: list[str] = []
     order = unfair
     gate.clear()
-    runner = LocalJobRunner(workers=1, fairness_seconds=0.0, is_resident=lambda m: m == "warm")
-    runner.register("x", handler)
-    runner.submit(Job(kind="x", owner="o", work="blocker", model="warm"))
+    runner = LocalJobRunner(
+        kinds, workers=1, fairness_seconds=0.0, is_resident=lambda m: m == "warm"
+    )
+    runner.submit(job("blocker", "warm"))
     time.sleep(0.05)
-    runner.submit(Job(kind="x", owner="o", work="cold-1", model="cold"))
-    runner.submit(Job(kind="x", owner="o", work="warm-1", model="warm"))
+    runner.submit(job("cold-1", "cold"))
+    runner.submit(job("warm-1", "warm"))
     gate.set()
     deadline = time.monotonic() + 10
     while len(unfair) < 3:
@@ -291,7 +299,7 @@ def test_client_disconnect_cancels_a_synchronous_job(make_app, live_server) -> N
         )
         runner = app.extensions["jobs"]
         deadline = time.monotonic() + 30
-        while not runner.stats()["running"]:
+        while not runner.stats().running:
             assert time.monotonic() < deadline
             time.sleep(0.02)
     (job,) = runner._jobs.values()
@@ -371,7 +379,7 @@ def test_disconnect_does_not_cancel_a_job_another_client_watches(make_app, live_
             + body
         )
         deadline = time.monotonic() + 30
-        while not runner.stats()["running"]:
+        while not runner.stats().running:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         (job,) = runner._jobs.values()

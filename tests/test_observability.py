@@ -94,10 +94,10 @@ def test_jobs_by_kind_and_state_and_queue_depth_are_live(make_app) -> None:
         for job in jobs:
             job.succeed({})
 
-    from speech2image.jobs import Job
+    from .toy_kinds import CallbackKind
 
-    runner.register("probe", blocking)
-    jobs = [runner.submit(Job(kind="probe", owner="local", work=None)) for _ in range(3)]
+    runner.kinds.register(CallbackKind("probe", blocking))
+    jobs = [runner.submit(runner.kinds.new("probe", "local", None)) for _ in range(3)]
     assert started.wait(30)
     client = app.test_client()
     samples = scrape(client)

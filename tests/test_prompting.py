@@ -540,17 +540,17 @@ def test_speech_with_nothing_to_draw_is_a_clear_422(make_app, speech) -> None:
     assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []
 
 
-def test_understand_steps_travel_to_a_distributed_worker(tmp_path: Path) -> None:
-    from speech2image.jobs import Job
+def test_understand_steps_travel_to_a_distributed_worker(make_app) -> None:
+    from speech2image.kinds import SpeechToImageWork
     from speech2image.prompting import UnderstandSteps
     from speech2image.speech_service import TranscribeOptions
-    from speech2image.tasks import SpeechToImageWork, job_payload, job_work
 
+    kinds = make_app().extensions["job_kinds"]
     steps = UnderstandSteps(translate=False, negatives=False)
-    work = SpeechToImageWork(tmp_path / "upload", TranscribeOptions(), {"steps": 1}, steps)
-    payload, upload = job_payload(Job(kind="speech_to_image", owner="o", work=work))
-    rebuilt = job_work("speech_to_image", json.loads(json.dumps(payload)), upload)
-    assert rebuilt.understand == steps
+    work = SpeechToImageWork(TranscribeOptions(), {"steps": 1}, steps)
+    document = kinds["speech_to_image"].dump(work)  # the row's work and the task's payload
+    rebuilt = kinds["speech_to_image"].load(json.loads(json.dumps(document)))
+    assert rebuilt == work and rebuilt.understand == steps
 
 
 def test_task_translate_keeps_the_original_words_even_with_understanding_off(

@@ -270,16 +270,25 @@ def _post_async(server: Server) -> tuple[int, dict[str, Any]]:
 def test_an_api_process_of_the_distributed_mode_stops_without_draining_the_cluster() -> None:
     """The Celery runner's stats count the cluster's jobs: an API process must not wait on them."""
     from speech2image.config import load_settings
+    from speech2image.jobs import JobKinds, RunnerStats
     from speech2image.jobs.celery import CeleryJobRunner
     from speech2image.server import ServerState
 
     class ClusterBusy(CeleryJobRunner):
-        def stats(self) -> dict[str, Any]:
-            return {"queued": 5, "running": 3}
+        def stats(self) -> RunnerStats:
+            return RunnerStats(mode="distributed", queued=5, running=3)
 
     runner = ClusterBusy(
-        load_settings(), None, None, default_model="m", check_upload=lambda _path: None
-    )  # type: ignore[arg-type]
+        load_settings(),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        JobKinds(),
+        recorder=None,  # type: ignore[arg-type]
+        inputs=None,  # type: ignore[arg-type]
+        default_model="m",
+        queues=[],
+        check_upload=lambda _path: None,
+    )
     state = ServerState(grace_seconds=30)
     state.begin_stop()
     started = time.monotonic()

@@ -9,13 +9,12 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import ResourceNotFound
-from ..image_service import get_image_service, model_key
-from ..jobs import Job, get_job_runner
+from ..image_service import get_image_service
 from ..schemas import UtcDateTime, safe_text
 from ..storage import ImageRecord, TranscriptRecord, get_storage
 from ..storage.base import aware
 from .identity import client_owner
-from .jobs import respond
+from .jobs import respond, submit
 from .openapi import Content, endpoint
 from .responses import Generation, ImagePage, JobAccepted, TranscriptRow
 
@@ -68,17 +67,7 @@ def _list_query(app: Any) -> type[BaseModel]:
 def generate_image(body: Any) -> ResponseReturnValue:
     """Generate images from a prompt: wait for them, or get a job with `"async": true`."""
     service = get_image_service(current_app)
-    item = service.prepare(service.resolve(body))
-    job = Job(
-        kind="generate",
-        owner=client_owner(),
-        work=item,
-        model=model_key(item.choice.model),
-        batch_key=item.batch_key(),
-        images=item.request.num_images,
-        steps=item.request.steps,
-    )
-    return respond(get_job_runner(current_app).submit(job))
+    return respond(submit("generate", service.prepare(service.resolve(body))))
 
 
 @bp.get("/images")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
@@ -14,13 +16,15 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
-from ..errors import DATABASE_ERRORS, ResourceNotFound, ServiceBusy, ServiceError
+from ..errors import DATABASE_ERRORS, InvalidRequest, ResourceNotFound, ServiceBusy, ServiceError
 from ..jobs import Job, JobState, get_job_runner
+from ..jobs.inputs import discard_file
+from ..kinds import get_job_kinds
 from .identity import client_owner
 from .openapi import Content, endpoint
 from .responses import JobPage, JobView
 
-__all__ = ["StreamSlots", "bp", "respond", "wants_async"]
+__all__ = ["StreamSlots", "bp", "idempotency_key", "new_job", "respond", "submit", "wants_async"]
 
 bp = Blueprint("jobs", __name__)
 
@@ -36,6 +40,7 @@ SSE_EVENT = {
     "required": ["event", "data"],
 }
 POLL_SECONDS = 0.25
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # visible ASCII, as Stripe and IETF's draft
 KEEPALIVE_SECONDS = 15.0
 
 
@@ -70,6 +75,36 @@ def wants_async(payload: dict[str, Any] | None = None) -> bool:
         return True
     flag = (payload or {}).get("async", request.values.get("async"))
     return flag is True or str(flag).lower() in ("1", "true", "yes")
+
+
+def idempotency_key() -> str | None:
+    """The request's `Idempotency-Key` header: a client's retry with it makes no second job."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise InvalidRequest(
+            "`Idempotency-Key` must be 1 to 128 visible ASCII characters",
+            details={"field": "Idempotency-Key"},
+        )
+    return key
+
+
+def new_job(kind: str, work: Any, *, input: Path | None = None) -> Job:
+    """A job of ``kind`` for the caller, made by its kind from the validated ``work``."""
+    return get_job_kinds(current_app).new(
+        kind, client_owner(), work, input=input, idempotency_key=idempotency_key()
+    )
+
+
+def submit(kind: str, work: Any, *, input: Path | None = None) -> Job:
+    """Make the caller's job and hand it to the runner, which removes the input when the
+    job ends; if it is not accepted, the input is removed now."""
+    try:
+        return get_job_runner(current_app).submit(new_job(kind, work, input=input))
+    except BaseException:
+        discard_file(input)
+        raise
 
 
 def _job_url(job: Job) -> str:

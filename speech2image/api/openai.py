@@ -20,16 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import HTTPException
 
 from ..errors import InvalidRequest, ResourceNotFound, ServiceError
-from ..image_service import get_image_service, model_key
-from ..jobs import Job, get_job_runner
+from ..image_service import get_image_service
+from ..kinds import TranscribeWork
 from ..schemas import MIN_SIDE, safe_text, whole
 from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
 from ..storage import get_storage
-from ..tasks import TranscribeWork
 from .identity import client_owner
-from .jobs import wait_for
+from .jobs import submit, wait_for
 from .openapi import Content, Upload, endpoint
-from .speech import RESPONSE_FORMATS, _submit_with_upload, language_type, to_srt, to_vtt
+from .speech import RESPONSE_FORMATS, language_type, submit_with_upload, to_srt, to_vtt
 
 __all__ = [
     "IMAGE_ALIASES",
@@ -317,12 +316,7 @@ def _audio(task: str, form: Any) -> ResponseReturnValue:
     options = get_speech_service(current_app).validate_options(
         form.language or None, task, "word" in granularities, form.prompt, form.temperature
     )
-    job = _submit_with_upload(
-        form.file,
-        lambda path: Job(
-            kind="transcribe", owner=client_owner(), work=TranscribeWork(path, options)
-        ),
-    )
+    job = submit_with_upload(form.file, "transcribe", TranscribeWork(options))
     return _render_transcript(wait_for(job), response_format, "word" in granularities)
 
 
@@ -427,16 +421,7 @@ def create_image(body: Any) -> ResponseReturnValue:
         for error in details.get("errors") or []:
             error["field"] = _openai_param(error["field"])
         raise InvalidRequest(exc.description, details=details or None) from None
-    job = Job(
-        kind="generate",
-        owner=client_owner(),
-        work=item,
-        model=model_key(item.choice.model),
-        batch_key=item.batch_key(),
-        images=item.request.num_images,
-        steps=item.request.steps,
-    )
-    result = wait_for(get_job_runner(current_app).submit(job))
+    result = wait_for(submit("generate", item))
     data = [_image_item(image, response_format, result["prompt"]) for image in result["images"]]
     return jsonify(created=int(time.time()), data=data, model=result["model"])
 

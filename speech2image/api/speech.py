@@ -21,19 +21,17 @@ from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidRequest
 from ..image_service import get_image_service
-from ..jobs import Job, get_job_runner
+from ..jobs import Job
+from ..kinds import SpeechToImageWork, TranscribeWork
 from ..prompting import UnderstandSteps
 from ..schemas import check_text, invalid_request, parse_json_text, safe_text
 from ..speech_service import (
     MAX_PROMPT_CHARS,
     TASKS,
     TranscribeOptions,
-    discard_upload,
     get_speech_service,
 )
-from ..tasks import SpeechToImageWork, TranscribeWork
-from .identity import client_owner
-from .jobs import respond, wait_for, wants_async
+from .jobs import respond, submit, wait_for, wants_async
 from .openapi import Content, Upload, endpoint
 from .responses import Generation, JobAccepted, Transcription
 
@@ -207,16 +205,10 @@ def _options(form: Any) -> TranscribeOptions:
     )
 
 
-def _submit_with_upload(upload: Any, make_job: Any) -> Job:
-    """Store the upload under a server-made name and submit the job that will remove it."""
+def submit_with_upload(upload: Any, kind: str, work: Any) -> Job:
+    """Store the upload under a server-made name and submit the job that needs it."""
     path = get_speech_service(current_app).store_upload(upload.stream)
-    try:
-        job = make_job(path)
-        job.cleanup = lambda: discard_upload(path)  # however the job ends
-        return get_job_runner(current_app).submit(job)
-    except BaseException:
-        discard_upload(path)
-        raise
+    return submit(kind, work, input=path)
 
 
 @bp.post("/transcribe-audio")
@@ -240,12 +232,7 @@ def _submit_with_upload(upload: Any, make_job: Any) -> Job:
 def transcribe_audio(form: Any) -> ResponseReturnValue:
     """Transcribe (or translate to English) the uploaded audio."""
     options = _options(form)
-    job = _submit_with_upload(
-        form.audio or form.file,
-        lambda path: Job(
-            kind="transcribe", owner=client_owner(), work=TranscribeWork(path, options)
-        ),
-    )
+    job = submit_with_upload(form.audio or form.file, "transcribe", TranscribeWork(options))
     if wants_async():
         return respond(job)
     return render(wait_for(job), form.response_format)
@@ -288,13 +275,8 @@ def speech_to_image(form: Any) -> ResponseReturnValue:
     service.ensure_available(service.validate({**fields, "prompt": "placeholder"}).model)
     options = _options(form)
     steps = _understand_steps(form)
-    job = _submit_with_upload(
-        form.audio or form.file,
-        lambda path: Job(
-            kind="speech_to_image",
-            owner=client_owner(),
-            work=SpeechToImageWork(path, options, fields, steps),
-        ),
+    job = submit_with_upload(
+        form.audio or form.file, "speech_to_image", SpeechToImageWork(options, fields, steps)
     )
     return respond(job)
 

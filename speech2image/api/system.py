@@ -157,17 +157,10 @@ def _check_ratelimit_storage(settings: Any) -> dict[str, Any]:
 
 
 def _ready_distributed() -> ResponseReturnValue:
-    from ..jobs.celery import cluster_status
-
     runner = get_job_runner(current_app)
-    checks: dict[str, Any] = {}
-    try:
-        runner.states.redis.ping()  # type: ignore[attr-defined]
-        cluster = cluster_status(runner.states)  # type: ignore[attr-defined]
-        checks["broker"] = {"ok": True}
-    except Exception as exc:
-        cluster = {"workers": []}
-        checks["broker"] = {"ok": False, "problem": f"{type(exc).__name__}: {exc}"}
+    checks: dict[str, Any] = dict(runner.health())
+    stats = runner.stats() if checks.get("broker", {}).get("ok") else None
+    workers = (stats.workers if stats is not None else None) or []
     try:
         get_storage(current_app).ping()
         checks["database"] = {"ok": True}
@@ -178,13 +171,10 @@ def _ready_distributed() -> ResponseReturnValue:
     checks["image_store"] = _check_image_dir(
         get_storage(current_app), int(settings.ready_min_free_bytes)
     )
-    served = {m for w in cluster["workers"] for m in w["models"]}
+    served = {m for w in workers for m in w["models"]}
     required = required_models(settings)
     models = [{"name": name, "required": True, "served": name in served} for name in required]
-    checks["workers"] = {
-        "ok": all(m["served"] for m in models),
-        "live": len(cluster["workers"]),
-    }
+    checks["workers"] = {"ok": all(m["served"] for m in models), "live": len(workers)}
     down = [name for name, check in checks.items() if not check["ok"]]
     body = {"ready": not down, "down": down, "degraded": [], "checks": checks, "models": models}
     return jsonify(body), 503 if down else 200
@@ -253,7 +243,7 @@ def status() -> ResponseReturnValue:
         memory_budgets=loader.budgets,
         transcription={"active": get_speech_service(current_app).active},
         generation=get_image_service(current_app).state(),
-        jobs=get_job_runner(current_app).stats(),
+        jobs=get_job_runner(current_app).stats().as_dict(),
         images=get_storage(current_app).stats(),
         cleanup={"last_run": get_maintenance(current_app).last_run},
         requests=current_app.extensions["request_stats"].snapshot(),

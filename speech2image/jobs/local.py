@@ -6,10 +6,11 @@ all has waited longer than the fairness window. Image jobs with the same batch k
 size, steps, scheduler, guidance) are merged into one pipeline call, up to a number of images,
 waiting a short while for companions to arrive.
 
-With a job store, every accepted job is a row (see :mod:`.recorder`): after a crash,
+With a job store, every accepted job is a row (see :mod:`.records`): after a crash,
 :meth:`LocalJobRunner.recover` runs again the jobs a dead process left queued or running, or
 fails them as ``interrupted`` when their input is gone, and finished jobs stay readable from
-the table for ``keep_finished_seconds``.
+the table for ``keep_finished_seconds``. A job that ran in a batch of several when its
+process died runs alone the next time, and is not charged that attempt.
 """
 
 from __future__ import annotations
@@ -20,12 +21,27 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
-from ..errors import QueueFull, ServiceBusy, ServiceError
+from ..errors import (
+    IdempotencyConflict,
+    JobInterrupted,
+    QueueFull,
+    ServiceBusy,
+    ServiceError,
+    error_body,
+)
 from ..logging_setup import job_request_id
 from ..observe import NULL_OBSERVER, Observer
 from ..storage.jobs import JobRecord, JobStore
-from . import Handler, InputGone, Job, JobCancelled, JobState
-from .recorder import JobRecorder, interrupted_error, local_worker_is_dead, local_worker_name
+from .base import InputGone, Job, JobCancelled, JobState, RunnerStats
+from .inputs import JobInputs, discard_file
+from .kinds import JobKinds
+from .records import (
+    DuplicateJob,
+    JobRecorder,
+    job_from_row,
+    local_worker_is_dead,
+    local_worker_name,
+)
 
 __all__ = ["MAX_ATTEMPTS", "LocalJobRunner"]
 
@@ -33,15 +49,15 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job that took its process down this often is failed, not run again
 
-WorkDumper = Callable[[Any], dict[str, Any]]
-JobRestorer = Callable[[JobRecord], Job]
-
 
 class LocalJobRunner:
     """In-process job runner: worker threads, resident-first scheduling, dynamic batching."""
 
+    runs_jobs = True  # a graceful stop waits for this process's jobs
+
     def __init__(
         self,
+        kinds: JobKinds,
         *,
         workers: int = 1,
         max_batch_images: int = 4,
@@ -52,8 +68,11 @@ class LocalJobRunner:
         is_resident: Callable[[str], bool] = lambda _model: False,
         keep_finished_seconds: float = 3600.0,
         store: JobStore | None = None,
+        inputs: JobInputs | None = None,
         observer: Observer = NULL_OBSERVER,
     ) -> None:
+        self.kinds = kinds
+        self.inputs = inputs
         self.observer = observer
         self.max_batch_images = max_batch_images
         self.max_batch_wait = max_batch_wait
@@ -62,9 +81,6 @@ class LocalJobRunner:
         self.max_queued_per_owner = max_queued_per_owner
         self.is_resident = is_resident
         self.keep_finished_seconds = keep_finished_seconds
-        self._handlers: dict[str, Handler] = {}
-        self._dumpers: dict[str, WorkDumper] = {}
-        self._restorers: dict[str, JobRestorer] = {}
         self.worker_name = local_worker_name()
         self.recorder = (
             JobRecorder(store, self.worker_name, keep_finished_seconds) if store else None
@@ -87,32 +103,20 @@ class LocalJobRunner:
         """Store on a Flask app as ``app.extensions['jobs']``."""
         app.extensions["jobs"] = self
 
-    def register(
-        self,
-        kind: str,
-        handler: Handler,
-        *,
-        dump: WorkDumper | None = None,
-        restore: JobRestorer | None = None,
-    ) -> None:
-        """Run jobs of ``kind`` with ``handler`` (it receives a batch of one or more jobs).
-
-        ``dump`` turns a job's work into the JSON of its row; ``restore`` rebuilds the job
-        from the row after a restart (raising InputGone when it cannot run again).
-        """
-        self._handlers[kind] = handler
-        if dump is not None:
-            self._dumpers[kind] = dump
-        if restore is not None:
-            self._restorers[kind] = restore
-
     # --- the interface ---------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
-        """Queue ``job`` unless the owner or the whole queue is at its limit."""
-        if job.kind not in self._handlers:
-            raise ValueError(f"no handler for job kind {job.kind!r}")
-        dump = self._dumpers.get(job.kind)
-        work = dump(job.work) if dump is not None else {}
+        """Queue ``job`` unless the owner or the whole queue is at its limit.
+
+        A job whose Idempotency-Key the owner used before is not queued: the earlier job is
+        returned instead (and the new job's input removed).
+        """
+        if job.kind not in self.kinds:
+            raise ValueError(f"no job kind {job.kind!r}")
+        if self.recorder is not None and job.idempotency_key:
+            existing = self._earlier(job)
+            if existing is not None:
+                return existing
+        document = self.kinds.document(job) if self.recorder is not None else {}
         with self._cond:
             self._forget_old()
             active = [j for j in self._queue if j.owner == job.owner]
@@ -128,12 +132,48 @@ class LocalJobRunner:
                     f"the queue is full ({self.max_queued} jobs waiting); retry later",
                     retry_after=self._estimate_wait(),
                 )
+            location = None
+            if job.input is not None and self.inputs is not None:
+                location = self.inputs.keep(job.id, job.input)
             if self.recorder is not None:  # the row first: an accepted job is never lost
-                self.recorder.accept(job, work)
+                try:
+                    self.recorder.accept(job, document, worker=self.worker_name, input=location)
+                except DuplicateJob as duplicate:  # the same key, at the same moment
+                    discard_file(job.input)
+                    return self._existing(job, duplicate.existing)
+                self.recorder.listen(job)
+            self._own_input(job, location)
             self._queue.append(job)
             self._jobs[job.id] = job
             self._cond.notify_all()
         return job
+
+    def _own_input(self, job: Job, location: str | None) -> None:
+        """The job's input is removed when the job ends, however it ends."""
+        if job.input is None:
+            return
+        inputs, path = self.inputs, job.input
+        if inputs is not None and location is not None:
+            job.cleanup = lambda: inputs.discard(job.id, location)
+        else:
+            job.cleanup = lambda: discard_file(path)
+
+    def _earlier(self, job: Job) -> Job | None:
+        """The owner's job made earlier with ``job``'s Idempotency-Key, if any."""
+        assert self.recorder is not None and job.idempotency_key
+        record = self.recorder.by_idempotency_key(job.owner, job.idempotency_key)
+        if record is None:
+            return None
+        discard_file(job.input)
+        return self._existing(job, record)
+
+    def _existing(self, job: Job, record: JobRecord) -> Job:
+        if record.kind != job.kind:
+            raise IdempotencyConflict(
+                f"this Idempotency-Key was used for a {record.kind} request; use a new key",
+                details={"field": "Idempotency-Key", "job_id": record.id},
+            )
+        return self._jobs.get(record.id) or job_from_row(record)
 
     def get(self, owner: str, job_id: str) -> Job | None:
         """The owner's job by id (from the job table when it is not in memory)."""
@@ -141,6 +181,10 @@ class LocalJobRunner:
         if job is not None:
             return job if job.owner == owner else None
         return self.recorder.load(owner, job_id) if self.recorder is not None else None
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Nothing outside this process: the database and the folders are checked by /ready."""
+        return {}
 
     def list_jobs(
         self,
@@ -157,7 +201,7 @@ class LocalJobRunner:
             )
             with self._cond:  # jobs in memory are fresher than their throttled rows
                 live = dict(self._jobs)
-            return [live.get(r.id) or Job.from_record(r) for r in records], total
+            return [live.get(r.id) or job_from_row(r) for r in records], total
         with self._cond:
             mine = [
                 job
@@ -184,6 +228,15 @@ class LocalJobRunner:
                 self.recorder.store.update(job.id, cancel_requested=True)
         return job
 
+    def withdraw(self, job: Job) -> bool:
+        """Take a job that has not started out of the queue, unfinished (it runs elsewhere)."""
+        with self._cond:
+            if job not in self._queue:
+                return False
+            self._queue.remove(job)
+            self._jobs.pop(job.id, None)
+            return True
+
     def recover(self) -> dict[str, int]:
         """Run again the jobs a dead process left queued or running; fail those that cannot.
 
@@ -194,18 +247,25 @@ class LocalJobRunner:
             return {}
         store = self.recorder.store
         report = {"requeued": 0, "failed": 0, "expired": self.recorder.expire()}
-        for record in store.unfinished():
-            if not local_worker_is_dead(record.worker):
+        for stale in store.unfinished():
+            if not local_worker_is_dead(stale.worker):
                 continue
-            if not store.claim(record.id, record.worker, self.worker_name):
+            record = store.claim(stale, self.worker_name)
+            if record is None:
                 continue  # another process took it first
             job, reason = self._restore(record)
             if job is None:
-                store.finish(record.id, "failed", error=interrupted_error(reason))
+                error = JobInterrupted(
+                    f"the server stopped before the job finished and {reason}; submit it again"
+                )
+                store.finish(record.id, "failed", error=error_body(error))
+                if self.inputs is not None:
+                    self.inputs.discard(record.id, record.input)
                 report["failed"] += 1
                 log.warning("job %s (%s) cannot run again: %s", record.id, record.kind, reason)
                 continue
-            job.listener = self.recorder.changed
+            self.recorder.listen(job)
+            self._own_input(job, record.input)
             with self._cond:
                 self._queue.append(job)
                 self._jobs[job.id] = job
@@ -215,13 +275,29 @@ class LocalJobRunner:
         return report
 
     def _restore(self, record: JobRecord) -> tuple[Job | None, str]:
-        if record.attempts >= MAX_ATTEMPTS:
+        if record.batch_size <= 1 and record.attempts >= MAX_ATTEMPTS:
             return None, f"it was interrupted {record.attempts} times"
-        restore = self._restorers.get(record.kind)
-        if restore is None or record.kind not in self._handlers:
+        if record.kind not in self.kinds:
             return None, f"this server cannot restore {record.kind!r} jobs"
         try:
-            return restore(record), ""
+            path = None
+            location = record.input or (record.work or {}).get("path")  # rows of 0.1 named it
+            if self.kinds[record.kind].takes_input:
+                found = self.inputs.fetch(record.id, location) if self.inputs and location else None
+                if found is None:
+                    raise InputGone("its uploaded audio is gone")
+                path = found
+            job = self.kinds.rebuild(
+                record.kind,
+                record.owner,
+                record.work,
+                id=record.id,
+                input=path,
+                created_at=record.times()["created_at"],
+                request_id=record.request_id,
+                alone=record.suspect,
+            )
+            return job, ""
         except InputGone as exc:
             return None, str(exc)
         except Exception:
@@ -242,7 +318,7 @@ class LocalJobRunner:
             if job.done:
                 return
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> RunnerStats:
         """Queue depth, running jobs (also by kind), batches run, measured seconds per step."""
         with self._cond:
             by_kind: dict[str, dict[str, int]] = {}
@@ -250,13 +326,14 @@ class LocalJobRunner:
                 for job in jobs:
                     counts = by_kind.setdefault(job.kind, {"queued": 0, "running": 0})
                     counts[state] += 1
-            return {
-                "queued": len(self._queue),
-                "running": len(self._running),
-                "by_kind": by_kind,
-                "batches_run": self.batches_run,
-                "seconds_per_step": round(self.seconds_per_step, 4),
-            }
+            return RunnerStats(
+                mode="embedded",
+                queued=len(self._queue),
+                running=len(self._running),
+                by_kind=by_kind,
+                batches_run=self.batches_run,
+                seconds_per_step=round(self.seconds_per_step, 4),
+            )
 
     def shutdown(self) -> None:
         """Stop the workers after their current batch."""
@@ -319,11 +396,11 @@ class LocalJobRunner:
     def _run(self, batch: list[Job]) -> None:
         started = time.monotonic()
         for job in batch:
-            job.start()
+            job.start(len(batch))
         token = job_request_id.set(",".join(j.request_id or "-" for j in batch))
         self.observer.batch_run(batch[0].kind, len(batch), sum(j.images for j in batch))
         try:
-            self._handlers[batch[0].kind](batch)
+            self.kinds.run(batch)
         except JobCancelled:
             pass
         except Exception as exc:

@@ -1,8 +1,10 @@
 """Job rows: every accepted job is a row in the history database, so none is silently lost.
 
-The row holds what is needed to run the job again (``work``: JSON, e.g. the validated image
-request or the stored upload's path), its state and progress, the result or the error, and
-who ran it. Any runner (local threads, Celery workers) writes through :class:`JobStore`.
+The row holds what is needed to run the job again (``work``: the kind's JSON document, and
+``input``: where its upload is kept), its state and progress, the result or the error, who
+holds it and until when (``worker``, ``lease_expires_at``), and how often it ran. In the
+distributed mode the row is the truth: Redis only carries what can be rebuilt from rows.
+Any runner (local threads, Celery workers) writes through :class:`JobStore`.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Index,
     Integer,
     String,
     delete,
+    false,
     func,
+    or_,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from .base import Base, aware, utcnow
 
-__all__ = ["ACTIVE_STATES", "FINISHED_STATES", "JobRecord", "JobStore"]
+__all__ = ["ACTIVE_STATES", "FINISHED_STATES", "DuplicateJob", "JobRecord", "JobStore"]
 
 ACTIVE_STATES = ("queued", "running")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
@@ -58,6 +64,17 @@ class JobRecord(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(String(128))
     request_id: Mapped[str | None] = mapped_column(String(64))
+    input: Mapped[str | None] = mapped_column(String(512))  # a path, or an object's name
+    queue: Mapped[str | None] = mapped_column(String(160))  # its distributed queue
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    batch_size: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    suspect: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    __table_args__ = (
+        Index("ix_jobs_owner_idempotency_key", "owner", "idempotency_key", unique=True),
+    )
 
     def times(self) -> dict[str, dt.datetime | None]:
         """created/started/finished, timezone-aware UTC."""
@@ -68,6 +85,14 @@ class JobRecord(Base):
         }
 
 
+class DuplicateJob(Exception):
+    """The owner already made a job with this Idempotency-Key: ``existing`` is its row."""
+
+    def __init__(self, existing: JobRecord) -> None:
+        super().__init__(existing.id)
+        self.existing = existing
+
+
 class JobStore:
     """Reads and writes job rows; every method is one short transaction."""
 
@@ -76,15 +101,33 @@ class JobStore:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     def add(self, **fields: Any) -> JobRecord:
-        """Insert a new job row (state ``queued`` unless given)."""
+        """Insert a new job row (state ``queued`` unless given).
+
+        Raises :class:`DuplicateJob` with the existing row when the owner already used the
+        row's ``idempotency_key``.
+        """
         now = utcnow()
         fields.setdefault("state", "queued")
         fields.setdefault("created_at", now)
         fields.setdefault("updated_at", now)
         record = JobRecord(**fields)
-        with self._sessions.begin() as session:
-            session.add(record)
+        try:
+            with self._sessions.begin() as session:
+                session.add(record)
+        except IntegrityError:
+            key = fields.get("idempotency_key")
+            existing = self.by_idempotency_key(fields["owner"], key) if key else None
+            if existing is None:
+                raise
+            raise DuplicateJob(existing) from None
         return record
+
+    def by_idempotency_key(self, owner: str, key: str) -> JobRecord | None:
+        """The owner's job made with Idempotency-Key ``key``, if any."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(JobRecord).where(JobRecord.owner == owner, JobRecord.idempotency_key == key)
+            )
 
     def update(self, job_id: str, *, only_if: Iterable[str] | None = None, **fields: Any) -> bool:
         """Set ``fields`` on a row (when its state is in ``only_if``, if given); True if set."""
@@ -95,16 +138,26 @@ class JobStore:
             result = session.execute(statement.values(updated_at=utcnow(), **fields))
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def start(self, job_id: str, worker: str) -> bool:
-        """Mark a queued (or redelivered running) job as running here; count the attempt."""
-        return self.update(
-            job_id,
-            only_if=ACTIVE_STATES,
-            state="running",
-            worker=worker,
-            started_at=utcnow(),
-            attempts=JobRecord.attempts + 1,
+    def start(self, job_id: str, worker: str, batch_size: int = 1) -> bool:
+        """Mark a queued (or redelivered running) job as running here; count the attempt.
+
+        A distributed worker starts only a job it holds (its lease).
+        """
+        statement = (
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.state.in_(list(ACTIVE_STATES)))
+            .where(or_(JobRecord.worker.is_(None), JobRecord.worker == worker))
+            .values(
+                state="running",
+                worker=worker,
+                started_at=utcnow(),
+                updated_at=utcnow(),
+                attempts=JobRecord.attempts + 1,
+                batch_size=batch_size,
+            )
         )
+        with self._sessions.begin() as session:
+            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
     def finish(self, job_id: str, state: str, **fields: Any) -> bool:
         """Record the end of a job (once: a finished row is never changed again)."""
@@ -114,20 +167,39 @@ class JobStore:
             job_id, only_if=ACTIVE_STATES, state=state, finished_at=utcnow(), **fields
         )
 
-    def claim(self, job_id: str, previous_worker: str | None, worker: str) -> bool:
-        """Take an unfinished job over from a dead worker (only one claimant wins)."""
+    def claim(self, record: JobRecord, worker: str) -> JobRecord | None:
+        """Take an unfinished job over from a dead process (only one claimant wins).
+
+        Returns the row as it now is (queued, held by ``worker``; a job that ran in a batch
+        of several is refunded that attempt and runs alone next), or None if another took it.
+        """
+        values: dict[str, Any] = {"state": "queued", "stage": None, "step": 0, "total": 0}
+        if record.state == "running":
+            values = _after_holder_died(record)
+        values.update(worker=worker, updated_at=utcnow())
         statement = (
             update(JobRecord)
-            .where(JobRecord.id == job_id, JobRecord.state.in_(list(ACTIVE_STATES)))
+            .where(JobRecord.id == record.id, JobRecord.state.in_(list(ACTIVE_STATES)))
             .where(
                 JobRecord.worker.is_(None)
-                if previous_worker is None
-                else JobRecord.worker == previous_worker
+                if record.worker is None
+                else JobRecord.worker == record.worker
             )
-            .values(worker=worker, state="queued", stage=None, step=0, updated_at=utcnow())
+            .values(**values)
         )
         with self._sessions.begin() as session:
-            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+            if not session.execute(statement).rowcount:  # type: ignore[attr-defined]
+                return None
+        return self.get(record.id)
+
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, JobRecord]:
+        """Rows by id (missing ones left out)."""
+        wanted = [i for i in job_ids if "\x00" not in i]
+        if not wanted:
+            return {}
+        with self._sessions() as session:
+            rows = session.scalars(select(JobRecord).where(JobRecord.id.in_(wanted)))
+            return {row.id: row for row in rows}
 
     def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """A job by id (only the owner's, when ``owner`` is given)."""
@@ -169,16 +241,17 @@ class JobStore:
             ).all()
         return list(rows), int(total or 0)
 
-    def unfinished(self) -> list[JobRecord]:
+    def unfinished(self, limit: int | None = None) -> list[JobRecord]:
         """Queued and running jobs, oldest first."""
+        statement = (
+            select(JobRecord)
+            .where(JobRecord.state.in_(list(ACTIVE_STATES)))
+            .order_by(JobRecord.created_at, JobRecord.id)
+        )
+        if limit is not None:
+            statement = statement.limit(limit)
         with self._sessions() as session:
-            return list(
-                session.scalars(
-                    select(JobRecord)
-                    .where(JobRecord.state.in_(list(ACTIVE_STATES)))
-                    .order_by(JobRecord.created_at, JobRecord.id)
-                )
-            )
+            return list(session.scalars(statement))
 
     def count_active(self, owner: str | None = None) -> dict[str, int]:
         """Queued and running jobs (of ``owner``, if given), by state."""
@@ -203,3 +276,138 @@ class JobStore:
                 )
             )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    # --- holding jobs (the distributed mode: the row is the truth) ---------------------------
+    def take(
+        self, job_id: str, worker: str, lease_seconds: float, max_attempts: int
+    ) -> tuple[str, JobRecord | None]:
+        """A worker takes a delivered job: hold it with a lease until it starts and ends.
+
+        Returns ``(outcome, row)``: ``taken``; ``missing`` (no row); ``finished``; ``held``
+        (a live lease of another delivery holds it); ``poison`` (its solo runs took their
+        worker down ``max_attempts`` times: fail it). A job whose holder died while it ran
+        in a batch with others is refunded that attempt and marked ``suspect`` (it runs
+        alone next), so batch-mates are never charged for another job's crash.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            row = session.scalar(select(JobRecord).where(JobRecord.id == job_id).with_for_update())
+            if row is None:
+                return "missing", None
+            if row.state in FINISHED_STATES:
+                return "finished", row
+            if row.lease_expires_at is not None and aware(row.lease_expires_at) > now:
+                return "held", row
+            values: dict[str, Any] = {}
+            if row.state == "running":  # its holder died while it ran
+                values = _after_holder_died(row)
+                if row.batch_size <= 1 and row.attempts >= max_attempts:
+                    return "poison", row
+            values.update(
+                worker=worker,
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                deliveries=row.deliveries + 1,
+                updated_at=now,
+            )
+            changed = session.execute(
+                update(JobRecord).where(*_unchanged(row, now)).values(**values)
+            ).rowcount  # type: ignore[attr-defined]
+            if not changed:
+                return "held", row  # someone else changed it between our read and write
+            for key, value in values.items():
+                setattr(row, key, value)
+            return "taken", row
+
+    def renew(
+        self, job_ids: Iterable[str], worker: str, lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        """Extend ``worker``'s leases; returns (ids still held, ids asked to cancel)."""
+        ids = list(job_ids)
+        if not ids:
+            return set(), set()
+        now = utcnow()
+        mine = (
+            JobRecord.id.in_(ids),
+            JobRecord.worker == worker,
+            JobRecord.state.in_(list(ACTIVE_STATES)),
+        )
+        with self._sessions.begin() as session:
+            session.execute(
+                update(JobRecord)
+                .where(*mine)
+                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+            )
+            rows = session.execute(
+                select(JobRecord.id, JobRecord.cancel_requested).where(*mine)
+            ).all()
+        return {r.id for r in rows}, {r.id for r in rows if r.cancel_requested}
+
+    def let_go(self, job_id: str, worker: str) -> bool:
+        """Give back a job this worker holds but never started (it goes back to the queue)."""
+        statement = (
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.worker == worker)
+            .where(JobRecord.state == "queued")
+            .values(worker=None, lease_expires_at=None, updated_at=utcnow())
+        )
+        with self._sessions.begin() as session:
+            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+    def orphans(self, older_than: dt.datetime) -> list[JobRecord]:
+        """Unfinished rows nobody holds: no lease or an expired one, unchanged since
+        ``older_than`` (so a submission still being sent is not taken for lost)."""
+        now = utcnow()
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(JobRecord)
+                    .where(JobRecord.state.in_(list(ACTIVE_STATES)))
+                    .where(
+                        or_(
+                            JobRecord.lease_expires_at.is_(None),
+                            JobRecord.lease_expires_at < now,
+                        )
+                    )
+                    .where(JobRecord.updated_at < older_than)
+                    .order_by(JobRecord.created_at, JobRecord.id)
+                )
+            )
+
+    def requeue(self, row: JobRecord, max_attempts: int) -> str:
+        """Put back in the queue a job whose holder died: ``requeued``, ``poison`` (fail
+        it) or ``changed`` (someone else moved it since ``row`` was read)."""
+        values: dict[str, Any] = {}
+        if row.state == "running":
+            values = _after_holder_died(row)
+            if row.batch_size <= 1 and row.attempts >= max_attempts:
+                return "poison"
+        now = utcnow()
+        values.update(state="queued", worker=None, lease_expires_at=None, updated_at=now)
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(JobRecord).where(*_unchanged(row, now)).values(**values)
+            ).rowcount  # type: ignore[attr-defined]
+        return "requeued" if changed else "changed"
+
+
+def _after_holder_died(row: JobRecord) -> dict[str, Any]:
+    """What a running job's row becomes when its holder died: back to queued; a job that ran
+    in a batch of several is refunded the attempt and runs alone next (``suspect``)."""
+    values: dict[str, Any] = {"state": "queued", "stage": None, "step": 0, "total": 0}
+    if row.batch_size > 1:
+        values.update(attempts=max(0, row.attempts - 1), suspect=True, batch_size=0)
+    return values
+
+
+def _unchanged(row: JobRecord, now: dt.datetime) -> tuple[Any, ...]:
+    """Conditions that hold only while the row is as ``row`` was read and nobody holds it
+    (optimistic locking: SQLite has no row locks, and PostgreSQL's lock covers only take)."""
+    lease = JobRecord.lease_expires_at
+    return (
+        JobRecord.id == row.id,
+        JobRecord.state == row.state,
+        JobRecord.worker.is_(None) if row.worker is None else JobRecord.worker == row.worker,
+        JobRecord.attempts == row.attempts,
+        JobRecord.deliveries == row.deliveries,
+        or_(lease.is_(None), lease <= now),
+    )

@@ -1,0 +1,91 @@
+"""Celery, the Flask way: the Celery app built from the settings, and the one task it runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from ...config import Settings
+
+__all__ = ["TASK_NAME", "celery_init_app", "send_job"]
+
+TASK_NAME = "speech2image.run_job"
+
+
+def celery_init_app(app: Any) -> Celery:
+    """Build the Celery app from the Flask settings; each task runs in the app context."""
+    settings: Settings = app.config["S2I_SETTINGS"]
+
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery(app.name, task_cls=FlaskTask)
+    visibility = settings.broker_visibility_timeout
+    timeout = settings.redis_timeout_seconds
+    celery.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "global_keyprefix": f"{settings.queue_prefix}:",
+            "visibility_timeout": visibility,
+            # Sweep for tasks of dead workers often enough to redo them soon after the timeout.
+            "unacked_restore_interval": max(1, min(10, int(visibility // 4))),
+            "unacked_restore_throttle": 1,
+            # A frozen Redis must fail a send quickly (503), never hold a request.
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+        },
+        broker_connection_timeout=timeout,
+        task_ignore_result=True,  # outcomes live in the job rows
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=f"{settings.queue_prefix}.default",
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        broker_heartbeat=0,
+    )
+
+    @celery.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        # The thread pool cannot enforce Celery's time limits: JobWorker stops jobs itself.
+    )
+    def run_job(
+        self: Task,
+        job_id: str,
+        kind: str,
+        owner: str,
+        document: dict[str, Any],
+        request_id: str | None = None,
+    ) -> None:
+        app.extensions["job_worker"].execute(job_id, kind, owner, document, request_id)
+
+    app.extensions["celery"] = celery
+    return celery
+
+
+def send_job(
+    celery: Celery,
+    job_id: str,
+    kind: str,
+    owner: str,
+    document: dict[str, Any],
+    request_id: str | None,
+    queue: str,
+) -> None:
+    """Send a job's task (its id is the job's id) to ``queue``; fail fast, never retry."""
+    celery.send_task(
+        TASK_NAME,
+        args=[job_id, kind, owner, document, request_id],
+        queue=queue,
+        task_id=job_id,
+        retry=False,
+    )
