@@ -155,3 +155,12 @@ def test_english_only_model_refuses_translate(make_app, speech) -> None:
     response = post_audio(app.test_client(), speech["german"], task="translate")
     assert response.status_code == 400
     assert "English-only" in response.json["error"]["message"]
+
+
+def test_the_service_knows_exactly_whispers_language_codes() -> None:
+    """API processes validate `language` from a copy; it must equal faster-whisper's list."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    from speech2image.speech_service import WHISPER_LANGUAGES
+
+    assert set(_LANGUAGE_CODES) == WHISPER_LANGUAGES

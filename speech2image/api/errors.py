@@ -10,7 +10,7 @@ from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from ..errors import DATABASE_ERRORS, DatabaseUnavailable, ServiceError
+from ..errors import DATABASE_ERRORS, DatabaseUnavailable, ServiceError, error_body
 from . import openai
 
 __all__ = ["error_response", "register_error_handlers"]
@@ -73,9 +73,10 @@ def _http_error(exc: HTTPException) -> ResponseReturnValue:
     if _openai_surface():
         return openai.http_error(exc)
     status = exc.code or 500
-    if isinstance(exc, ServiceError):
+    if isinstance(exc, ServiceError):  # the body a failed job carries too
+        body = error_body(exc)
         return error_response(
-            status, exc.description or "", exc.error, exc.details, exc.retry_after
+            status, body["message"] or "", body["code"], body.get("details"), exc.retry_after
         )
     message = exc.description or exc.name
     if status == 429:

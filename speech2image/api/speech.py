@@ -28,6 +28,7 @@ from ..schemas import check_text, invalid_request, parse_json_text, safe_text
 from ..speech_service import (
     MAX_PROMPT_CHARS,
     TASKS,
+    WHISPER_LANGUAGES,
     TranscribeOptions,
     get_speech_service,
 )
@@ -55,9 +56,8 @@ FormSwitch = bool
 
 
 def _whisper_languages() -> tuple[str, ...]:
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-    codes = {c for c in _LANGUAGE_CODES} | {c.upper() for c in _LANGUAGE_CODES}
+    # The service's own copy of Whisper's codes: an API process never imports faster-whisper.
+    codes = set(WHISPER_LANGUAGES) | {c.upper() for c in WHISPER_LANGUAGES}
     return tuple(sorted(codes))
 
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ..errors import (
-    IdempotencyConflict,
     JobInterrupted,
     QueueFull,
     ServiceBusy,
@@ -38,9 +37,11 @@ from .kinds import JobKinds
 from .records import (
     DuplicateJob,
     JobRecorder,
+    check_same_kind,
     job_from_row,
     local_worker_is_dead,
     local_worker_name,
+    runnable_job,
 )
 
 __all__ = ["MAX_ATTEMPTS", "LocalJobRunner"]
@@ -168,11 +169,7 @@ class LocalJobRunner:
         return self._existing(job, record)
 
     def _existing(self, job: Job, record: JobRecord) -> Job:
-        if record.kind != job.kind:
-            raise IdempotencyConflict(
-                f"this Idempotency-Key was used for a {record.kind} request; use a new key",
-                details={"field": "Idempotency-Key", "job_id": record.id},
-            )
+        check_same_kind(job, record)
         return self._jobs.get(record.id) or job_from_row(record)
 
     def get(self, owner: str, job_id: str) -> Job | None:
@@ -287,16 +284,7 @@ class LocalJobRunner:
                 if found is None:
                     raise InputGone("its uploaded audio is gone")
                 path = found
-            job = self.kinds.rebuild(
-                record.kind,
-                record.owner,
-                record.work,
-                id=record.id,
-                input=path,
-                created_at=record.times()["created_at"],
-                request_id=record.request_id,
-                alone=record.suspect,
-            )
+            job = runnable_job(self.kinds, record, input=path)
             return job, ""
         except InputGone as exc:
             return None, str(exc)

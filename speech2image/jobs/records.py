@@ -18,14 +18,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import DatabaseUnavailable, JobFailedRepeatedly
+from ..errors import DatabaseUnavailable, IdempotencyConflict, JobFailedRepeatedly
 from ..storage.base import aware, utcnow
 from ..storage.jobs import DuplicateJob, JobRecord, JobStore
 from .base import Job, JobState
+from .kinds import JobKinds
 
 __all__ = [
     "LOCAL_PREFIX",
@@ -33,6 +35,7 @@ __all__ = [
     "DuplicateJob",
     "JobRecorder",
     "batch_key_json",
+    "check_same_kind",
     "database_down",
     "job_event",
     "job_from_row",
@@ -41,6 +44,7 @@ __all__ = [
     "poison_error",
     "refresh_from_row",
     "row_fields",
+    "runnable_job",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,9 +143,41 @@ def job_from_row(record: JobRecord) -> Job:
     return job
 
 
+def runnable_job(
+    kinds: JobKinds,
+    record: JobRecord,
+    *,
+    input: Path | None,
+    document: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> Job:
+    """The job a row describes, ready to run again: after a crash (the row's document) or
+    on a worker (the task's, which is the same document). A job that was in a batch that
+    crashed runs alone."""
+    return kinds.rebuild(
+        record.kind,
+        record.owner,
+        record.work if document is None else document,
+        id=record.id,
+        input=input,
+        created_at=aware(record.created_at),
+        request_id=record.request_id if request_id is None else request_id,
+        alone=record.suspect,
+    )
+
+
 def refresh_from_row(job: Job, record: JobRecord) -> None:
     """Bring a followed job (an API process's copy) up to what its row says."""
     job.apply_snapshot(job_from_row(record).snapshot())
+
+
+def check_same_kind(job: Job, record: JobRecord) -> None:
+    """An Idempotency-Key used again must be for the same kind of request (409 otherwise)."""
+    if record.kind != job.kind:
+        raise IdempotencyConflict(
+            f"this Idempotency-Key was used for a {record.kind} request; use a new key",
+            details={"field": "Idempotency-Key", "job_id": record.id},
+        )
 
 
 # --- job <-> event -------------------------------------------------------------------------

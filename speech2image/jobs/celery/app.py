@@ -56,6 +56,7 @@ def celery_init_app(app: Any) -> Celery:
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
+        shared=False,  # this app's task only (an API and a worker app may share a process)
         # The thread pool cannot enforce Celery's time limits: JobWorker stops jobs itself.
     )
     def run_job(

@@ -85,26 +85,31 @@ class Reconciler:
     def _loop(self) -> None:
         seen: str | None = None
         last_pass = 0.0
-        while not self._stop.is_set():
+        postponed = False
+        while not self._stop.wait(0 if seen is None else 1.0):
             fresh = False
             try:
                 run_id, lost = self.broker.identity()
             except REDIS_ERRORS:
-                self._stop.wait(1.0)  # nothing can be sent meanwhile; the rows wait
-                continue
+                continue  # nothing can be sent meanwhile; the rows wait
             if seen is not None and (run_id != seen or lost):
                 log.warning("Redis restarted or lost its data: reconciling the jobs now")
                 fresh = True
             seen = run_id
-            if fresh or time.monotonic() - last_pass >= self.interval:
-                try:
-                    self.run_once(broker_lost=fresh)
-                except (SQLAlchemyError, *REDIS_ERRORS) as exc:
+            if not fresh and time.monotonic() - last_pass < self.interval:
+                continue
+            try:
+                self.run_once(broker_lost=fresh)
+                if postponed:
+                    log.info("reconciliation runs again")
+                postponed = False
+            except (SQLAlchemyError, *REDIS_ERRORS) as exc:
+                if not postponed:  # once per outage
                     log.warning("reconciliation postponed: %s", str(exc).splitlines()[0])
-                except Exception:
-                    log.exception("reconciliation failed")
-                last_pass = time.monotonic()
-            self._stop.wait(1.0)
+                postponed = True
+            except Exception:
+                log.exception("reconciliation failed")
+            last_pass = time.monotonic()
 
     def run_once(self, *, broker_lost: bool = False) -> dict[str, Any]:
         """One pass (skipped when another process is reconciling); what it did."""

@@ -25,7 +25,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ...config import Settings
 from ...errors import (
-    IdempotencyConflict,
     QueueFull,
     ServiceBusy,
     StorageUnavailable,
@@ -38,6 +37,7 @@ from ..kinds import JobKinds, queue_name
 from ..records import (
     DuplicateJob,
     JobRecorder,
+    check_same_kind,
     database_down,
     job_event,
     job_from_row,
@@ -127,7 +127,7 @@ class CeleryJobRunner:
             raise
         # From here the job is accepted: its row is the truth, whatever the broker does.
         try:
-            self._send(job.id, job.kind, job.owner, document, job.request_id, queue)
+            send_job(self.celery, job.id, job.kind, job.owner, document, job.request_id, queue)
         except Exception as exc:
             log.warning("job %s: task not sent (%s); the reconciler sends it", job.id, exc)
         self._track(job)
@@ -146,18 +146,9 @@ class CeleryJobRunner:
     def send_row(self, record: JobRecord) -> None:
         """Send a row's task again (the reconciler's hand)."""
         queue = record.queue or queue_name(record.model or self.default_model)  # rows of 0.2
-        self._send(record.id, record.kind, record.owner, record.work, record.request_id, queue)
-
-    def _send(
-        self,
-        job_id: str,
-        kind: str,
-        owner: str,
-        document: dict[str, Any],
-        request_id: str | None,
-        queue: str,
-    ) -> None:
-        send_job(self.celery, job_id, kind, owner, document, request_id, queue)
+        send_job(
+            self.celery, record.id, record.kind, record.owner, record.work, record.request_id, queue
+        )
 
     def _admit(self, job: Job) -> None:
         settings = self.settings
@@ -189,11 +180,7 @@ class CeleryJobRunner:
 
     def _earlier(self, job: Job, record: JobRecord) -> Job:
         """The job an earlier request with the same Idempotency-Key made."""
-        if record.kind != job.kind:
-            raise IdempotencyConflict(
-                f"this Idempotency-Key was used for a {record.kind} request; use a new key",
-                details={"field": "Idempotency-Key", "job_id": record.id},
-            )
+        check_same_kind(job, record)
         earlier = job_from_row(record)
         if not earlier.done:
             self._track(earlier)

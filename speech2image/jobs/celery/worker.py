@@ -34,7 +34,7 @@ from ..base import Job, JobState
 from ..inputs import JobInputs, discard_file
 from ..kinds import JobKinds
 from ..local import LocalJobRunner
-from ..records import JobRecorder, job_event, poison_error
+from ..records import JobRecorder, job_event, poison_error, runnable_job
 from .state import REDIS_ERRORS, BrokerState
 
 __all__ = ["JobWorker", "LeaseKeeper"]
@@ -248,15 +248,8 @@ class JobWorker:
                 self._end(row, owner, error=InputExpired("the uploaded audio is gone"))
                 return
         try:
-            job = self.kinds.rebuild(
-                kind,
-                owner,
-                document,
-                id=row.id,
-                input=path,
-                created_at=aware(row.created_at),
-                request_id=request_id,
-                alone=row.suspect,
+            job = runnable_job(
+                self.kinds, row, input=path, document=document, request_id=request_id
             )
         except Exception as exc:
             discard_file(path)
