@@ -86,7 +86,9 @@ class Reconciler:
         seen: str | None = None
         last_pass = 0.0
         postponed = False
-        while not self._stop.wait(0 if seen is None else 1.0):
+        delay = 0.0  # the first pass at once (a process starting after a crash)
+        while not self._stop.wait(delay):
+            delay = 1.0
             fresh = False
             try:
                 run_id, lost = self.broker.identity()
