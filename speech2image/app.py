@@ -19,6 +19,7 @@ from flask_limiter import Limiter
 from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
+from .dependencies import Dependencies
 from .image_service import ImageService
 from .imagestore import make_image_store
 from .jobs import JobKind, JobKinds
@@ -164,8 +165,12 @@ def create_app(
     if role in ("embedded", "api") and settings.cleanup_interval_seconds > 0:
         maintenance.start(settings.cleanup_interval_seconds)
 
+    dependencies = Dependencies({"database": storage.ping, "image_store": storage.images.check})
+    dependencies.init_app(app)
     if role == "api":
         _init_api_jobs(app, settings, job_kinds, speech_service, storage, loader)
+        runner_health = app.extensions["jobs"].health
+        dependencies.checks["broker"] = lambda: _raise_unless_ok(runner_health()["broker"])
     else:
         runner = LocalJobRunner(
             job_kinds,
@@ -213,7 +218,10 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     request_stats = RequestStats()
     app.extensions["request_stats"] = request_stats
     metrics.watch(
-        loader=loader, runner=app.extensions["jobs"], in_flight=lambda: request_stats.in_flight
+        loader=loader,
+        runner=app.extensions["jobs"],
+        in_flight=lambda: request_stats.in_flight,
+        dependencies=app.extensions["dependencies"].status,
     )
 
     storage_uri = settings.ratelimit_storage_uri
@@ -277,6 +285,11 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
         app.extensions["metrics_server"] = start_metrics_server(
             metrics, settings.metrics_port, settings.host
         )
+
+
+def _raise_unless_ok(check: dict[str, Any]) -> None:
+    if not check["ok"]:
+        raise ConnectionError(check.get("problem", "not answering"))
 
 
 def _broker(settings: Settings) -> Any:
@@ -356,6 +369,7 @@ def _init_api_jobs(
         default_model=speech_service.model_name,
         queues=_all_queues(loader),
         check_upload=speech_service.check_upload,
+        check_store=app.extensions["dependencies"].require_image_store,
     )
     runner.init_app(app)
     _reconciler(app, broker, runner.send_row, inputs)
@@ -466,6 +480,8 @@ def _register_request_logging(app: Flask) -> None:
         # Retry-After on every response, which only means something on 429 and 503.
         if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)
+        elif g.get("retry_after"):  # the error's own back-off, not the limiter's window
+            response.headers["Retry-After"] = g.retry_after
         response.headers["X-Request-ID"] = g.get("request_id", "-")
         # Browsers must not guess a type: an image or a JSON error is never run as a script.
         response.headers["X-Content-Type-Options"] = "nosniff"

@@ -282,6 +282,13 @@ class Settings(BaseSettings):
         description="How often rows and broker are reconciled (also at once after Redis "
         "restarts or loses its data).",
     )
+    storage_retry_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="A job whose results cannot be stored (image store or database away) "
+        "retries this long, then fails with storage_unavailable or database_unavailable.",
+    )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, le=60, description="Every Redis call fails after this long (503 then)."
     )

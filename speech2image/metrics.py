@@ -172,9 +172,10 @@ class Metrics(Observer):
         loader: Any = None,
         runner: Any = None,
         in_flight: Callable[[], int] | None = None,
+        dependencies: Callable[[], dict[str, bool]] | None = None,
     ) -> None:
         """Read gauges from these objects at every scrape (any of them may be left out)."""
-        self.registry.register(LiveCollector(loader, runner, in_flight))
+        self.registry.register(LiveCollector(loader, runner, in_flight, dependencies))
 
     def init_app(self, app: Any) -> None:
         """Store on a Flask app as ``app.extensions['metrics']``."""
@@ -184,10 +185,17 @@ class Metrics(Observer):
 class LiveCollector(Collector):
     """Gauges read from the loader, the job runner and the request counter when scraped."""
 
-    def __init__(self, loader: Any, runner: Any, in_flight: Callable[[], int] | None) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        runner: Any,
+        in_flight: Callable[[], int] | None,
+        dependencies: Callable[[], dict[str, bool]] | None = None,
+    ) -> None:
         self.loader = loader
         self.runner = runner
         self.in_flight = in_flight
+        self.dependencies = dependencies
 
     def describe(self) -> list[Metric]:
         """Nothing up front: the registry calls :meth:`collect` for names only when needed."""
@@ -199,6 +207,15 @@ class LiveCollector(Collector):
             yield GaugeMetricFamily(
                 "s2i_http_requests_in_flight", "Requests being served now.", self.in_flight()
             )
+        if self.dependencies is not None:
+            up = GaugeMetricFamily(
+                "s2i_dependency_up",
+                "1 when a dependency answers (database, image_store, broker), else 0.",
+                labels=["dependency"],
+            )
+            for name, answering in sorted(self.dependencies().items()):
+                up.add_metric([name], 1 if answering else 0)
+            yield up
         if self.runner is not None:
             yield from self._jobs()
         if self.loader is not None:

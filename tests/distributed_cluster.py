@@ -185,13 +185,19 @@ class Cluster:
         self.workers[name].wait(timeout=60)
         return self.start_worker(name, **self.worker_env[name])
 
-    def wait_ready(self, url: str, workers: int, timeout: float = 120) -> dict[str, Any]:
+    def wait_ready(
+        self,
+        url: str,
+        workers: int,
+        timeout: float = 120,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Wait until ``url`` answers and sees ``workers`` live workers; returns /status."""
         deadline = time.monotonic() + timeout
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                code, _, body = http("GET", f"{url}/status", timeout=5)
+                code, _, body = http("GET", f"{url}/status", timeout=5, headers=headers)
                 if code == 200 and len(body["jobs"].get("workers", [])) >= workers:
                     return body
                 status = body if isinstance(body, dict) else {}
@@ -297,10 +303,15 @@ class TcpProxy:
 
 
 class RedisServer:
-    """A private redis-server on a fixed port that a test can stop and start again."""
+    """A private redis-server on a fixed port that a test can stop, start, pause and resume.
 
-    def __init__(self, root: Path) -> None:
+    With ``persistent`` it writes an append-only file (fsync on every write) into ``root``
+    and reads it back when started again; without, it starts empty every time.
+    """
+
+    def __init__(self, root: Path, *, persistent: bool = False) -> None:
         self.root = root
+        self.persistent = persistent
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -323,7 +334,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.root),
             ],
@@ -339,8 +352,19 @@ class RedisServer:
         raise AssertionError("redis-server did not start")
 
     def stop(self) -> None:
-        """Kill it."""
+        """Kill it (SIGKILL: no chance to save anything)."""
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server dies too
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let it run again (SIGCONT)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)

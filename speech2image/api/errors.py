@@ -64,6 +64,9 @@ def _openai_surface() -> bool:
 
 def _handle_http(exc: HTTPException) -> ResponseReturnValue:
     response = _http_error(exc)
+    if isinstance(exc, ServiceError) and exc.retry_after is not None:
+        # Our own back-off: the rate limiter must not replace it with its window later.
+        g.retry_after = response.headers.get("Retry-After")  # type: ignore[union-attr]
     if exc.code == 401:  # RFC 9110: a 401 names the scheme that would be accepted
         response.headers["WWW-Authenticate"] = 'Bearer realm="speech2image"'  # type: ignore[union-attr]
     return response

@@ -6,16 +6,21 @@ object, the new one, or none), so the same job's images written twice are simply
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from ..errors import StorageUnavailable
 from .base import StoredObject
+
+log = logging.getLogger(__name__)
 
 __all__ = ["S3ImageStore"]
 
@@ -24,6 +29,30 @@ _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 def _missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code")) in _MISSING
+
+
+@contextlib.contextmanager
+def _answering(what: str) -> Iterator[None]:
+    """Turn "the object store does not answer" into a 503 ``storage_unavailable``."""
+    try:
+        yield
+    except ClientError as exc:
+        if _missing(exc) or not _server_side(exc):
+            raise
+        log.warning("object store: %s failed: %s", what, exc)
+        raise StorageUnavailable(
+            "the image store is not answering; retry shortly", retry_after=5
+        ) from None
+    except BotoCoreError as exc:  # no connection, a timeout, a broken answer
+        log.warning("object store: %s failed: %s", what, exc)
+        raise StorageUnavailable(
+            "the image store is not answering; retry shortly", retry_after=5
+        ) from None
+
+
+def _server_side(exc: ClientError) -> bool:
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return status >= 500 or status == 0
 
 
 class S3ImageStore:
@@ -54,9 +83,11 @@ class S3ImageStore:
             config=Config(
                 # Path-style URLs work with every S3-compatible server, not only AWS.
                 s3={"addressing_style": "path" if endpoint_url else "auto"},
-                connect_timeout=5,
-                read_timeout=30,
-                retries={"max_attempts": 3, "mode": "standard"},
+                # A store that does not answer fails a call within seconds (503), never
+                # holds a request thread; jobs retry storage themselves (S2I_STORAGE_RETRY...).
+                connect_timeout=3,
+                read_timeout=15,
+                retries={"max_attempts": 2, "mode": "standard"},
             ),
         )
         if create_bucket:
@@ -75,20 +106,23 @@ class S3ImageStore:
 
     def put(self, name: str, data: bytes) -> None:
         """Upload ``data`` as one object (atomic in S3)."""
-        self.client.put_object(
-            Bucket=self.bucket, Key=self._key(name), Body=data, ContentType="image/png"
-        )
+        with _answering("put"):
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(name), Body=data, ContentType="image/png"
+            )
 
     def delete(self, name: str) -> bool:
         """Delete the object (S3 does not say whether it existed: check first)."""
         existed = self.exists(name)
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        with _answering("delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         return existed
 
     def exists(self, name: str) -> bool:
         """HEAD the object."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            with _answering("head"):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
             if _missing(exc):
                 return False
@@ -98,13 +132,14 @@ class S3ImageStore:
     def source(self, name: str) -> io.BytesIO | None:
         """The object's bytes (images are small: read them whole), or None."""
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            with _answering("get"):
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+                with response["Body"] as body:
+                    return io.BytesIO(body.read())
         except ClientError as exc:
             if _missing(exc):
                 return None
             raise
-        with response["Body"] as body:
-            return io.BytesIO(body.read())
 
     def presigned_url(self, name: str, expires_seconds: int) -> str:
         """A presigned GET URL valid for ``expires_seconds``."""

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..engines.diffusers_sd import GenerationCancelled
+from ..errors import DATABASE_ERRORS, DatabaseUnavailable, StorageUnavailable
 from ..jobs import Job, JobCancelled
 from ..speech_service import SpeechService, TranscribeOptions, TranscriptionResult
 
-__all__ = ["elapsed", "progress_all", "queued_seconds", "transcribe_input"]
+__all__ = ["elapsed", "progress_all", "queued_seconds", "store_retrying", "transcribe_input"]
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_SECONDS = 0.5  # the first back-off of a store that does not answer (doubles)
+RETRY_MAX_SECONDS = 8.0
 
 
 def progress_all(jobs: list[Job], stage: str, done: int, total: int) -> None:
@@ -54,3 +63,30 @@ def transcribe_input(
         english=english,
         on_english_progress=lambda done, total: job.progress("translating", done, total),
     )
+
+
+T = TypeVar("T")
+
+
+def store_retrying(job: Job, store: Callable[[], T], seconds: float) -> T:
+    """Store a job's results, retrying with back-off while the image store or the database
+    does not answer; after ``seconds`` the job fails with ``storage_unavailable`` or
+    ``database_unavailable`` (storing is idempotent: a retry never stores twice)."""
+    deadline = time.monotonic() + seconds
+    delay = RETRY_FIRST_SECONDS
+    while True:
+        try:
+            return store()
+        except (StorageUnavailable, *DATABASE_ERRORS) as exc:
+            if time.monotonic() + delay > deadline or job.cancel_requested:
+                if isinstance(exc, StorageUnavailable):
+                    raise
+                raise DatabaseUnavailable(
+                    "the history database did not answer; the images were not stored",
+                    retry_after=5,
+                ) from None
+            log.warning("job %s: storing failed (%s); retrying in %.1f s", job.id, exc, delay)
+            with contextlib.suppress(JobCancelled):  # a waiting client sees why it waits
+                job.progress("storing", 0, 0)
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)

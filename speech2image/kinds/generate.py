@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..image_service import ImageRequest, ImageService, PreparedImage, model_key
 from ..jobs import Job
 from ..jobs.kinds import JobKind, Schedule
 from ..style import StyleChoice
-from ._progress import elapsed, progress_all, queued_seconds
+from ._progress import elapsed, progress_all, queued_seconds, store_retrying
 
 __all__ = ["GenerateKind", "image_work", "image_work_document"]
 
@@ -90,9 +91,16 @@ class GenerateKind(JobKind):
                 if error is not None:
                     raise error  # this request alone failed; the others of its batch go on
                 timings = {**output.timings, "queue": queued_seconds(job)}
-                result = images.store(
-                    job.owner, item, pictures, truncated=truncated, timings=timings, job_id=job.id
+                store = functools.partial(
+                    images.store,
+                    job.owner,
+                    item,
+                    pictures,
+                    truncated=truncated,
+                    timings=timings,
+                    job_id=job.id,
                 )
+                result = store_retrying(job, store, images.settings.storage_retry_seconds)
             except Exception as exc:
                 if not isinstance(exc, ServiceError):
                     log.exception("job %s failed", job.id)

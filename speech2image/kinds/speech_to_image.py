@@ -12,7 +12,7 @@ from ..jobs.kinds import JobKind, Schedule, pipeline_queue_name
 from ..prompting import UnderstandSteps, understand_speech
 from ..speech_service import SpeechService, TranscribeOptions
 from ..storage import NewTranscript, keyed_id
-from ._progress import elapsed, queued_seconds, transcribe_input
+from ._progress import elapsed, queued_seconds, store_retrying, transcribe_input
 
 __all__ = ["SpeechToImageKind", "SpeechToImageWork", "clip_prompt"]
 
@@ -118,19 +118,24 @@ class SpeechToImageKind(JobKind):
             id=keyed_id(job.id, "transcript"),
         )
         clipped = prompt != spoken.prompt or negative != spoken.negative_prompt
-        result = images.store(
-            job.owner,
-            item,
-            output.images[0],
-            truncated=output.truncated[0] or clipped,
-            timings={
-                **output.timings,
-                "queue": queued_seconds(job),
-                "transcription": heard.timings["total"],  # translation included
-                **{k: v for k, v in heard.timings.items() if k == "translation"},
-            },
-            transcript=record,
-            job_id=job.id,
+        timings = {
+            **output.timings,
+            "queue": queued_seconds(job),
+            "transcription": heard.timings["total"],  # translation included
+            **{k: v for k, v in heard.timings.items() if k == "translation"},
+        }
+        result = store_retrying(
+            job,
+            lambda: images.store(
+                job.owner,
+                item,
+                output.images[0],
+                truncated=output.truncated[0] or clipped,
+                timings=timings,
+                transcript=record,
+                job_id=job.id,
+            ),
+            images.settings.storage_retry_seconds,
         )
         result.timings["total"] = elapsed(job)
         job.succeed(

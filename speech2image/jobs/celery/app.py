@@ -49,6 +49,9 @@ def celery_init_app(app: Any) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
         broker_heartbeat=0,
+        # A lost broker connection must not stop running jobs: their rows, not the broker,
+        # say how they end, and a redelivered copy of a finished job is dropped.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
 
     @celery.task(

@@ -5,8 +5,9 @@ worker may die holding jobs, an API process may die between writing a job's row 
 its task. Every few seconds, and at once when Redis restarted or lost its data, one process
 of the cluster (a PostgreSQL advisory lock decides which) looks at the unfinished rows:
 
-- a job whose holder's lease lapsed (its worker died) goes back to the queue and its task is
-  sent again; one that took its worker down too often is failed as ``job_failed_repeatedly``;
+- a job whose holder's lease lapsed and whose worker no longer beats (it died) goes back to the
+  queue and its task is sent again; one that took its worker down too often is failed as
+  ``job_failed_repeatedly``. A live worker that lost the database keeps its jobs;
 - a queued job nobody holds whose task is not in its queue is sent again;
 - a job whose input is gone is failed with ``upload_expired``;
 - the admission counters are rebuilt from the rows.
@@ -126,12 +127,24 @@ class Reconciler:
         return report
 
     def _reconcile(self, broker_lost: bool) -> dict[str, Any]:
-        report = {"requeued": 0, "resent": 0, "failed": 0, "admission_fixed": 0}
+        report = {
+            "requeued": 0,
+            "resent": 0,
+            "failed": 0,
+            "admission_fixed": 0,
+            "held_by_live_workers": 0,
+        }
         # After a loss every queued task is gone: no grace, send them all again now.
         older_than = utcnow() - dt.timedelta(seconds=0 if broker_lost else self.grace)
         rows = self.store.orphans(older_than)
         waiting = self.broker.queued_task_ids({r.queue for r in rows if r.queue})
+        live = {worker["name"] for worker in self.broker.workers()}
         for row in rows:
+            if row.worker in live:
+                # Its lease lapsed while its worker still beats: the worker lost the database
+                # for a while, not its life. It renews the lease when the database is back.
+                report["held_by_live_workers"] += 1
+                continue
             if row.worker is not None:  # its holder's lease lapsed: the worker died
                 outcome = self.store.requeue(row, self.max_attempts)
                 if outcome == "poison":

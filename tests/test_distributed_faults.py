@@ -1,0 +1,440 @@
+"""Faults of the distributed mode on real processes: nothing accepted is lost or done twice.
+
+Two API processes and two workers on a private redis-server, PostgreSQL (the workers reach
+it through a proxy that can cut them off) and SeaweedFS (everyone reaches it through a proxy
+that can be cut). Faults: the broker killed and started empty, killed and restarted from its
+data, frozen longer than a lease; an API process killed during submissions with client
+retries; a job that kills every worker that runs it, batched with innocent ones; PostgreSQL
+and the object store cut during jobs. Each counts accepted, succeeded, failed with a reason,
+lost (none) and duplicated (none).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from .distributed_cluster import (
+    Cluster,
+    RedisServer,
+    TcpProxy,
+    http,
+    multipart,
+    postgres_problem,
+    redis_problem,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+LEASE = 4  # S2I_JOB_LEASE_SECONDS of this cluster
+BOUND = 120  # seconds after a fault by which every accepted job has ended
+KEYS = [f"key-{i}" for i in range(8)]  # clients; each may have 4 jobs queued or running
+OPS = {"X-API-Key": "ops"}  # the operators' key (/status, /metrics)
+
+
+def _as(key: str) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A private, persistent redis-server (a test may wipe its data to start it empty)."""
+    problem = redis_problem() or postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    server = RedisServer(tmp_path_factory.mktemp("broker"), persistent=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxies(s3_server: Any):  # type: ignore[no-untyped-def]
+    """Cuttable paths: the workers' to PostgreSQL, everyone's to the object store."""
+    endpoint = urlparse(s3_server.endpoint_url)
+    database = TcpProxy(("127.0.0.1", 5432))
+    store = TcpProxy((endpoint.hostname or "127.0.0.1", endpoint.port or 80))
+    database.start()
+    store.start()
+    yield {"database": database, "store": store}
+    database.stop()
+    store.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    broker: RedisServer,
+    proxies: dict[str, TcpProxy],
+    tmp_path_factory: pytest.TempPathFactory,
+    model_cache: Path,
+    tiny_models: dict[str, Path],
+    s3_server: Any,
+):  # type: ignore[no-untyped-def]
+    """Worker `a` serves tiny-art and tiny-photo, `b` Whisper and tiny-art; two APIs."""
+    root = tmp_path_factory.mktemp("faults")
+    s3 = {
+        f"S2I_{name.upper()}": value
+        for name, value in s3_server.settings(s3_server.new_bucket()).items()
+    }
+    s3["S2I_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{proxies['store'].port}"
+    settings = {
+        **s3,
+        "S2I_BROKER_URL": broker.url,
+        "S2I_MODEL_CACHE_DIR": model_cache,
+        "S2I_IMAGE_MODELS": json.dumps(
+            {name: {"source": str(tiny_models[name])} for name in ("tiny-art", "tiny-photo")}
+        ),
+        "S2I_STYLE_MODELS": json.dumps({"artistic": "tiny-art", "photographic": "tiny-art"}),
+        "S2I_DEFAULT_WIDTH": 64,
+        "S2I_DEFAULT_HEIGHT": 64,
+        "S2I_MODEL_IDLE_SECONDS": 0,
+        "S2I_CLEANUP_INTERVAL_SECONDS": 0,
+        "S2I_API_KEYS": ",".join(KEYS),
+        "S2I_ADMIN_API_KEYS": "ops",
+        "S2I_RATELIMIT_DEFAULT": "100000/minute",
+        "S2I_RATELIMIT_TRANSCRIBE": "100000/minute",
+        "S2I_RATELIMIT_GENERATE": "100000/minute",
+        "S2I_JOB_WORKERS": 1,
+        "S2I_WORKER_CONCURRENCY": 4,
+        "S2I_BATCH_MAX_WAIT_MS": 400,
+        "S2I_JOB_LEASE_SECONDS": LEASE,
+        "S2I_RECONCILE_INTERVAL_SECONDS": 1,
+        "S2I_JOB_MAX_ATTEMPTS": 2,
+        "S2I_QUEUE_MAX_PER_OWNER": 4,
+        "S2I_STORAGE_RETRY_SECONDS": 40,
+    }
+    cluster = Cluster(root, settings)
+    cluster.create_schema()
+    via_proxy = cluster.database_url.replace(
+        "127.0.0.1:5432", f"127.0.0.1:{proxies['database'].port}"
+    )
+    try:
+        cluster.start_worker("a", S2I_DATABASE_URL=via_proxy)
+        cluster.start_worker("b", S2I_DATABASE_URL=via_proxy, S2I_WORKER_MODELS="whisper,tiny-art")
+        cluster.start_api()
+        cluster.start_api()
+        for _, url in cluster.apis:
+            cluster.wait_ready(url, workers=2, headers=OPS)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _burst(cluster: Cluster, speech: Path, n: int = 16) -> dict[str, dict[str, Any]]:
+    """Accepted jobs by id: generations of varied length and a few transcriptions."""
+    accepted: dict[str, dict[str, Any]] = {}
+    urls = [url for _, url in cluster.apis]
+    for i in range(n):
+        url, key = urls[i % 2], KEYS[i % len(KEYS)]
+        if i % 8 == 3:
+            body, content_type = multipart({"async": "true"}, {"audio": speech})
+            status, _, job = http(
+                "POST",
+                f"{url}/transcribe-audio",
+                data=body,
+                headers={"Content-Type": content_type, **_as(key)},
+            )
+        else:
+            fields = {"async": True, "prompt": f"a lighthouse {i}", "seed": i, "steps": 2 + i % 9}
+            fields["num_images"] = 1 + i % 2
+            status, _, job = http("POST", f"{url}/generate-image", fields, headers=_as(key))
+        assert status == 202, job
+        accepted[job["id"]] = {"kind": job["kind"], "images": 1 + i % 2, "key": key}
+    return accepted
+
+
+def _wait_some_running(cluster: Cluster, jobs: dict[str, Any]) -> None:
+    url = cluster.apis[0][1]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = [
+            http("GET", f"{url}/jobs/{job_id}", headers=_as(jobs[job_id]["key"]))[2]["state"]
+            for job_id in list(jobs)[:6]
+        ]
+        if "running" in states and "queued" in states:
+            return
+        time.sleep(0.1)
+    raise AssertionError("no job ran")
+
+
+def _image_rows(cluster: Cluster) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(cluster.database_url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(text("select count(*) from images")) or 0)
+    finally:
+        engine.dispose()
+
+
+def _settle(
+    cluster: Cluster, jobs: dict[str, dict[str, Any]], since: float, images_before: int
+) -> dict[str, Any]:
+    """Wait for every job to end; check rows, API and stored images agree. Returns counts."""
+    from sqlalchemy import create_engine, text
+
+    urls = [url for _, url in cluster.apis]
+    final: dict[str, dict[str, Any]] = {}
+    while len(final) < len(jobs):
+        assert time.monotonic() - since < BOUND, {
+            j: http("GET", f"{urls[0]}/jobs/{j}", headers=_as(jobs[j]["key"]))[2].get("state")
+            for j in jobs
+            if j not in final
+        }
+        for job_id in jobs:
+            if job_id in final:
+                continue
+            status, _, body = http(
+                "GET",
+                f"{urls[len(final) % 2]}/jobs/{job_id}",
+                timeout=10,
+                headers=_as(jobs[job_id]["key"]),
+            )
+            if status == 200 and body["state"] in ("succeeded", "failed", "cancelled"):
+                final[job_id] = body
+        time.sleep(0.2)
+    took = time.monotonic() - since
+    engine = create_engine(cluster.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = {
+                r.id: r
+                for r in connection.execute(
+                    text("select id, state, error from jobs where id = any(:ids)"),
+                    {"ids": list(jobs)},
+                )
+            }
+            stored = int(connection.scalar(text("select count(*) from images")) or 0)
+    finally:
+        engine.dispose()
+    counts = {"accepted": len(jobs), "succeeded": 0, "failed": 0, "lost": 0, "duplicated": 0}
+    for job_id, body in final.items():
+        assert rows[job_id].state == body["state"], (job_id, rows[job_id], body)
+        counts[body["state"]] = counts.get(body["state"], 0) + 1
+        if body["state"] == "failed":
+            assert body["error"]["code"] and body["error"]["message"], body
+        if body["state"] == "succeeded" and jobs[job_id]["kind"] == "generate":
+            assert len(body["result"]["images"]) == jobs[job_id]["images"]
+    # Each job's images once: the rows that appeared are exactly the images of the jobs.
+    made = sum(
+        jobs[job_id]["images"]
+        for job_id, body in final.items()
+        if body["state"] == "succeeded" and jobs[job_id]["kind"] == "generate"
+    )
+    counts["duplicated"] = stored - images_before - made
+    counts["seconds"] = round(took, 1)
+    return counts
+
+
+def _still_works(cluster: Cluster) -> None:
+    """New work flows again through every API process, with no process restarted."""
+    for _, url in cluster.apis:
+        status, _, body = http(
+            "POST", f"{url}/generate-image", {"prompt": "after", "steps": 1}, headers=_as(KEYS[0])
+        )
+        assert status == 200, body
+    assert all(proc.poll() is None for proc in cluster.workers.values())
+    assert all(proc.poll() is None for proc, _ in cluster.apis)
+
+
+def _scenario(name: str, counts: dict[str, Any]) -> None:
+    print(f"\nbroker fault {name}: {counts}")
+    assert counts["succeeded"] == counts["accepted"], counts
+    assert counts["lost"] == 0 and counts["duplicated"] == 0, counts
+
+
+def test_redis_killed_and_started_empty_loses_no_job(
+    cluster: Cluster, broker: RedisServer, speech: dict[str, Path]
+) -> None:
+    before = _image_rows(cluster)
+    jobs = _burst(cluster, speech["english"])
+    _wait_some_running(cluster, jobs)
+    broker.stop()
+    for path in broker.root.glob("appendonly*"):  # the data is gone, as without persistence
+        if path.is_dir():
+            for part in path.iterdir():
+                part.unlink()
+        else:
+            path.unlink()
+    broker.start()
+    since = time.monotonic()
+    _scenario("(a) killed, started empty", _settle(cluster, jobs, since, before))
+    _still_works(cluster)
+
+
+def test_redis_killed_and_started_from_its_data_loses_no_job(
+    cluster: Cluster, broker: RedisServer, speech: dict[str, Path]
+) -> None:
+    before = _image_rows(cluster)
+    jobs = _burst(cluster, speech["english"])
+    _wait_some_running(cluster, jobs)
+    broker.stop()
+    broker.start()
+    since = time.monotonic()
+    _scenario(
+        "(b) killed, restarted from its append-only file", _settle(cluster, jobs, since, before)
+    )
+    _still_works(cluster)
+
+
+def test_redis_frozen_longer_than_a_lease_loses_no_job(
+    cluster: Cluster, broker: RedisServer, speech: dict[str, Path]
+) -> None:
+    before = _image_rows(cluster)
+    jobs = _burst(cluster, speech["english"])
+    _wait_some_running(cluster, jobs)
+    broker.pause()
+    try:
+        url = cluster.apis[0][1]
+
+        def submit(key: str) -> tuple[int, str, str, float]:
+            started = time.monotonic()
+            status, headers, body = http(
+                "POST", f"{url}/generate-image", {"prompt": "frozen"}, headers=_as(key)
+            )
+            code = body["error"]["code"] if status >= 400 else "accepted"
+            return status, code, headers.get("Retry-After", ""), time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(submit, KEYS + KEYS[:4]))
+        # Every submission is refused quickly with a short back-off: none is a 500, none waits.
+        assert {(a[0], a[1], a[2]) for a in answers} == {(503, "service_busy", "2")}, answers
+        assert max(a[3] for a in answers) < 8, answers
+        started = time.monotonic()
+        assert http("GET", f"{url}/health")[0] == 200
+        assert time.monotonic() - started < 1
+        time.sleep(max(0.0, 2 * LEASE - (time.monotonic() - started)))
+    finally:
+        broker.resume()
+    since = time.monotonic()
+    _scenario("(c) frozen for two leases", _settle(cluster, jobs, since, before))
+    _still_works(cluster)
+
+
+# --- issue: crashed submissions, poisoned batches, outages of PostgreSQL and the store ------
+
+
+def _owner(key: str) -> str:
+    import hashlib
+
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _submit_until_accepted(url: str, key: str, idem: str, deadline: float) -> dict[str, Any]:
+    """A client's retries of one submission (same Idempotency-Key) until it is accepted."""
+    while True:
+        try:
+            status, headers, body = http(
+                "POST",
+                f"{url}/generate-image",
+                {"async": True, "prompt": f"a harbour {idem}", "steps": 3},
+                headers={**_as(key), "Idempotency-Key": idem},
+                timeout=10,
+            )
+        except OSError:  # the process died under the request
+            status, headers, body = 0, {}, {}
+        if status == 202:
+            return body
+        assert status in (0, 429, 503), body
+        assert time.monotonic() < deadline, (status, body)
+        time.sleep(float(headers.get("Retry-After", 0.5)))
+
+
+def test_a_killed_api_process_leaks_no_job_slot_or_duplicate(cluster: Cluster) -> None:
+    import redis
+    from sqlalchemy import create_engine, text
+
+    from speech2image.storage import JobStore
+
+    survivor = cluster.apis[0][1]
+    victim_url = cluster.start_api()
+    victim = cluster.apis[-1][0]
+    cluster.wait_ready(victim_url, workers=2, headers=OPS)
+    clients = [(KEYS[i % 4], f"burst-{uuid.uuid4().hex[:8]}-{i}") for i in range(16)]
+    answered = threading.Event()
+    first: dict[str, Any] = {}
+    before = _image_rows(cluster)
+
+    def send(client: tuple[str, str]) -> None:
+        key, idem = client
+        try:
+            status, _, body = http(
+                "POST",
+                f"{victim_url}/generate-image",
+                {"async": True, "prompt": f"a harbour {idem}", "steps": 3},
+                headers={**_as(key), "Idempotency-Key": idem},
+                timeout=10,
+            )
+            if status == 202:
+                first[idem] = body["id"]
+                answered.set()
+        except OSError:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(send, client) for client in clients]
+        assert answered.wait(30)
+        victim.kill()  # kill -9 in the middle of the burst: the first answers are out
+        concurrent.futures.wait(futures)
+    victim.wait()
+    cluster.apis.pop()
+    # What a crash may leave besides, injected on purpose: admission slots that were taken
+    # and never given back (key-7 looks full), and a row whose task was never sent.
+    client = redis.Redis.from_url(cluster.settings["S2I_BROKER_URL"])
+    leaked = {f"leak-{i}": time.time() for i in range(4)}
+    client.zadd(f"{cluster.prefix}:active:{_owner('key-7')}", leaked)
+    client.zadd(f"{cluster.prefix}:active", leaked)
+    client.close()
+    status, _, body = http(
+        "POST", f"{survivor}/generate-image", {"prompt": "x", "async": True}, headers=_as("key-7")
+    )
+    assert status == 429 and body["error"]["code"] == "queue_full"  # the leaked slots count
+    engine = create_engine(cluster.database_url)
+    store = JobStore(engine)
+    template = store.get(first[next(iter(first))]) if first else None
+    unsent = uuid.uuid4().hex
+    if template is not None:
+        store.add(
+            id=unsent,
+            owner=_owner("key-5"),
+            kind="generate",
+            model=template.model,
+            work=template.work,
+            queue=template.queue,
+            created_at=template.created_at,
+        )
+    # Every client retries on the surviving process with its key: one job each, never two.
+    deadline = time.monotonic() + BOUND
+    jobs = {idem: _submit_until_accepted(survivor, key, idem, deadline) for key, idem in clients}
+    for idem, job_id in first.items():
+        assert jobs[idem]["id"] == job_id  # the answer it missed, or had: the same job
+    healed = _submit_until_accepted(survivor, "key-7", f"heal-{uuid.uuid4().hex}", deadline)
+    accepted = {
+        job["id"]: {"kind": "generate", "images": 1, "key": key}
+        for (key, idem), job in ((c, jobs[c[1]]) for c in clients)
+    }
+    accepted[healed["id"]] = {"kind": "generate", "images": 1, "key": "key-7"}
+    if template is not None:
+        accepted[unsent] = {"kind": "generate", "images": 1, "key": "key-5"}
+    counts = _settle(cluster, accepted, time.monotonic(), before)
+    print(f"\nkilled API process: {counts} ({len(first)} of 16 answered before the kill)")
+    assert counts["succeeded"] == counts["accepted"], counts
+    with engine.connect() as connection:
+        per_key = connection.execute(
+            text(
+                "select idempotency_key, count(*) from jobs where idempotency_key like 'burst-%' "
+                "group by idempotency_key having count(*) > 1"
+            )
+        ).all()
+    engine.dispose()
+    assert per_key == []  # no duplicate job from a retry
+    _still_works(cluster)
