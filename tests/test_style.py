@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -142,6 +143,22 @@ def test_labelled_prompts_accuracy() -> None:
     accuracy, report = _evaluation_report(StyleChooser())
     print("\n" + report)
     assert accuracy >= MIN_ACCURACY, report
+
+
+CHOICES_FILE = Path(__file__).parent / "data" / "style_choices.json"
+
+
+def test_labelled_prompts_choices_and_reasons_are_as_recorded() -> None:
+    """Every choice on the labelled set, reason and evidence included, equals the recorded one.
+
+    tests/data/style_choices.json was written by the chooser while its cue and subject lists
+    were still Python literals in style.py (issue 13); the lists now live in a data file.
+    """
+    recorded = json.loads(CHOICES_FILE.read_text(encoding="utf-8"))
+    assert [(row["prompt"], row["label"]) for row in recorded] == LABELLED
+    chooser = StyleChooser()
+    for row in recorded:
+        assert chooser.choose(row["prompt"]).as_dict() == row["choice"], row["prompt"]
 
 
 def test_defaults_are_rich_and_consistent() -> None:
