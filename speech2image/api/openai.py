@@ -29,7 +29,8 @@ from ..tasks import TranscribeWork
 from .identity import client_owner
 from .jobs import wait_for
 from .openapi import Content, Upload, endpoint
-from .speech import RESPONSE_FORMATS, _submit_with_upload, language_type, to_srt, to_vtt
+from .speech import _submit_with_upload, language_type
+from .transcript_formats import RESPONSE_FORMATS, render_transcript
 
 __all__ = [
     "IMAGE_ALIASES",
@@ -328,27 +329,25 @@ def _audio(task: str, form: Any) -> ResponseReturnValue:
 
 def _render_transcript(body: dict[str, Any], response_format: str, words: bool) -> Response:
     """A verbose job result in OpenAI's shape for ``response_format``."""
-    if response_format == "text":
-        return Response(body["text"] + "\n", mimetype="text/plain")
-    if response_format == "srt":
-        return Response(to_srt(body["segments"]), mimetype="application/x-subrip")
-    if response_format == "vtt":
-        return Response(to_vtt(body["segments"]), mimetype="text/vtt")
-    if response_format == "json":
-        return jsonify(text=body["text"])
-    answer: dict[str, Any] = {
-        "task": body["task"],
-        "language": body["language"],
-        "duration": body["duration"],
-        "text": body["text"],
-        "segments": [{k: s[k] for k in SEGMENT_FIELDS} for s in body["segments"]],
-    }
-    if words:
-        answer["words"] = [
-            {"word": w["word"], "start": w["start"], "end": w["end"]}
-            for w in body.get("words") or []
-        ]
-    return jsonify(answer)
+
+    def openai_json(body: dict[str, Any], verbose: bool) -> dict[str, Any]:
+        if not verbose:
+            return {"text": body["text"]}
+        answer: dict[str, Any] = {
+            "task": body["task"],
+            "language": body["language"],
+            "duration": body["duration"],
+            "text": body["text"],
+            "segments": [{k: s[k] for k in SEGMENT_FIELDS} for s in body["segments"]],
+        }
+        if words:
+            answer["words"] = [
+                {"word": w["word"], "start": w["start"], "end": w["end"]}
+                for w in body.get("words") or []
+            ]
+        return answer
+
+    return render_transcript(body, response_format, openai_json)
 
 
 _AUDIO_ENDPOINT = {
