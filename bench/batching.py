@@ -39,17 +39,28 @@ Exits 1 if any request failed (causes summarised from the service log), else 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from _common import (
+    Server,
+    Timed,
+    add_image_arguments,
+    build_sd15_pipeline,
+    device_and_dtype,
+    image_size,
+    interleaved,
+    load_average,
+    logged_errors,
+    print_image_machine_facts,
+    quiet_logs,
+    together,
+)
 
 SCHEDULER = "euler_a"
 MODEL = "bench"
@@ -57,20 +68,6 @@ BATCH_MAX_IMAGES = 8
 BATCH_WAIT_MS = 50.0
 
 
-def _load_generate_bench() -> ModuleType:
-    """bench/generate.py as a module (bench is not a package): shared helpers live there."""
-    path = Path(__file__).with_name("generate.py")
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generate_bench()
-Timed = tuple[float, dict[str, Any]]  # client seconds, response JSON
 Run = tuple[float, list[Timed | None], int]  # wall seconds, responses, pipeline calls
 
 
@@ -82,7 +79,7 @@ def build_model(kind: str, tmp: Path) -> Path:
     if kind == "tiny":
         folder = build_tiny_pipeline(tmp / "tiny")
     else:
-        folder = gen.build_sd15_pipeline(tmp / "sd15")
+        folder = build_sd15_pipeline(tmp / "sd15")
     mib = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
     print(f"built 1 {kind} model in {time.perf_counter() - started:.1f} s ({mib:.1f} MiB)")
     return folder
@@ -122,23 +119,9 @@ def concurrent_run(server: Any, app: Any, payloads: list[dict[str, Any]]) -> Run
     from speech2image.jobs import get_job_runner
 
     runner = get_job_runner(app)
-    barrier = threading.Barrier(len(payloads) + 1)
-    results: list[Timed | None] = [None] * len(payloads)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        with contextlib.suppress(RuntimeError):  # an HTTP error: counted as a failure
-            results[i] = server.generate(payloads[i])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
-    for thread in threads:
-        thread.start()
     calls_before = runner.batches_run
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - start, results, runner.batches_run - calls_before
+    wall, results = together(len(payloads), lambda i: server.generate(payloads[i]))
+    return wall, results, runner.batches_run - calls_before
 
 
 def report(
@@ -191,7 +174,7 @@ def report(
     )
     if failed:
         print(f"FAILED: {failed} of {clients * sum(map(len, runs.values()))} requests; causes:")
-        for line in gen._logged_errors(log_path):
+        for line in logged_errors(log_path):
             print(f"  {line}")
     return failed
 
@@ -199,24 +182,16 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the model and both apps, run the interleaved repeats."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent requests per run")
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps")
-    parser.add_argument("--size", type=int, default=None, help="side in pixels (tiny 64, sd15 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
+    add_image_arguments(parser, "clients", "concurrent requests per run")
     args = parser.parse_args(argv)
-    size = args.size or (64 if args.model == "tiny" else 512)
-    if args.clients < 1 or args.steps < 1 or args.repeats < 1:
-        parser.error("--clients, --steps and --repeats must be at least 1")
-    if size < 64 or size % 8:
-        parser.error("--size must be a multiple of 8, at least 64")
+    size = image_size(parser, args, "clients")
 
-    gen.machine_facts()
+    print_image_machine_facts()
     started = time.perf_counter()
-    device, dtype = gen.device_and_dtype()
+    device, dtype = device_and_dtype()
     with tempfile.TemporaryDirectory(prefix="s2i-bench-batch-") as name:
         tmp = Path(name)
-        with gen.quiet_logs():
+        with quiet_logs():
             folder = build_model(args.model, tmp)
             apps = {
                 "on": make_app(tmp, "on", folder, size, args.steps, BATCH_MAX_IMAGES, args.clients),
@@ -236,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             for i in range(args.clients)
         ]
-        servers = {key: gen.Server(app) for key, app in apps.items()}
+        servers = {key: Server(app) for key, app in apps.items()}
         try:
-            with gen.quiet_logs():
+            with quiet_logs():
                 for key in apps:  # load the model, then one untimed concurrent run
                     servers[key].generate(payloads[0])
                     concurrent_run(servers[key], apps[key], payloads)
-                runs: dict[str, list[Run]] = gen.interleaved(
+                runs: dict[str, list[Run]] = interleaved(
                     args.repeats,
                     {
                         key: lambda key=key: concurrent_run(servers[key], apps[key], payloads)
@@ -266,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             tmp / "logs" / "app.log",
         )
-    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {gen._load()}")
+    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {load_average()}")
     if failed:
         print(f"exit 1: {failed} request(s) failed", file=sys.stderr)
     return 1 if failed else 0
