@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import threading
 import time
 import urllib.error
@@ -27,8 +28,10 @@ __all__ = [
     "Server",
     "Timed",
     "add_image_arguments",
+    "build_models",
     "build_sd15_pipeline",
     "device_and_dtype",
+    "image_app",
     "image_size",
     "interleaved",
     "load_average",
@@ -208,6 +211,56 @@ def build_sd15_pipeline(path: Path, seed: int = 0) -> Path:
     from speech2image.engines.tiny_sd import build_random_pipeline
 
     return build_random_pipeline(path, seed=seed, architecture="sd15", half=True)
+
+
+def build_models(kind: str, tmp: Path, count: int) -> list[Path]:
+    """Folders of ``count`` (1 or 2) random-weight models: tiny (seeds 0, 1) or sd15 copies."""
+    from speech2image.engines.tiny_sd import build_tiny_pipeline
+
+    started = time.perf_counter()
+    if kind == "tiny":
+        folders = [build_tiny_pipeline(tmp / f"tiny{i or ''}", seed=i) for i in range(count)]
+    else:
+        first = build_sd15_pipeline(tmp / "sd15")
+        # Another copy as hard links: another folder, another loader entry, no second build.
+        copies = [shutil.copytree(first, tmp / "sd15-copy", copy_function=os.link)][: count - 1]
+        folders = [first, *map(Path, copies)]
+    mib = sum(p.stat().st_size for p in folders[0].rglob("*") if p.is_file()) / 2**20
+    each = " each" if count > 1 else ""
+    print(
+        f"built {count} {kind} model{'s' if count > 1 else ''} in "
+        f"{time.perf_counter() - started:.1f} s ({mib:.1f} MiB{each})"
+    )
+    return folders
+
+
+def image_app(
+    root: Path, log_dir: Path, models: dict[str, Path], size: int, steps: int, **overrides: Any
+) -> Any:
+    """The app serving ``models`` (the first for every style) at ``size``, files under ``root``.
+
+    No rate limits and no background cleanup; ``overrides`` are further settings.
+    """
+    from speech2image.app import create_app
+    from speech2image.config import load_settings
+
+    first = next(iter(models))
+    settings = load_settings(
+        log_dir=log_dir,
+        image_dir=root / "images",
+        model_cache_dir=root / "cache",
+        ratelimit_enabled=False,
+        cleanup_interval_seconds=0,
+        image_models={name: {"source": str(folder)} for name, folder in models.items()},
+        style_models={"artistic": first, "photographic": first},
+        default_width=size,
+        default_height=size,
+        max_width=max(1024, size),
+        max_height=max(1024, size),
+        max_steps=max(60, steps),
+        **overrides,
+    )
+    return create_app(settings)
 
 
 def logged_errors(path: Path, limit: int = 3) -> list[str]:

@@ -47,20 +47,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    Server,
-    Timed,
-    add_image_arguments,
-    build_sd15_pipeline,
-    device_and_dtype,
-    image_size,
-    interleaved,
-    load_average,
-    logged_errors,
-    print_image_machine_facts,
-    quiet_logs,
-    together,
-)
+import _common as common
 
 SCHEDULER = "euler_a"
 MODEL = "bench"
@@ -68,50 +55,25 @@ BATCH_MAX_IMAGES = 8
 BATCH_WAIT_MS = 50.0
 
 
-Run = tuple[float, list[Timed | None], int]  # wall seconds, responses, pipeline calls
-
-
-def build_model(kind: str, tmp: Path) -> Path:
-    """The folder of one random-weight model: tiny, or the full SD 1.5 architecture."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
-
-    started = time.perf_counter()
-    if kind == "tiny":
-        folder = build_tiny_pipeline(tmp / "tiny")
-    else:
-        folder = build_sd15_pipeline(tmp / "sd15")
-    mib = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
-    print(f"built 1 {kind} model in {time.perf_counter() - started:.1f} s ({mib:.1f} MiB)")
-    return folder
+Run = tuple[float, list[common.Timed | None], int]  # wall seconds, responses, pipeline calls
 
 
 def make_app(
     tmp: Path, name: str, folder: Path, size: int, steps: int, batch: int, clients: int
 ) -> Any:
     """An app serving ``folder`` with one job worker and at most ``batch`` images per call."""
-    from speech2image.app import create_app
-    from speech2image.config import load_settings
-
-    settings = load_settings(
-        log_dir=tmp / "logs",  # one log: logging is process-wide, the last app's setup wins
-        image_dir=tmp / name / "images",
-        model_cache_dir=tmp / name / "cache",
-        ratelimit_enabled=False,
-        cleanup_interval_seconds=0,
-        image_models={MODEL: {"source": str(folder)}},
-        style_models={"artistic": MODEL, "photographic": MODEL},
-        default_width=size,
-        default_height=size,
-        max_width=max(1024, size),
-        max_height=max(1024, size),
-        max_steps=max(60, steps),
+    return common.image_app(
+        tmp / name,
+        tmp / "logs",  # one log: logging is process-wide, the last app's setup wins
+        {MODEL: folder},
+        size,
+        steps,
         job_workers=1,
         batch_max_images=batch,
         batch_max_wait_ms=BATCH_WAIT_MS,
         queue_max=max(64, clients),  # every client is the same local identity
         queue_max_per_owner=max(16, clients),
     )
-    return create_app(settings)
 
 
 def concurrent_run(server: Any, app: Any, payloads: list[dict[str, Any]]) -> Run:
@@ -120,7 +82,7 @@ def concurrent_run(server: Any, app: Any, payloads: list[dict[str, Any]]) -> Run
 
     runner = get_job_runner(app)
     calls_before = runner.batches_run
-    wall, results = together(len(payloads), lambda i: server.generate(payloads[i]))
+    wall, results = common.together(len(payloads), lambda i: server.generate(payloads[i]))
     return wall, results, runner.batches_run - calls_before
 
 
@@ -145,7 +107,7 @@ def report(
         failed += clients * len(done) - len(responses)
         wall = statistics.median(w for w, _, _ in done)
 
-        def median_of(key: str, responses: list[Timed] = responses) -> float:
+        def median_of(key: str, responses: list[common.Timed] = responses) -> float:
             values = [body.get("timings", {}).get(key, 0.0) for _, body in responses]
             return statistics.median(values) if values else float("nan")
 
@@ -174,7 +136,7 @@ def report(
     )
     if failed:
         print(f"FAILED: {failed} of {clients * sum(map(len, runs.values()))} requests; causes:")
-        for line in logged_errors(log_path):
+        for line in common.logged_errors(log_path):
             print(f"  {line}")
     return failed
 
@@ -182,17 +144,17 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the model and both apps, run the interleaved repeats."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_image_arguments(parser, "clients", "concurrent requests per run")
+    common.add_image_arguments(parser, "clients", "concurrent requests per run")
     args = parser.parse_args(argv)
-    size = image_size(parser, args, "clients")
+    size = common.image_size(parser, args, "clients")
 
-    print_image_machine_facts()
+    common.print_image_machine_facts()
     started = time.perf_counter()
-    device, dtype = device_and_dtype()
+    device, dtype = common.device_and_dtype()
     with tempfile.TemporaryDirectory(prefix="s2i-bench-batch-") as name:
         tmp = Path(name)
-        with quiet_logs():
-            folder = build_model(args.model, tmp)
+        with common.quiet_logs():
+            (folder,) = common.build_models(args.model, tmp, 1)
             apps = {
                 "on": make_app(tmp, "on", folder, size, args.steps, BATCH_MAX_IMAGES, args.clients),
                 "off": make_app(tmp, "off", folder, size, args.steps, 1, args.clients),
@@ -211,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             for i in range(args.clients)
         ]
-        servers = {key: Server(app) for key, app in apps.items()}
+        servers = {key: common.Server(app) for key, app in apps.items()}
         try:
-            with quiet_logs():
+            with common.quiet_logs():
                 for key in apps:  # load the model, then one untimed concurrent run
                     servers[key].generate(payloads[0])
                     concurrent_run(servers[key], apps[key], payloads)
-                runs: dict[str, list[Run]] = interleaved(
+                runs: dict[str, list[Run]] = common.interleaved(
                     args.repeats,
                     {
                         key: lambda key=key: concurrent_run(servers[key], apps[key], payloads)
@@ -241,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             },
             tmp / "logs" / "app.log",
         )
-    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {load_average()}")
+    print(
+        f"\nwall time: {time.perf_counter() - started:.1f} s, "
+        f"load average now {common.load_average()}"
+    )
     if failed:
         print(f"exit 1: {failed} request(s) failed", file=sys.stderr)
     return 1 if failed else 0

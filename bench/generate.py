@@ -49,8 +49,6 @@ Timings on a small shared machine drift between runs; compare the ratios, not th
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -63,8 +61,9 @@ from _common import (
     Server,
     Timed,
     add_image_arguments,
-    build_sd15_pipeline,
+    build_models,
     device_and_dtype,
+    image_app,
     image_size,
     interleaved,
     load_average,
@@ -80,46 +79,7 @@ SCHEDULER = "euler_a"
 
 
 # --- models ------------------------------------------------------------------------------
-def build_models(kind: str, tmp: Path) -> tuple[Path, Path]:
-    """Folders of models A and B: two tiny pipelines (seeds 0, 1) or two sd15 copies."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
-
-    started = time.perf_counter()
-    if kind == "tiny":
-        folders = build_tiny_pipeline(tmp / "tiny"), build_tiny_pipeline(tmp / "tiny2", seed=1)
-    else:
-        first = build_sd15_pipeline(tmp / "sd15")
-        # A second copy as hard links: another folder, another loader entry, no second build.
-        second = Path(shutil.copytree(first, tmp / "sd15-copy", copy_function=os.link))
-        folders = first, second
-    mib = sum(p.stat().st_size for p in folders[0].rglob("*") if p.is_file()) / 2**20
-    print(f"built 2 {kind} models in {time.perf_counter() - started:.1f} s ({mib:.1f} MiB each)")
-    return folders
-
-
 # --- the service -------------------------------------------------------------------------
-def make_app(tmp: Path, folders: tuple[Path, Path], size: int, steps: int) -> Any:
-    """The app with models A and B configured, no rate limits, no background cleanup."""
-    from speech2image.app import create_app
-    from speech2image.config import load_settings
-
-    settings = load_settings(
-        log_dir=tmp / "logs",
-        image_dir=tmp / "images",
-        model_cache_dir=tmp / "cache",
-        ratelimit_enabled=False,
-        cleanup_interval_seconds=0,
-        image_models={MODEL_A: {"source": str(folders[0])}, MODEL_B: {"source": str(folders[1])}},
-        style_models={"artistic": MODEL_A, "photographic": MODEL_A},
-        default_width=size,
-        default_height=size,
-        max_width=max(1024, size),
-        max_height=max(1024, size),
-        max_steps=max(60, steps),
-    )
-    return create_app(settings)
-
-
 # --- part 1 ------------------------------------------------------------------------------
 def part_throughput(
     server: Server, app: Any, folder: Path, requests: int, steps: int, size: int, repeats: int
@@ -351,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="s2i-bench-gen-") as name:
         tmp = Path(name)
         with quiet_logs():
-            folders = build_models(args.model, tmp)
-            app = make_app(tmp, folders, size, args.steps)
+            folders = build_models(args.model, tmp, 2)
+            models = {MODEL_A: folders[0], MODEL_B: folders[1]}
+            app = image_app(tmp, tmp / "logs", models, size, args.steps)
         server = Server(app)
         try:
             with quiet_logs():
