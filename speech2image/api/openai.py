@@ -28,9 +28,9 @@ from ..storage import get_storage
 from ..tasks import TranscribeWork
 from .identity import client_owner
 from .jobs import wait_for
-from .openapi import Content, Upload, endpoint
+from .openapi import Upload, endpoint
 from .speech import _submit_with_upload, language_type
-from .transcript_formats import RESPONSE_FORMATS, render_transcript
+from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
 
 __all__ = [
     "IMAGE_ALIASES",
@@ -353,15 +353,7 @@ def _render_transcript(body: dict[str, Any], response_format: str, words: bool) 
 _AUDIO_ENDPOINT = {
     "form": _audio_form,
     "responses": {
-        200: Content(
-            {
-                "application/json": Transcription,
-                "text/plain": {"type": "string"},
-                "application/x-subrip": {"type": "string"},
-                "text/vtt": {"type": "string"},
-            },
-            "The transcript in the requested `response_format`",
-        ),
+        200: TRANSCRIPT_RESPONSE,
         **_errors(*ERROR_STATUSES),
     },
     "tags": ("openai",),

@@ -34,9 +34,9 @@ from ..speech_service import (
 from ..tasks import SpeechToImageWork, TranscribeWork
 from .identity import client_owner
 from .jobs import respond, wait_for, wants_async
-from .openapi import Content, Upload, endpoint
-from .responses import Generation, JobAccepted, Transcription
-from .transcript_formats import RESPONSE_FORMATS, render_transcript
+from .openapi import Upload, endpoint
+from .responses import Generation, JobAccepted
+from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
 
 __all__ = ["RESPONSE_FORMATS", "bp", "language_type", "pipeline_bp"]
 
@@ -223,15 +223,7 @@ def _submit_with_upload(upload: Any, make_job: Any) -> Job:
 @endpoint(
     form=_transcribe_form,
     responses={
-        200: Content(
-            {
-                "application/json": Transcription,
-                "text/plain": {"type": "string"},
-                "application/x-subrip": {"type": "string"},
-                "text/vtt": {"type": "string"},
-            },
-            "The transcript in the requested `response_format`",
-        ),
+        200: TRANSCRIPT_RESPONSE,
         202: JobAccepted,
     },
     errors=(409, 415, 422, 503),

@@ -11,9 +11,28 @@ from typing import Any
 
 from flask import Response, jsonify
 
-__all__ = ["RESPONSE_FORMATS", "JsonShape", "render_transcript", "to_srt", "to_vtt"]
+from .openapi import Content
+from .responses import Transcription
+
+__all__ = [
+    "RESPONSE_FORMATS",
+    "TRANSCRIPT_RESPONSE",
+    "JsonShape",
+    "render_transcript",
+    "to_srt",
+    "to_vtt",
+]
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+_TEXT_TYPES = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
+# The 200 answer of a transcription route, for the OpenAPI description.
+TRANSCRIPT_RESPONSE = Content(
+    {
+        "application/json": Transcription,
+        **{media_type: {"type": "string"} for media_type in _TEXT_TYPES.values()},
+    },
+    "The transcript in the requested `response_format`",
+)
 # The JSON a surface answers with: (verbose result, whether verbose_json was asked) -> body.
 JsonShape = Callable[[dict[str, Any], bool], dict[str, Any]]
 
@@ -21,12 +40,14 @@ JsonShape = Callable[[dict[str, Any], bool], dict[str, Any]]
 def render_transcript(body: dict[str, Any], response_format: str, shape: JsonShape) -> Response:
     """A verbose transcription result in ``response_format``; its JSON shaped by ``shape``."""
     if response_format == "text":
-        return Response(body["text"] + "\n", mimetype="text/plain")
-    if response_format == "srt":
-        return Response(to_srt(body["segments"]), mimetype="application/x-subrip")
-    if response_format == "vtt":
-        return Response(to_vtt(body["segments"]), mimetype="text/vtt")
-    return jsonify(shape(body, response_format == "verbose_json"))
+        text = body["text"] + "\n"
+    elif response_format == "srt":
+        text = to_srt(body["segments"])
+    elif response_format == "vtt":
+        text = to_vtt(body["segments"])
+    else:
+        return jsonify(shape(body, response_format == "verbose_json"))
+    return Response(text, mimetype=_TEXT_TYPES[response_format])
 
 
 def _timestamp(seconds: float, separator: str) -> str:
