@@ -39,17 +39,15 @@ Exits 1 if any request failed (causes summarised from the service log), else 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+import _common as common
 
 SCHEDULER = "euler_a"
 MODEL = "bench"
@@ -57,64 +55,25 @@ BATCH_MAX_IMAGES = 8
 BATCH_WAIT_MS = 50.0
 
 
-def _load_generate_bench() -> ModuleType:
-    """bench/generate.py as a module (bench is not a package): shared helpers live there."""
-    path = Path(__file__).with_name("generate.py")
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generate_bench()
-Timed = tuple[float, dict[str, Any]]  # client seconds, response JSON
-Run = tuple[float, list[Timed | None], int]  # wall seconds, responses, pipeline calls
-
-
-def build_model(kind: str, tmp: Path) -> Path:
-    """The folder of one random-weight model: tiny, or the full SD 1.5 architecture."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
-
-    started = time.perf_counter()
-    if kind == "tiny":
-        folder = build_tiny_pipeline(tmp / "tiny")
-    else:
-        folder = gen.build_sd15_pipeline(tmp / "sd15")
-    mib = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
-    print(f"built 1 {kind} model in {time.perf_counter() - started:.1f} s ({mib:.1f} MiB)")
-    return folder
+Run = tuple[float, list[common.Timed | None], int]  # wall seconds, responses, pipeline calls
 
 
 def make_app(
     tmp: Path, name: str, folder: Path, size: int, steps: int, batch: int, clients: int
 ) -> Any:
     """An app serving ``folder`` with one job worker and at most ``batch`` images per call."""
-    from speech2image.app import create_app
-    from speech2image.config import load_settings
-
-    settings = load_settings(
-        log_dir=tmp / "logs",  # one log: logging is process-wide, the last app's setup wins
-        image_dir=tmp / name / "images",
-        model_cache_dir=tmp / name / "cache",
-        ratelimit_enabled=False,
-        cleanup_interval_seconds=0,
-        image_models={MODEL: {"source": str(folder)}},
-        style_models={"artistic": MODEL, "photographic": MODEL},
-        default_width=size,
-        default_height=size,
-        max_width=max(1024, size),
-        max_height=max(1024, size),
-        max_steps=max(60, steps),
+    return common.image_app(
+        tmp / name,
+        tmp / "logs",  # one log: logging is process-wide, the last app's setup wins
+        {MODEL: folder},
+        size,
+        steps,
         job_workers=1,
         batch_max_images=batch,
         batch_max_wait_ms=BATCH_WAIT_MS,
         queue_max=max(64, clients),  # every client is the same local identity
         queue_max_per_owner=max(16, clients),
     )
-    return create_app(settings)
 
 
 def concurrent_run(server: Any, app: Any, payloads: list[dict[str, Any]]) -> Run:
@@ -122,23 +81,9 @@ def concurrent_run(server: Any, app: Any, payloads: list[dict[str, Any]]) -> Run
     from speech2image.jobs import get_job_runner
 
     runner = get_job_runner(app)
-    barrier = threading.Barrier(len(payloads) + 1)
-    results: list[Timed | None] = [None] * len(payloads)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        with contextlib.suppress(RuntimeError):  # an HTTP error: counted as a failure
-            results[i] = server.generate(payloads[i])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
-    for thread in threads:
-        thread.start()
     calls_before = runner.batches_run
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - start, results, runner.batches_run - calls_before
+    wall, results = common.together(len(payloads), lambda i: server.generate(payloads[i]))
+    return wall, results, runner.batches_run - calls_before
 
 
 def report(
@@ -162,7 +107,7 @@ def report(
         failed += clients * len(done) - len(responses)
         wall = statistics.median(w for w, _, _ in done)
 
-        def median_of(key: str, responses: list[Timed] = responses) -> float:
+        def median_of(key: str, responses: list[common.Timed] = responses) -> float:
             values = [body.get("timings", {}).get(key, 0.0) for _, body in responses]
             return statistics.median(values) if values else float("nan")
 
@@ -191,7 +136,7 @@ def report(
     )
     if failed:
         print(f"FAILED: {failed} of {clients * sum(map(len, runs.values()))} requests; causes:")
-        for line in gen._logged_errors(log_path):
+        for line in common.logged_errors(log_path):
             print(f"  {line}")
     return failed
 
@@ -199,25 +144,17 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the model and both apps, run the interleaved repeats."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent requests per run")
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps")
-    parser.add_argument("--size", type=int, default=None, help="side in pixels (tiny 64, sd15 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
+    common.add_image_arguments(parser, "clients", "concurrent requests per run")
     args = parser.parse_args(argv)
-    size = args.size or (64 if args.model == "tiny" else 512)
-    if args.clients < 1 or args.steps < 1 or args.repeats < 1:
-        parser.error("--clients, --steps and --repeats must be at least 1")
-    if size < 64 or size % 8:
-        parser.error("--size must be a multiple of 8, at least 64")
+    size = common.image_size(parser, args, "clients")
 
-    gen.machine_facts()
+    common.print_image_machine_facts()
     started = time.perf_counter()
-    device, dtype = gen.device_and_dtype()
+    device, dtype = common.device_and_dtype()
     with tempfile.TemporaryDirectory(prefix="s2i-bench-batch-") as name:
         tmp = Path(name)
-        with gen.quiet_logs():
-            folder = build_model(args.model, tmp)
+        with common.quiet_logs():
+            (folder,) = common.build_models(args.model, tmp, 1)
             apps = {
                 "on": make_app(tmp, "on", folder, size, args.steps, BATCH_MAX_IMAGES, args.clients),
                 "off": make_app(tmp, "off", folder, size, args.steps, 1, args.clients),
@@ -236,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             for i in range(args.clients)
         ]
-        servers = {key: gen.Server(app) for key, app in apps.items()}
+        servers = {key: common.Server(app) for key, app in apps.items()}
         try:
-            with gen.quiet_logs():
+            with common.quiet_logs():
                 for key in apps:  # load the model, then one untimed concurrent run
                     servers[key].generate(payloads[0])
                     concurrent_run(servers[key], apps[key], payloads)
-                runs: dict[str, list[Run]] = gen.interleaved(
+                runs: dict[str, list[Run]] = common.interleaved(
                     args.repeats,
                     {
                         key: lambda key=key: concurrent_run(servers[key], apps[key], payloads)
@@ -266,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             },
             tmp / "logs" / "app.log",
         )
-    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {gen._load()}")
+    print(
+        f"\nwall time: {time.perf_counter() - started:.1f} s, "
+        f"load average now {common.load_average()}"
+    )
     if failed:
         print(f"exit 1: {failed} request(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -35,19 +35,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from speech2image.cluster import ClusterError, LocalCluster, http_json, weed_binary
+from _common import load_average, print_machine_facts, together
+
+from speech2image.devtools.cluster import ClusterError, LocalCluster
+from speech2image.devtools.scratch import (
+    ScratchSchema,
+    database_problem,
+    drop_keys,
+    http,
+    redis_problem,
+    weed_binary,
+)
 
 BROKER_URL = os.environ.get("S2I_BENCH_BROKER_URL", "redis://127.0.0.1:6379/13")
 POSTGRES_URL = os.environ.get(
@@ -58,25 +66,11 @@ SIZE = 64
 
 def _problem() -> str | None:
     """Why Redis or PostgreSQL cannot be used, or None."""
-    import redis
-    from sqlalchemy import create_engine, text
-
-    try:
-        redis.Redis.from_url(BROKER_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        return f"no Redis at {BROKER_URL} ({exc})"
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect() as connection:
-            connection.execute(text("select 1"))
-        engine.dispose()
-    except Exception as exc:
-        return f"no PostgreSQL at {POSTGRES_URL} ({type(exc).__name__})"
+    if problem := redis_problem(BROKER_URL):
+        return f"no Redis at {BROKER_URL} ({problem})"
+    if problem := database_problem(POSTGRES_URL):
+        return f"no PostgreSQL at {POSTGRES_URL} ({problem})"
     return None
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _common_settings(tmp: Path, folder: Path) -> dict[str, str]:
@@ -100,7 +94,7 @@ def _common_settings(tmp: Path, folder: Path) -> dict[str, str]:
 
 def _generate(url: str, payload: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
-    status, body = http_json("POST", f"{url}/generate-image", payload, timeout=600)
+    status, _, body = http("POST", f"{url}/generate-image", payload, timeout=600)
     elapsed = time.perf_counter() - started
     if status != 200:
         raise RuntimeError(f"{status}: {body!r}"[:300])
@@ -109,30 +103,21 @@ def _generate(url: str, payload: dict[str, Any]) -> tuple[float, dict[str, Any]]
 
 def _burst(url: str, model: str, jobs: int, steps: int, tag: int) -> tuple[float, list[Any]]:
     """``jobs`` synchronous requests at once; wall seconds and the answers (None: failed)."""
-    answers: list[Any] = [None] * jobs
-    barrier = threading.Barrier(jobs + 1)
 
-    def client(i: int) -> None:
+    def client(i: int) -> Any:
         payload = {
             "prompt": f"a lighthouse on a cliff, study {tag}-{i}",
             "seed": tag * 1000 + i,
             "steps": steps,
             "model": model,
         }
-        barrier.wait()
         try:
-            answers[i] = _generate(url, payload)[1]
+            return _generate(url, payload)[1]
         except (RuntimeError, OSError) as exc:
             print(f"  request failed: {exc}", file=sys.stderr)
+            return None
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(jobs)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, answers
+    return together(jobs, client)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    print(f"python        {platform.python_version()} on {platform.machine()}")
-    print(f"cpu count     {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})")
-    print(f"load average  {_load()} (other work on the cores skews every number)")
-    if args.note:
-        print(f"note          {args.note}")
+    print_machine_facts(*([f"note          {args.note}"] if args.note else []))
     started = time.perf_counter()
     failed = 0
     with tempfile.TemporaryDirectory(prefix="s2i-bench-dist-") as name:
@@ -168,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
         )
         prefix = f"s2ibench{uuid.uuid4().hex[:8]}"
-        schema = f"s2i_bench_{uuid.uuid4().hex[:8]}"
+        schema = ScratchSchema(POSTGRES_URL, "s2i_bench_")
         base = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
         common = _common_settings(tmp, folder)
         distributed = LocalCluster(
@@ -178,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 **common,
                 "S2I_BROKER_URL": BROKER_URL,
                 "S2I_QUEUE_PREFIX": prefix,
-                "S2I_DATABASE_URL": f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
+                "S2I_DATABASE_URL": schema.url,
             },
             log=lambda line: None,
         )
@@ -186,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         embedded = LocalCluster(
             tmp / "embedded", {**base, **common, "OMP_NUM_THREADS": "1"}, log=lambda line: None
         )
-        _create_schema(schema)
+        schema.create()
         store = "local folder (shared)"
         try:
             if weed_binary():
                 store = f"SeaweedFS S3 at {distributed.start_object_store()}"
             distributed.migrate()
-            distributed.start_worker(1, S2I_WORKER_MODELS="solo,duo")
+            # Worker 1 also declares Whisper (never used here): /ready wants every model served.
+            distributed.start_worker(1, S2I_WORKER_MODELS="whisper,solo,duo")
             distributed.start_worker(1, S2I_WORKER_MODELS="duo")
             api = distributed.start_api()
             local = embedded.start_api()
@@ -230,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             distributed.stop()
             embedded.stop()
-            _drop(prefix, schema)
+            drop_keys(BROKER_URL, prefix)
+            schema.drop()
 
         print()
         print(
@@ -274,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             f"distributed path adds {med['distributed'] - med['embedded']:.1f} ms per job "
             f"({med['distributed'] / med['embedded']:.2f}x the embedded latency)"
         )
-    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {_load()}")
+    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {load_average()}")
     if failed:
         print(f"exit 1: {failed} request(s) failed", file=sys.stderr)
     return 1 if failed else 0
@@ -283,30 +266,6 @@ def main(argv: list[str] | None = None) -> int:
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _create_schema(schema: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:
-        connection.execute(text(f"create schema {schema}"))
-    engine.dispose()
-
-
-def _drop(prefix: str, schema: str) -> None:
-    """Remove the bench's Redis keys and PostgreSQL schema."""
-    import redis
-    from sqlalchemy import create_engine, text
-
-    client = redis.Redis.from_url(BROKER_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:
-        connection.execute(text(f"drop schema if exists {schema} cascade"))
-    engine.dispose()
 
 
 if __name__ == "__main__":

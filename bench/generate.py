@@ -49,167 +49,37 @@ Timings on a small shared machine drift between runs; compare the ratios, not th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
-import os
-import platform
-import re
-import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import quiet_service_logs
+from _common import (
+    Server,
+    Timed,
+    add_image_arguments,
+    build_models,
+    device_and_dtype,
+    image_app,
+    image_size,
+    interleaved,
+    load_average,
+    logged_errors,
+    print_image_machine_facts,
+    quiet_logs,
+    together,
+)
 
 MODEL_A = "bench"
 MODEL_B = "bench2"
 SCHEDULER = "euler_a"
-Timed = tuple[float, dict[str, Any]]  # client seconds, response JSON
-
-
-def machine_facts() -> None:
-    """Print what the numbers depend on."""
-    import diffusers
-    import torch
-    import transformers
-
-    print(f"python        {platform.python_version()} on {platform.machine()}")
-    print(f"cpu count     {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})")
-    print(f"torch         {torch.__version__} ({torch.get_num_threads()} intra-op threads)")
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"cuda device   {cuda}")
-    print(f"diffusers     {diffusers.__version__}, transformers {transformers.__version__}")
-    print(f"load average  {_load()} (other work on the cores skews every number)")
-    print()
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def device_and_dtype() -> tuple[str, Any]:
-    """The service's 'auto' rule: CUDA with float16 when available, else CPU with float32."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda", torch.float16
-    return "cpu", torch.float32
 
 
 # --- models ------------------------------------------------------------------------------
-def build_sd15_pipeline(path: Path, seed: int = 0) -> Path:
-    """A random-weight pipeline with the full SD 1.5 architecture, saved (float16) to ``path``."""
-    from speech2image.engines.tiny_sd import build_random_pipeline
-
-    return build_random_pipeline(path, seed=seed, architecture="sd15", half=True)
-
-
-def build_models(kind: str, tmp: Path) -> tuple[Path, Path]:
-    """Folders of models A and B: two tiny pipelines (seeds 0, 1) or two sd15 copies."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
-
-    started = time.perf_counter()
-    if kind == "tiny":
-        folders = build_tiny_pipeline(tmp / "tiny"), build_tiny_pipeline(tmp / "tiny2", seed=1)
-    else:
-        first = build_sd15_pipeline(tmp / "sd15")
-        # A second copy as hard links: another folder, another loader entry, no second build.
-        second = Path(shutil.copytree(first, tmp / "sd15-copy", copy_function=os.link))
-        folders = first, second
-    mib = sum(p.stat().st_size for p in folders[0].rglob("*") if p.is_file()) / 2**20
-    print(f"built 2 {kind} models in {time.perf_counter() - started:.1f} s ({mib:.1f} MiB each)")
-    return folders
-
-
 # --- the service -------------------------------------------------------------------------
-class Server:
-    """The real app behind a werkzeug server on a free local port, in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        from werkzeug.serving import make_server
-
-        self.httpd = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def generate(self, payload: dict[str, Any]) -> Timed:
-        """POST /generate-image; return client-side seconds and the JSON body."""
-        request = urllib.request.Request(
-            self.url + "/generate-image",
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        start = time.perf_counter()
-        try:
-            with urllib.request.urlopen(request, timeout=600) as response:
-                body = json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
-        return time.perf_counter() - start, body
-
-    def close(self) -> None:
-        """Stop serving."""
-        self.httpd.shutdown()
-        self.thread.join(timeout=10)
-        self.httpd.server_close()
-
-
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Service logs to its file only (errors are summarised from it); libraries quiet."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with quiet_service_logs(logging.CRITICAL):
-        yield
-
-
-def make_app(tmp: Path, folders: tuple[Path, Path], size: int, steps: int) -> Any:
-    """The app with models A and B configured, no rate limits, no background cleanup."""
-    from speech2image.app import create_app
-    from speech2image.config import load_settings
-
-    settings = load_settings(
-        log_dir=tmp / "logs",
-        image_dir=tmp / "images",
-        model_cache_dir=tmp / "cache",
-        ratelimit_enabled=False,
-        cleanup_interval_seconds=0,
-        image_models={MODEL_A: {"source": str(folders[0])}, MODEL_B: {"source": str(folders[1])}},
-        style_models={"artistic": MODEL_A, "photographic": MODEL_A},
-        default_width=size,
-        default_height=size,
-        max_width=max(1024, size),
-        max_height=max(1024, size),
-        max_steps=max(60, steps),
-    )
-    return create_app(settings)
-
-
-def interleaved(repeats: int, runs: dict[str, Callable[[], Any]]) -> dict[str, list[Any]]:
-    """Call each run ``repeats`` times, rotating their order every repeat."""
-    names = list(runs)
-    results: dict[str, list[Any]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            results[name].append(runs[name]())
-    return results
-
-
 # --- part 1 ------------------------------------------------------------------------------
 def part_throughput(
     server: Server, app: Any, folder: Path, requests: int, steps: int, size: int, repeats: int
@@ -272,22 +142,7 @@ def part_throughput(
         return time.perf_counter() - start, images
 
     def service() -> tuple[float, list[Timed | None]]:
-        barrier = threading.Barrier(requests + 1)
-        results: list[Timed | None] = [None] * requests
-
-        def client(i: int) -> None:
-            barrier.wait()
-            with contextlib.suppress(RuntimeError):  # an HTTP error: counted as a failure
-                results[i] = server.generate(payload(i))
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(requests)]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - start, results
+        return together(requests, lambda i: server.generate(payload(i)))  # None: an HTTP error
 
     direct_one(0)
     server.generate(payload(0))  # loads model A in the service
@@ -319,7 +174,7 @@ def part_throughput(
             f"FAILED: {failed} of {requests * repeats} service requests (not counted as "
             "images above); causes in the service log:"
         )
-        for line in _logged_errors(Path(settings.log_dir) / "app.log"):
+        for line in logged_errors(Path(settings.log_dir) / "app.log"):
             print(f"  {line}")
     if not responses:
         print()
@@ -357,17 +212,6 @@ def part_throughput(
     print(f"same pixels as direct: {same}/{compared} images (max abs difference {worst})")
     print()
     return failed
-
-
-def _logged_errors(path: Path, limit: int = 3) -> list[str]:
-    """The distinct exception lines (``SomeError: ...``) of the service log, with counts."""
-    pattern = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|borrowed)\b.*")
-    found: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if pattern.match(line):
-                found[line] = found.get(line, 0) + 1
-    return [f"{n} x {line}" for line, n in list(found.items())[:limit]]
 
 
 # --- part 2 ------------------------------------------------------------------------------
@@ -458,25 +302,18 @@ def part_switch(server: Server, app: Any, size: int, repeats: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the models, run both parts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
-    parser.add_argument("--requests", type=int, default=8, help="concurrent requests (part 1)")
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps (part 1)")
-    parser.add_argument("--size", type=int, default=None, help="side in pixels (tiny 64, sd15 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and state")
+    add_image_arguments(parser, "requests", "concurrent requests (part 1)")
     args = parser.parse_args(argv)
-    size = args.size or (64 if args.model == "tiny" else 512)
-    if args.requests < 1 or args.steps < 1 or args.repeats < 1:
-        parser.error("--requests, --steps and --repeats must be at least 1")
-    if size < 64 or size % 8:
-        parser.error("--size must be a multiple of 8, at least 64")
+    size = image_size(parser, args, "requests")
 
-    machine_facts()
+    print_image_machine_facts()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="s2i-bench-gen-") as name:
         tmp = Path(name)
         with quiet_logs():
-            folders = build_models(args.model, tmp)
-            app = make_app(tmp, folders, size, args.steps)
+            folders = build_models(args.model, tmp, 2)
+            models = {MODEL_A: folders[0], MODEL_B: folders[1]}
+            app = image_app(tmp, tmp / "logs", models, size, args.steps)
         server = Server(app)
         try:
             with quiet_logs():
@@ -486,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 part_switch(server, app, size, args.repeats)
         finally:
             server.close()
-    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {_load()}")
+    print(f"\nwall time: {time.perf_counter() - started:.1f} s, load average now {load_average()}")
     if failed:
         print(f"exit 1: {failed} service request(s) failed", file=sys.stderr)
     return 1 if failed else 0

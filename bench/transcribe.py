@@ -39,22 +39,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import quiet_service_logs
+from _common import Server, interleaved, print_machine_facts, quiet_service_logs
 
 CLIPS: dict[str, tuple[str, str, int]] = {
     # name -> (espeak voice, text, words per minute)
@@ -118,10 +113,10 @@ def machine_facts() -> None:
     import ctranslate2
     import faster_whisper
 
-    print(f"python        {platform.python_version()} on {platform.machine()}")
-    print(f"cpu count     {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})")
-    print(f"faster-whisper {faster_whisper.__version__}, ctranslate2 {ctranslate2.__version__}")
-    print(f"cuda devices  {ctranslate2.get_cuda_device_count()}")
+    print_machine_facts(
+        f"faster-whisper {faster_whisper.__version__}, ctranslate2 {ctranslate2.__version__}",
+        f"cuda devices  {ctranslate2.get_cuda_device_count()}",
+    )
     print()
 
 
@@ -137,52 +132,35 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     return head + data + tail, f"multipart/form-data; boundary={boundary}"
 
 
-class Server:
-    """The real app behind a werkzeug server on a free local port, in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        from werkzeug.serving import make_server
-
-        self.httpd = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def transcribe(self, clip: Clip) -> tuple[float, dict[str, Any]]:
-        """POST the clip; return client-side seconds and the JSON body."""
-        body, content_type = multipart("audio", clip.path.name, clip.path.read_bytes())
-        request = urllib.request.Request(
-            self.url + "/transcribe-audio",
-            data=body,
-            headers={"Content-Type": content_type},
-            method="POST",
-        )
-        start = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=600) as response:
-            result = json.loads(response.read())
-        return time.perf_counter() - start, result
-
-    def close(self) -> None:
-        """Stop serving."""
-        self.httpd.shutdown()
-        self.thread.join(timeout=10)
-        self.httpd.server_close()
+def upload(server: Server, clip: Clip) -> tuple[float, dict[str, Any]]:
+    """POST the clip to /transcribe-audio; client-side seconds and the JSON body."""
+    body, content_type = multipart("audio", clip.path.name, clip.path.read_bytes())
+    return server.post("/transcribe-audio", body, content_type)
 
 
-def interleaved(
+def timed_runs(
     repeats: int, runs: dict[str, Callable[[], Run]]
 ) -> dict[str, tuple[list[float], str]]:
-    """Time each run ``repeats`` times, rotating their order every repeat."""
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    texts: dict[str, str] = {}
-    for i in range(repeats):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            seconds, text = runs[name]()
-            times[name].append(seconds)
-            texts[name] = text
-    return {name: (times[name], texts[name]) for name in names}
+    """Each run's seconds over ``repeats`` interleaved repeats, and its last text."""
+    results = interleaved(repeats, runs)
+    return {name: ([s for s, _ in done], done[-1][1]) for name, done in results.items()}
+
+
+def service_transcribe(model: Any, samples: Any, settings: Any) -> Run:
+    """Transcribe ``samples`` with the service's decoding options; seconds and text."""
+    from speech2image.engines.whisper import transcribe
+
+    start = time.perf_counter()
+    result = transcribe(
+        model,
+        samples,
+        language=None,
+        task="transcribe",
+        word_timestamps=False,
+        beam_size=settings.whisper_beam_size,
+        vad=settings.whisper_vad,
+    )
+    return time.perf_counter() - start, result.text
 
 
 def part_a(model_name: str, repeats: int, clips: list[Clip], tmp: Path) -> None:
@@ -192,7 +170,7 @@ def part_a(model_name: str, repeats: int, clips: list[Clip], tmp: Path) -> None:
     from speech2image.app import create_app
     from speech2image.audio import decode_audio
     from speech2image.config import load_settings
-    from speech2image.engines.whisper import resolve_whisper_model, transcribe
+    from speech2image.engines.whisper import resolve_whisper_model
 
     settings = load_settings(
         log_dir=tmp / "logs",
@@ -208,16 +186,8 @@ def part_a(model_name: str, repeats: int, clips: list[Clip], tmp: Path) -> None:
     def direct(clip: Clip, decode: Callable[[str], Any] = faster_whisper.decode_audio) -> Run:
         start = time.perf_counter()
         samples = decode(str(clip.path))
-        result = transcribe(
-            model,
-            samples,
-            language=None,
-            task="transcribe",
-            word_timestamps=False,
-            beam_size=settings.whisper_beam_size,
-            vad=settings.whisper_vad,
-        )
-        return time.perf_counter() - start, result.text
+        _, text = service_transcribe(model, samples, settings)
+        return time.perf_counter() - start, text  # the decode included
 
     def service_decode(path: str) -> Any:
         return decode_audio(path, settings.max_audio_seconds).samples
@@ -228,7 +198,7 @@ def part_a(model_name: str, repeats: int, clips: list[Clip], tmp: Path) -> None:
         with quiet_service_logs():
 
             def http(clip: Clip) -> Run:
-                seconds, body = server.transcribe(clip)
+                seconds, body = upload(server, clip)
                 return seconds, body["text"]
 
             warm = clips[0]
@@ -249,7 +219,7 @@ def part_a(model_name: str, repeats: int, clips: list[Clip], tmp: Path) -> None:
             totals = {"direct": 0.0, "direct*": 0.0, "http": 0.0}
             mismatches: dict[str, list[tuple[str, str, str]]] = {"direct": [], "direct*": []}
             for clip in clips:
-                results = interleaved(
+                results = timed_runs(
                     repeats,
                     {
                         "direct": lambda c=clip: direct(c),
@@ -300,7 +270,7 @@ def part_b(repeats: int, clip: Clip, cache_dir: Path) -> None:
     import faster_whisper
 
     from speech2image.config import load_settings
-    from speech2image.engines.whisper import resolve_whisper_model, transcribe
+    from speech2image.engines.whisper import resolve_whisper_model
 
     settings = load_settings()
     folder = resolve_whisper_model("tiny.en", cache_dir)
@@ -314,21 +284,11 @@ def part_b(repeats: int, clip: Clip, cache_dir: Path) -> None:
         return time.perf_counter() - start, text
 
     def service() -> Run:
-        start = time.perf_counter()
-        result = transcribe(
-            model,
-            samples,
-            language=None,
-            task="transcribe",
-            word_timestamps=False,
-            beam_size=settings.whisper_beam_size,
-            vad=settings.whisper_vad,
-        )
-        return time.perf_counter() - start, result.text
+        return service_transcribe(model, samples, settings)
 
     default()
     service()
-    results = interleaved(repeats, {"default": default, "service": service})
+    results = timed_runs(repeats, {"default": default, "service": service})
     print(
         f"Part B - unintelligible audio ({clip.name}, {clip.seconds:.2f} s), model 'tiny.en', "
         f"median of {repeats}"

@@ -202,7 +202,7 @@ def cluster(
     import signal
     import tempfile
 
-    from .cluster import ClusterError, LocalCluster
+    from .devtools.cluster import ClusterError, LocalCluster
 
     folder = root or Path(tempfile.mkdtemp(prefix="speech2image-cluster-"))
     stack = LocalCluster(folder, log=lambda line: click.echo(line, err=True))

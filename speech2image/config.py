@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .style import DEFAULT_STYLE, DEFAULT_STYLE_CUES, DEFAULT_STYLE_MODELS
+from .style import DEFAULT_STYLE, DEFAULT_STYLE_MODELS, default_style_cues
 
 __all__ = [
     "IMAGE_MODEL_PRESETS",
@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     default_guidance_scale: float = Field(7.0, ge=0, le=50)
     default_scheduler: str = Field("euler_a", description="See the README's scheduler list.")
     style_cues: dict[str, dict[str, float]] = Field(
-        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_STYLE_CUES.items()},
+        default_factory=default_style_cues,
         description="JSON {style: {cue: weight}} for automatic model choice.",
     )
     style_models: dict[str, str] = Field(

@@ -4,26 +4,36 @@ Each style (``artistic``, ``photographic``) has weighted cue words and phrases; 
 matched cues weigh most picks its Stable Diffusion checkpoint. When no cue decides (none matched,
 or the leaders tie), the subject does: a make-believe subject (a throne, a ghost, something
 giant or floating) means artwork, an everyday real-world one (boba, an F1 car, a kitchen) means
-a photograph; only then the default style. A model the caller names always wins. Pure Python
-and stdlib only: ``config.py`` imports this module.
+a photograph; only then the default style. A model the caller names always wins.
+
+The cue and subject words are data: ``speech2image/data/style_lexicon.toml``, read with
+``tomllib`` once per process, when the first chooser (or the settings' default) needs them.
+Pure Python and stdlib only: ``config.py`` imports this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
 
 __all__ = [
     "AUTO_MODEL",
     "DEFAULT_STYLE",
-    "DEFAULT_STYLE_CUES",
     "DEFAULT_STYLE_MODELS",
-    "DEFAULT_SUBJECTS",
+    "Lexicon",
     "StyleChoice",
     "StyleChooser",
     "SubjectGroup",
+    "default_style_cues",
+    "default_subjects",
+    "load_lexicon",
 ]
 
 AUTO_MODEL = "auto"
@@ -32,192 +42,7 @@ DEFAULT_STYLE_MODELS: dict[str, str] = {
     "artistic": "dreamshaper",
     "photographic": "realistic-vision",
 }
-
-# Weights: 2.0 for cues that name the medium outright ("oil painting", "photorealistic"),
-# 1.5 for strong hints (a technique, a camera, a fantasy creature), 1.0 for medium hints,
-# 0.5 for words that lean one way but often appear in the other ("vibrant", "picture").
-DEFAULT_STYLE_CUES: dict[str, dict[str, float]] = {
-    "artistic": {
-        # the medium, named
-        "oil painting": 2.0,
-        "acrylic painting": 2.0,
-        "digital painting": 2.0,
-        "watercolor": 2.0,
-        "watercolour": 2.0,
-        "illustration": 2.0,
-        "anime": 2.0,
-        "manga": 2.0,
-        "cartoon": 2.0,
-        "comic book": 2.0,
-        "pixel art": 2.0,
-        "concept art": 2.0,
-        "digital art": 2.0,
-        "fan art": 2.0,
-        "character design": 2.0,
-        "cel shaded": 2.0,
-        "art nouveau": 2.0,
-        "ukiyo e": 2.0,
-        "artstation": 2.0,
-        "studio ghibli": 2.0,
-        "ghibli": 2.0,
-        "van gogh": 2.0,
-        "impressionist": 2.0,
-        "impressionism": 2.0,
-        # techniques, looks and artists
-        "painting": 1.5,
-        "drawing": 1.5,
-        "sketch": 1.5,
-        "illustrated": 1.5,
-        "comic": 1.5,
-        "children's book": 1.5,
-        "storybook": 1.5,
-        "artwork": 1.5,
-        "abstract": 1.5,
-        "surreal": 1.5,
-        "surrealism": 1.5,
-        "stylized": 1.5,
-        "3d render": 1.5,
-        "unreal engine": 1.5,
-        "low poly": 1.5,
-        "isometric": 1.5,
-        "chibi": 1.5,
-        "pixar": 1.5,
-        "disney": 1.5,
-        "steampunk": 1.5,
-        "picasso": 1.5,
-        "monet": 1.5,
-        "greg rutkowski": 1.5,
-        # fantasy and fiction
-        "fantasy": 1.5,
-        "dragon": 1.5,
-        "wizard": 1.5,
-        "sorcerer": 1.5,
-        "elf": 1.5,
-        "elves": 1.5,
-        "unicorn": 1.5,
-        "fairy tale": 1.5,
-        "mythical": 1.5,
-        "art": 1.0,
-        "artistic": 1.0,
-        "artist": 1.0,
-        "draw": 1.0,
-        "paint": 1.0,
-        "mural": 1.0,
-        "poster": 1.0,
-        "vector": 1.0,
-        "tarot": 1.0,
-        "kawaii": 1.0,
-        "octane render": 1.0,
-        "cyberpunk": 1.0,
-        "psychedelic": 1.0,
-        "castle": 1.0,
-        "magic": 1.0,
-        "magical": 1.0,
-        "enchanted": 1.0,
-        "fairy": 1.0,
-        "mermaid": 1.0,
-        "phoenix": 1.0,
-        "witch": 1.0,
-        "goblin": 1.0,
-        "troll": 1.0,
-        "monster": 1.0,
-        "spaceship": 1.0,
-        "alien": 1.0,
-        "sci fi": 1.0,
-        "science fiction": 1.0,
-        "dreamy": 1.0,
-        "dreamlike": 1.0,
-        "whimsical": 1.0,
-        "ethereal": 1.0,
-        # lean artistic, often seen in photographs too
-        "in the style of": 0.5,
-        "vibrant": 0.5,
-        "colorful": 0.5,
-        "epic": 0.5,
-        "glowing": 0.5,
-        "cosmic": 0.5,
-        "knight": 0.5,
-        "robot": 0.5,
-    },
-    "photographic": {
-        # the medium, named
-        "photo": 2.0,
-        "photograph": 2.0,
-        "photography": 2.0,
-        "photographic": 2.0,
-        "photographer": 2.0,
-        "photoshoot": 2.0,
-        "photo shoot": 2.0,
-        "photojournalism": 2.0,
-        "raw photo": 2.0,
-        "portrait photo": 2.0,
-        "street photography": 2.0,
-        "wildlife photography": 2.0,
-        "photorealistic": 2.0,
-        "photo realistic": 2.0,
-        "photorealism": 2.0,
-        "hyperrealistic": 2.0,
-        "hyper realistic": 2.0,
-        "ultra realistic": 2.0,
-        "dslr": 2.0,
-        # realism, kinds of photographs, cameras and lenses
-        "realistic": 1.5,
-        "realism": 1.5,
-        "lifelike": 1.5,
-        "real life": 1.5,
-        "headshot": 1.5,
-        "selfie": 1.5,
-        "polaroid": 1.5,
-        "snapshot": 1.5,
-        "documentary": 1.5,
-        "candid": 1.5,
-        "national geographic": 1.5,
-        "shot on": 1.5,
-        "drone shot": 1.5,
-        "long exposure": 1.5,
-        "depth of field": 1.5,
-        "bokeh": 1.5,
-        "telephoto": 1.5,
-        "35mm": 1.5,
-        "50mm": 1.5,
-        "85mm": 1.5,
-        "canon": 1.5,
-        "nikon": 1.5,
-        "sony a7": 1.5,
-        "fujifilm": 1.5,
-        "leica": 1.5,
-        "hasselblad": 1.5,
-        "gopro": 1.5,
-        "portra": 1.5,
-        "skin pores": 1.5,
-        # light, film and capture hints
-        "camera": 1.0,
-        "lens": 1.0,
-        "iphone": 1.0,
-        "kodak": 1.0,
-        "film grain": 1.0,
-        "film still": 1.0,
-        "movie still": 1.0,
-        "footage": 1.0,
-        "macro": 1.0,
-        "wide angle": 1.0,
-        "aerial": 1.0,
-        "golden hour": 1.0,
-        "natural light": 1.0,
-        "natural lighting": 1.0,
-        "studio lighting": 1.0,
-        "skin texture": 1.0,
-        "hdr": 1.0,
-        "8k uhd": 1.0,
-        # lean photographic, often said of art too
-        "picture": 0.5,
-        "shot": 0.5,
-        "close up": 0.5,
-        "black and white": 0.5,
-        "real": 0.5,
-        "instagram": 0.5,
-    },
-}
+_PACKAGED = ("data", "style_lexicon.toml")  # the cue and subject words, in the package
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,278 +54,55 @@ class SubjectGroup:
     words: tuple[str, ...]
 
 
-# Consulted in this order; the first group with a match decides. Make-believe comes first: a
-# camera cannot take a scene with one impossible thing in it, whatever else is there.
-DEFAULT_SUBJECTS: tuple[SubjectGroup, ...] = (
-    SubjectGroup(
-        "artistic",
-        "make-believe",
-        (
-            # impossible scale, physics and materials
-            "giant",
-            "gigantic",
-            "colossal",
-            "floating",
-            "levitating",
-            "upside down world",
-            "made of candy",
-            "made of clouds",
-            "made of crystal",
-            "made of glass",
-            "made of light",
-            "made of stars",
-            "made of flowers",
-            "sea of stars",
-            "galaxy",
-            "nebula",
-            "portal",
-            "time machine",
-            "talking",
-            "anthropomorphic",
-            # fairy-tale and myth
-            "throne",
-            "crown",
-            "kingdom",
-            "king",
-            "queen",
-            "princess",
-            "prince",
-            "creature",
-            "spirit",
-            "ghost",
-            "demon",
-            "angel",
-            "goddess",
-            "deity",
-            "vampire",
-            "zombie",
-            "werewolf",
-            "dinosaur",
-            "cyborg",
-            "potion",
-            "spell",
-            "kraken",
-            "griffin",
-            "pegasus",
-            "centaur",
-            "minotaur",
-            "yeti",
-            "golem",
-            "dwarf",
-            "hobbit",
-            "orc",
-            "pirate ship",
-            "treasure",
-            "superhero",
-            "villain",
-        ),
-    ),
-    SubjectGroup(
-        "photographic",
-        "everyday",
-        (
-            # food and drink
-            "boba",
-            "bubble tea",
-            "pho",
-            "ramen",
-            "sushi",
-            "pizza",
-            "burger",
-            "hamburger",
-            "sandwich",
-            "taco",
-            "burrito",
-            "salad",
-            "soup",
-            "noodles",
-            "dumpling",
-            "curry",
-            "pasta",
-            "spaghetti",
-            "steak",
-            "bread",
-            "croissant",
-            "bagel",
-            "donut",
-            "doughnut",
-            "cupcake",
-            "pancake",
-            "waffle",
-            "ice cream",
-            "coffee",
-            "latte",
-            "latte art",
-            "cappuccino",
-            "espresso",
-            "tea",
-            "matcha",
-            "smoothie",
-            "cocktail",
-            "beer",
-            "wine",
-            "breakfast",
-            "lunch",
-            "dinner",
-            "meal",
-            "plate of",
-            "bowl of",
-            "cup of",
-            "mug",
-            "avocado",
-            "vegetable",
-            "cheese",
-            # vehicles and transport
-            "car",
-            "race car",
-            "sports car",
-            "f1",
-            "formula 1",
-            "formula one",
-            "truck",
-            "bus",
-            "train",
-            "tram",
-            "subway",
-            "taxi",
-            "bicycle",
-            "bike",
-            "motorcycle",
-            "scooter",
-            "airplane",
-            "plane",
-            "jet",
-            "helicopter",
-            "ferry",
-            "yacht",
-            "sailboat",
-            "tractor",
-            "van",
-            "traffic",
-            "parking lot",
-            "highway",
-            "airport",
-            "train station",
-            # everyday places and rooms
-            "kitchen",
-            "living room",
-            "bedroom",
-            "bathroom",
-            "office",
-            "cafe",
-            "coffee shop",
-            "restaurant",
-            "bakery",
-            "supermarket",
-            "grocery store",
-            "market",
-            "mall",
-            "street",
-            "sidewalk",
-            "stadium",
-            "gym",
-            "classroom",
-            "hospital",
-            "playground",
-            "backyard",
-            "farm",
-            "beach",
-            "harbor",
-            "harbour",
-            "skyline",
-            "downtown",
-            "suburb",
-            "apartment",
-            "house",
-            "skyscraper",
-            "couch",
-            "sofa",
-            "desk",
-            "bed",
-            "window",
-            "balcony",
-            "rooftop",
-            # people at work and play
-            "man",
-            "men",
-            "woman",
-            "women",
-            "people",
-            "boy",
-            "girl",
-            "child",
-            "children",
-            "kids",
-            "baby",
-            "family",
-            "couple",
-            "friends",
-            "crowd",
-            "chef",
-            "barista",
-            "doctor",
-            "nurse",
-            "teacher",
-            "student",
-            "farmer",
-            "fisherman",
-            "athlete",
-            "runner",
-            "cyclist",
-            "skateboarder",
-            "surfer",
-            "businessman",
-            "grandmother",
-            "grandfather",
-            "tourist",
-            "wedding",
-            "birthday party",
-            "marathon",
-            "concert",
-            "soccer",
-            "football",
-            "basketball",
-            "baseball",
-            "tennis",
-            "golf",
-            "rush hour",
-            "finish line",
-            # pets, farm animals and things at hand
-            "dog",
-            "puppy",
-            "cat",
-            "kitten",
-            "golden retriever",
-            "horse",
-            "cow",
-            "sheep",
-            "chicken",
-            "duck",
-            "goat",
-            "pigeon",
-            "squirrel",
-            "rabbit",
-            "hamster",
-            "smartphone",
-            "phone",
-            "laptop",
-            "computer",
-            "keyboard",
-            "headphones",
-            "sneakers",
-            "shoes",
-            "backpack",
-            "handbag",
-            "bottle",
-            "guitar",
-            "newspaper",
-            "umbrella",
-            "bouquet",
-            "houseplant",
-            "groceries",
-        ),
-    ),
-)
+@dataclasses.dataclass(frozen=True)
+class Lexicon:
+    """The words behind the choice: weighted cues of each style, and subject groups in order."""
+
+    cues: dict[str, dict[str, float]]
+    subjects: tuple[SubjectGroup, ...]
+
+
+def load_lexicon(path: str | os.PathLike[str] | None = None) -> Lexicon:
+    """Read a lexicon TOML file (``[cues.STYLE]`` tables, ``[[subjects]]``); None: the packaged one.
+
+    Only the file's shape is checked here; `StyleChooser` validates the words and weights.
+    """
+    if path is None:
+        source, name = resources.files("speech2image").joinpath(*_PACKAGED), "/".join(_PACKAGED)
+    else:
+        source, name = Path(path), str(path)
+    with source.open("rb") as fh:
+        data = tomllib.load(fh)
+    cues = data.get("cues")
+    if not isinstance(cues, dict) or not all(isinstance(c, dict) for c in cues.values()):
+        raise ValueError(f"{name}: [cues.STYLE] tables of cue = weight are missing")
+    subjects = []
+    for group in data.get("subjects", []):
+        if not (
+            isinstance(group, dict)
+            and isinstance(group.get("style"), str)
+            and isinstance(group.get("label"), str)
+            and isinstance(group.get("words"), list)
+        ):
+            raise ValueError(f"{name}: each [[subjects]] needs style, label and a words list")
+        subjects.append(SubjectGroup(group["style"], group["label"], tuple(group["words"])))
+    return Lexicon({style: dict(c) for style, c in cues.items()}, tuple(subjects))
+
+
+@functools.cache
+def _packaged_lexicon() -> Lexicon:
+    return load_lexicon()
+
+
+def default_style_cues() -> dict[str, dict[str, float]]:
+    """The packaged cues of each style (a fresh copy; the file is read once per process)."""
+    return {style: dict(cues) for style, cues in _packaged_lexicon().cues.items()}
+
+
+def default_subjects() -> tuple[SubjectGroup, ...]:
+    """The packaged subject groups, in the order they are consulted."""
+    return _packaged_lexicon().subjects
+
 
 _APOSTROPHES = re.compile(r"['\u2018\u2019`]")
 _SEPARATORS = re.compile(r"[\s\-\u2010-\u2015_]+")
@@ -591,7 +193,7 @@ class StyleChooser:
         default_style: str = DEFAULT_STYLE,
         subjects: Sequence[SubjectGroup] | None = None,
     ) -> None:
-        cues = DEFAULT_STYLE_CUES if cues is None else cues
+        cues = default_style_cues() if cues is None else cues
         style_models = DEFAULT_STYLE_MODELS if style_models is None else style_models
         self._style_models = self._validate_models(style_models)
         self._cues = self._validate_cues(cues, self._style_models)
@@ -630,7 +232,7 @@ class StyleChooser:
     ) -> list[tuple[SubjectGroup, list[tuple[str, re.Pattern[str]]]]]:
         """Subject groups with their word patterns, longest first; a style cue is not a subject."""
         if subjects is None:  # the defaults serve the styles that have a model
-            subjects = [g for g in DEFAULT_SUBJECTS if g.style in self._style_models]
+            subjects = [g for g in default_subjects() if g.style in self._style_models]
         compiled = []
         seen: dict[str, str] = {}
         for group in subjects:

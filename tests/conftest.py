@@ -115,6 +115,23 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL of a throwaway schema in the machine's PostgreSQL, dropped with all in it after.
+
+    Skips the test when no PostgreSQL answers (S2I_TEST_POSTGRES_URL, tests/distributed_cluster.py).
+    """
+    from speech2image.devtools.scratch import ScratchSchema
+
+    from .distributed_cluster import POSTGRES_URL, postgres_problem
+
+    problem = postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    with ScratchSchema(POSTGRES_URL, "s2i_test_") as schema:
+        yield schema.url
+
+
+@pytest.fixture
 def live_server() -> Iterator[Callable[[Flask], str]]:
     """Serve an app on a loopback port in a thread (threaded, like production); yields a starter."""
     servers = []

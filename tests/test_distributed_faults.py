@@ -131,7 +131,7 @@ def cluster(
 def _burst(cluster: Cluster, speech: Path, n: int = 16) -> dict[str, dict[str, Any]]:
     """Accepted jobs by id: generations of varied length and a few transcriptions."""
     accepted: dict[str, dict[str, Any]] = {}
-    urls = [url for _, url in cluster.apis]
+    urls = [api.url for api in cluster.apis]
     for i in range(n):
         url, key = urls[i % 2], KEYS[i % len(KEYS)]
         if i % 8 == 3:
@@ -152,7 +152,7 @@ def _burst(cluster: Cluster, speech: Path, n: int = 16) -> dict[str, dict[str, A
 
 
 def _wait_some_running(cluster: Cluster, jobs: dict[str, Any]) -> None:
-    url = cluster.apis[0][1]
+    url = cluster.apis[0].url
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         states = [
@@ -182,7 +182,7 @@ def _settle(
     """Wait for every job to end; check rows, API and stored images agree. Returns counts."""
     from sqlalchemy import create_engine, text
 
-    urls = [url for _, url in cluster.apis]
+    urls = [api.url for api in cluster.apis]
     final: dict[str, dict[str, Any]] = {}
     while len(final) < len(jobs):
         assert time.monotonic() - since < BOUND, {
@@ -237,13 +237,15 @@ def _settle(
 
 def _still_works(cluster: Cluster) -> None:
     """New work flows again through every API process, with no process restarted."""
-    for _, url in cluster.apis:
+    for api in cluster.apis:
         status, _, body = http(
-            "POST", f"{url}/generate-image", {"prompt": "after", "steps": 1}, headers=_as(KEYS[0])
+            "POST",
+            f"{api.url}/generate-image",
+            {"prompt": "after", "steps": 1},
+            headers=_as(KEYS[0]),
         )
         assert status == 200, body
-    assert all(proc.poll() is None for proc in cluster.workers.values())
-    assert all(proc.poll() is None for proc, _ in cluster.apis)
+    cluster.check_alive()
 
 
 def _scenario(name: str, counts: dict[str, Any]) -> None:
@@ -294,7 +296,7 @@ def test_redis_frozen_longer_than_a_lease_loses_no_job(
     _wait_some_running(cluster, jobs)
     broker.pause()
     try:
-        url = cluster.apis[0][1]
+        url = cluster.apis[0].url
 
         def submit(key: str) -> tuple[int, str, str, float]:
             started = time.monotonic()
@@ -349,16 +351,18 @@ def _submit_until_accepted(url: str, key: str, idem: str, deadline: float) -> di
         time.sleep(float(headers.get("Retry-After", 0.5)))
 
 
-def test_a_killed_api_process_leaks_no_job_slot_or_duplicate(cluster: Cluster) -> None:
+def test_a_killed_api_process_leaks_no_job_slot_or_duplicate(
+    cluster: Cluster, broker: RedisServer
+) -> None:
     import redis
     from sqlalchemy import create_engine, text
 
     from speech2image.storage import JobStore
 
-    survivor = cluster.apis[0][1]
-    victim_url = cluster.start_api()
-    victim = cluster.apis[-1][0]
-    cluster.wait_ready(victim_url, workers=2, headers=OPS)
+    survivor = cluster.apis[0].url
+    victim = cluster.start_api()
+    victim_url = victim.url
+    cluster.wait_ready()
     clients = [(KEYS[i % 4], f"burst-{uuid.uuid4().hex[:8]}-{i}") for i in range(16)]
     answered = threading.Event()
     first: dict[str, Any] = {}
@@ -383,13 +387,13 @@ def test_a_killed_api_process_leaks_no_job_slot_or_duplicate(cluster: Cluster) -
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(send, client) for client in clients]
         assert answered.wait(30)
-        victim.kill()  # kill -9 in the middle of the burst: the first answers are out
+        victim.popen.kill()  # kill -9 in the middle of the burst: the first answers are out
         concurrent.futures.wait(futures)
-    victim.wait()
-    cluster.apis.pop()
+    victim.popen.wait()
+    cluster.apis.remove(victim)
     # What a crash may leave besides, injected on purpose: admission slots that were taken
     # and never given back (key-7 looks full), and a row whose task was never sent.
-    client = redis.Redis.from_url(cluster.settings["S2I_BROKER_URL"])
+    client = redis.Redis.from_url(broker.url)
     leaked = {f"leak-{i}": time.time() for i in range(4)}
     client.zadd(f"{cluster.prefix}:active:{_owner('key-7')}", leaked)
     client.zadd(f"{cluster.prefix}:active", leaked)

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import update
 
 from speech2image.storage import ImageRecord, NewImage, NewTranscript, Storage
 
@@ -206,31 +206,9 @@ def threading_wait(seconds: float) -> None:
     threading.Event().wait(seconds)
 
 
-POSTGRES_URL = os.environ.get(
-    "S2I_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
-
-def _postgres_available() -> bool:
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:  # any failure means no server to test against
-        return False
-
-
 @pytest.mark.postgres
-@pytest.mark.skipif(not _postgres_available(), reason=f"no PostgreSQL at {POSTGRES_URL}")
-def test_storage_works_on_postgresql(tmp_path) -> None:
-    schema = "s2i_test_" + uuid.uuid4().hex[:8]
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    storage = Storage(url, tmp_path / "images")
+def test_storage_works_on_postgresql(tmp_path, postgres_url) -> None:
+    storage = Storage(postgres_url, tmp_path / "images")
     try:
         transcript = NewTranscript("a castle at dawn", "en", 2.5)
         image = NewImage(
@@ -257,9 +235,6 @@ def test_storage_works_on_postgresql(tmp_path) -> None:
         assert report["images_removed"] == 1 and storage.stats()["count"] == 0
     finally:
         storage.close()
-        with admin.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def test_date_filters_respect_utc_offsets(make_app) -> None:

