@@ -235,6 +235,9 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
         # back to Redis once it answers again (Flask-Limiter checks it with back-off).
         storage_options=_ratelimit_storage_options(storage_uri),
         in_memory_fallback_enabled=True,
+        # Concurrent requests that hit the dead storage before the fallback took over must not
+        # fail either (a 500 each): their limits are skipped once, with a log line.
+        swallow_errors=True,
         headers_enabled=True,
         enabled=settings.ratelimit_enabled,
         key_prefix=settings.queue_prefix,  # "s2i" unless deployments share one Redis
@@ -251,7 +254,10 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     limiter.exempt(metrics_api.metrics)
     # A CORS preflight carries no credentials and does no work: never refuse or count it.
-    limiter.request_filter(lambda: request.method == "OPTIONS")
+    # Liveness never waits on the limiter's storage (not even its recovery check).
+    limiter.request_filter(
+        lambda: request.method == "OPTIONS" or request.endpoint == "system.health"
+    )
     # Order of before-request hooks: request id and timing, then the stop gate, then
     # identity (and its failed-authentication limit), then limits.
     _register_request_logging(app)

@@ -26,32 +26,38 @@ class Dependencies:
         self.checks = checks
         self.max_age = max_age
         self._lock = threading.Lock()
-        self._checked = 0.0
-        self._status: dict[str, bool] = {}
+        self._known: dict[str, tuple[float, bool]] = {}  # name -> (checked at, answering)
+        self._checking: dict[str, threading.Lock] = {}
 
     def init_app(self, app: Any) -> None:
         """Store on the app as ``app.extensions['dependencies']``."""
         app.extensions["dependencies"] = self
 
+    def answering(self, name: str) -> bool:
+        """Whether dependency ``name`` answers (as of at most ``max_age`` seconds ago)."""
+        with self._lock:
+            lock = self._checking.setdefault(name, threading.Lock())
+        with lock:  # one check at a time per dependency; the others take its answer
+            checked, ok = self._known.get(name, (-self.max_age, True))
+            if time.monotonic() - checked < self.max_age:
+                return ok
+            try:
+                self.checks[name]()
+                answering = True
+            except Exception as exc:
+                if ok:  # once per outage
+                    log.warning("%s is not answering: %s", name.replace("_", " "), exc)
+                answering = False
+            self._known[name] = (time.monotonic(), answering)
+            return answering
+
     def status(self) -> dict[str, bool]:
-        """Name -> answering now (as of at most ``max_age`` seconds ago)."""
-        with self._lock:  # one check at a time; the others take its answer
-            if time.monotonic() - self._checked >= self.max_age:
-                status = {}
-                for name, check in self.checks.items():
-                    try:
-                        check()
-                        status[name] = True
-                    except Exception as exc:
-                        if self._status.get(name, True):
-                            log.warning("%s is not answering: %s", name.replace("_", " "), exc)
-                        status[name] = False
-                self._status, self._checked = status, time.monotonic()
-            return dict(self._status)
+        """Name -> answering, for every dependency."""
+        return {name: self.answering(name) for name in list(self.checks)}
 
     def require_image_store(self) -> None:
         """Refuse new work (503) while the image store does not answer."""
-        if not self.status().get("image_store", True):
+        if "image_store" in self.checks and not self.answering("image_store"):
             raise StorageUnavailable(
                 "the image store is not answering; retry shortly", retry_after=5
             )

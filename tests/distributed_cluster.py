@@ -84,12 +84,12 @@ class Cluster(LocalCluster):
         self.database_url = self.schema.url
         env = {k: v for k, v in os.environ.items() if not k.startswith("S2I_")}
         env.update(
-            S2I_BROKER_URL=REDIS_URL,
+            S2I_BROKER_URL=REDIS_URL,  # unless ``settings`` name another (a private Redis)
             S2I_QUEUE_PREFIX=self.prefix,
             S2I_DATABASE_URL=self.database_url,
             S2I_LOG_DIR=str(root / "logs"),
-            **{k: str(v) for k, v in settings.items()},
         )
+        env.update({k: str(v) for k, v in settings.items()})
         super().__init__(root, env, log=lambda line: None)
 
     def env(self, **extra: Any) -> dict[str, str]:

@@ -117,12 +117,13 @@ def cluster(
         "127.0.0.1:5432", f"127.0.0.1:{proxies['database'].port}"
     )
     try:
-        cluster.start_worker("a", S2I_DATABASE_URL=via_proxy)
-        cluster.start_worker("b", S2I_DATABASE_URL=via_proxy, S2I_WORKER_MODELS="whisper,tiny-art")
+        cluster.start_worker(name="a", S2I_DATABASE_URL=via_proxy)
+        cluster.start_worker(
+            name="b", S2I_DATABASE_URL=via_proxy, S2I_WORKER_MODELS="whisper,tiny-art"
+        )
         cluster.start_api()
         cluster.start_api()
-        for _, url in cluster.apis:
-            cluster.wait_ready(url, workers=2, headers=OPS)
+        cluster.wait_ready()  # every API ready (with the operators' key), both workers live
         yield cluster
     finally:
         cluster.stop()
@@ -441,4 +442,156 @@ def test_a_killed_api_process_leaks_no_job_slot_or_duplicate(
         ).all()
     engine.dispose()
     assert per_key == []  # no duplicate job from a retry
+    _still_works(cluster)
+
+
+def _state(url: str, job_id: str, key: str) -> dict[str, Any]:
+    return http("GET", f"{url}/jobs/{job_id}", headers=_as(key))[2]
+
+
+def _rows(cluster: Cluster, ids: list[str]) -> dict[str, Any]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(cluster.database_url)
+    try:
+        with engine.connect() as connection:
+            return {
+                r.id: r
+                for r in connection.execute(
+                    text("select id, state, attempts, suspect from jobs where id = any(:ids)"),
+                    {"ids": ids},
+                )
+            }
+    finally:
+        engine.dispose()
+
+
+def _worker_name(cluster: Cluster, url: str, name: str) -> str | None:
+    """The name the live worker process ``name`` announces (None while it starts)."""
+    body = http("GET", f"{url}/status", headers=OPS)[2]
+    pid = cluster.worker(name).popen.pid
+    return next((w["name"] for w in body["jobs"].get("workers", []) if w["pid"] == pid), None)
+
+
+def test_a_poison_job_fails_alone_and_its_batch_mates_are_not_charged(cluster: Cluster) -> None:
+    """Worker `a` alone serves tiny-photo; it dies every time one job of a batch runs."""
+    url = cluster.apis[0].url
+    keys = KEYS[4:8]
+
+    def submit(i: int) -> dict[str, Any]:
+        fields = {"async": True, "prompt": f"a photo of a pier {i}", "seed": i}
+        fields |= {"model": "tiny-photo", "steps": 40}
+        status, _, body = http("POST", f"{url}/generate-image", fields, headers=_as(keys[i]))
+        assert status == 202, body
+        return body
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # within one batch window
+        jobs = list(pool.map(submit, range(4)))
+    poison, innocents = jobs[0], jobs[1:]
+    deadline = time.monotonic() + BOUND
+    while any(_state(url, j["id"], keys[i])["state"] != "running" for i, j in enumerate(jobs)):
+        assert time.monotonic() < deadline, [_state(url, j["id"], keys[0]) for j in jobs]
+        time.sleep(0.05)
+    kills = 0
+    while (body := _state(url, poison["id"], keys[0]))["state"] not in ("failed", "succeeded"):
+        assert time.monotonic() < deadline + 2 * BOUND, body
+        if body["state"] == "running" and body.get("worker") == _worker_name(cluster, url, "a"):
+            cluster.kill("a")  # the poison job takes its worker down, every time it runs
+            kills += 1
+            cluster.restart_worker("a")
+        time.sleep(0.1)
+    final = _state(url, poison["id"], keys[0])
+    assert final["state"] == "failed" and final["error"]["code"] == "job_failed_repeatedly"
+    for i, job in enumerate(innocents, start=1):
+        while (body := _state(url, job["id"], keys[i]))["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline + 2 * BOUND, body
+            time.sleep(0.2)
+        assert body["state"] == "succeeded", body
+    rows = _rows(cluster, [j["id"] for j in jobs])
+    # The batch crash charged nobody; then each ran alone: the innocents once, the poison
+    # until its bounded attempts were spent.
+    assert [rows[j["id"]].attempts for j in innocents] == [1, 1, 1], rows
+    assert all(rows[j["id"]].suspect for j in jobs), rows
+    assert rows[poison["id"]].attempts == 2
+    print(f"\npoison job: failed after {kills} kills; 3 of 3 batch-mates succeeded")
+    cluster.wait_ready()
+
+
+def test_postgresql_cut_from_the_workers_during_jobs(
+    cluster: Cluster, proxies: dict[str, TcpProxy], speech: dict[str, Path]
+) -> None:
+    before = _image_rows(cluster)
+    jobs = _burst(cluster, speech["english"], n=8)
+    _wait_some_running(cluster, jobs)
+    proxies["database"].stop()  # the workers lose PostgreSQL for longer than a lease
+    try:
+        time.sleep(LEASE + 2)
+        job_id = next(iter(jobs))  # the API processes still answer from the rows
+        assert (
+            http("GET", f"{cluster.apis[1].url}/jobs/{job_id}", headers=_as(jobs[job_id]["key"]))[0]
+            == 200
+        )
+    finally:
+        proxies["database"].start()
+    _scenario("PostgreSQL cut from the workers", _settle(cluster, jobs, time.monotonic(), before))
+    _still_works(cluster)
+
+
+def _metric(url: str, name: str, **labels: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, _, text = http("GET", f"{url}/metrics", headers=OPS)
+    for family in text_string_to_metric_families(
+        text.decode() if isinstance(text, bytes) else text
+    ):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def test_object_store_down_during_jobs(
+    cluster: Cluster, proxies: dict[str, TcpProxy], speech: dict[str, Path]
+) -> None:
+    url = cluster.apis[0].url
+    status, _, made = http(
+        "POST",
+        f"{url}/generate-image",
+        {"prompt": "a kept image", "steps": 1},
+        headers=_as(KEYS[1]),
+    )
+    assert status == 200, made
+    before = _image_rows(cluster)
+    jobs = _burst(cluster, speech["english"], n=8)
+    _wait_some_running(cluster, jobs)
+    proxies["store"].stop()
+    try:
+        started = time.monotonic()
+        status, headers, body = http(
+            "GET", f"{url}{made['images'][0]['url']}", headers=_as(KEYS[1])
+        )
+        assert (status, body["error"]["code"]) == (503, "storage_unavailable"), body
+        assert headers["Retry-After"] == "5" and time.monotonic() - started < 15
+        deadline = time.monotonic() + 10
+        while True:  # admission sees it within its check's cache time
+            status, headers, body = http(
+                "POST",
+                f"{url}/generate-image",
+                {"prompt": "refused", "async": True},
+                headers=_as(KEYS[2]),
+            )
+            if status == 503:
+                break
+            assert status == 202 and time.monotonic() < deadline, body
+            jobs[body["id"]] = {"kind": "generate", "images": 1, "key": KEYS[2]}
+        assert body["error"]["code"] == "storage_unavailable" and headers["Retry-After"] == "5"
+        status, _, ready = http("GET", f"{url}/ready", headers=OPS)
+        assert status == 503 and "image_store" in ready["down"], ready
+        assert _metric(url, "s2i_dependency_up", dependency="image_store") == 0
+        time.sleep(3)  # jobs that finish now wait for the store (they retry, bounded)
+    finally:
+        proxies["store"].start()
+    _scenario("object store down", _settle(cluster, jobs, time.monotonic(), before))
+    time.sleep(2.5)
+    assert _metric(url, "s2i_dependency_up", dependency="image_store") == 1
     _still_works(cluster)

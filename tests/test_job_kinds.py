@@ -151,3 +151,23 @@ def test_job_errors_are_domain_errors_with_one_json_body() -> None:
         job = Job(kind="x", owner="o", work=None)
         job.fail(error)
         assert job.error == body  # a failed job carries the body an HTTP error has
+
+
+def test_each_role_gets_what_it_needs_and_nothing_else(make_app) -> None:
+    """The CLI and a worker have no HTTP routes and no cleanup timer; embedded has both."""
+    import threading
+
+    timers = {t for t in threading.enumerate() if t.name == "cleanup-timer"}
+    embedded = make_app(cleanup_interval_seconds=3600)
+    started = {t for t in threading.enumerate() if t.name == "cleanup-timer"} - timers
+    assert len(started) == 1 and embedded.config["S2I_ROLE"] == "embedded"
+    assert "images.generate_image" in embedded.view_functions
+    for role in ("cli",):
+        before = {t for t in threading.enumerate() if t.name == "cleanup-timer"}
+        app = make_app(role=role, cleanup_interval_seconds=3600, job_recover_on_start=True)
+        after = {t for t in threading.enumerate() if t.name == "cleanup-timer"}
+        assert after == before, role  # no timer to switch off afterwards
+        assert "images.generate_image" not in app.view_functions
+        assert "maintenance" in app.extensions and "jobs" in app.extensions
+    with pytest.raises(ValueError, match="role must be one of"):
+        make_app(role="gateway")

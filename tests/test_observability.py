@@ -207,3 +207,51 @@ def test_text_logs_stay_the_default(make_app, log_format) -> None:
     text = (Path(app.config["S2I_SETTINGS"].log_dir) / "app.log").read_text()
     assert "[trace-t] speech2image.requests: GET /health 200" in text
     assert not text.lstrip().startswith("{")
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_distributed_metrics_read_the_broker_even_with_no_worker_alive(
+    make_app, postgres_url: str
+) -> None:
+    """Queue depth from the broker (not from live workers), workers per model, and the health
+    of each dependency; while the broker is away the depth is unknown, never 0."""
+    import uuid
+
+    from .distributed_cluster import REDIS_URL, free_port, redis_problem
+
+    if redis_problem():
+        pytest.skip(redis_problem())
+    prefix = f"s2imetrics{uuid.uuid4().hex[:8]}"
+    app = make_app(broker_url=REDIS_URL, queue_prefix=prefix, database_url=postgres_url)
+    client = app.test_client()
+    try:
+        for prompt in ("a red fox", "a small boat", "a tall tree"):  # no worker: they wait
+            body = {"prompt": prompt, "model": "tiny-art", "async": True}
+            assert client.post("/generate-image", json=body).status_code == 202
+        samples = scrape(client)
+        assert value(samples, "s2i_queue_depth") == 3
+        assert value(samples, "s2i_queue_depth_by_model", model="sd:tiny-art") == 3
+        assert value(samples, "s2i_workers", model="sd:tiny-art") == 0
+        assert value(samples, "s2i_workers", model="whisper:base") == 0
+        for dependency in ("broker", "database", "image_store"):
+            assert value(samples, "s2i_dependency_up", dependency=dependency) == 1
+        status = client.get("/status").json["jobs"]
+        assert (status["mode"], status["queued"], status["workers"]) == ("distributed", 3, [])
+    finally:
+        import redis
+
+        client_redis = redis.Redis.from_url(REDIS_URL)
+        keys = list(client_redis.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client_redis.delete(*keys)
+    dead = make_app(
+        broker_url=f"redis://127.0.0.1:{free_port()}/0",
+        queue_prefix=prefix,
+        database_url=postgres_url,
+    )
+    samples = scrape(dead.test_client())
+    assert value(samples, "s2i_queue_depth") is None  # unknown, not 0
+    assert value(samples, "s2i_dependency_up", dependency="broker") == 0
+    assert value(samples, "s2i_dependency_up", dependency="database") == 1
+    assert dead.test_client().get("/status").json["jobs"]["queued"] is None

@@ -62,6 +62,7 @@ def _list_query(app: Any) -> type[BaseModel]:
     body=_generate_model,
     responses={200: Generation, 202: JobAccepted},
     errors=(409, 503, 507),
+    idempotent=True,
     tags=("images",),
 )
 def generate_image(body: Any) -> ResponseReturnValue:

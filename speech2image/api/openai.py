@@ -351,6 +351,7 @@ _AUDIO_ENDPOINT = {
         **_errors(*ERROR_STATUSES),
     },
     "tags": ("openai",),
+    "idempotent": True,
 }
 
 
@@ -398,6 +399,7 @@ def _openai_param(field: str | None) -> str | None:
     body=_image_body,
     responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
     tags=("openai",),
+    idempotent=True,
 )
 def create_image(body: Any) -> ResponseReturnValue:
     """Generate images (OpenAI's createImage), plus this service's extra fields."""

@@ -135,6 +135,16 @@ class ErrorBody(BaseModel):
     error: ErrorInfo
 
 
+IDEMPOTENCY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Retry-safe submission: the same key from the same caller returns the job "
+    "it made the first time instead of making a second (409 if that job was of another kind).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Content:
     """A response by media type: ``{"text/plain": schema, "application/json": Model}``."""
@@ -158,6 +168,7 @@ class Endpoint:
     public: bool = False
     rate_limited: bool = True
     operators: bool = False
+    idempotent: bool = False  # takes an Idempotency-Key header (it makes a job)
     summary: str = ""
     description: str = ""
 
@@ -217,6 +228,7 @@ def endpoint(
     public: bool = False,
     rate_limited: bool = True,
     operators: bool = False,
+    idempotent: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Describe a view for the spec and validate its inputs with the same models."""
 
@@ -234,6 +246,7 @@ def endpoint(
             public=public,
             rate_limited=rate_limited,
             operators=operators,
+            idempotent=idempotent,
             summary=summary.strip(),
             description=rest.strip(),
         )
@@ -380,6 +393,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
                 if "description" in prop:
                     param["description"] = prop["description"]
                 params.append(param)
+        if spec.idempotent:
+            params.append(IDEMPOTENCY_PARAMETER)
         if params:
             operation["parameters"] = params
         if spec.body is not None:

@@ -219,6 +219,7 @@ def submit_with_upload(upload: Any, kind: str, work: Any) -> Job:
         202: JobAccepted,
     },
     errors=(409, 415, 422, 503),
+    idempotent=True,
     tags=("speech",),
 )
 def transcribe_audio(form: Any) -> ResponseReturnValue:
@@ -235,6 +236,7 @@ def transcribe_audio(form: Any) -> ResponseReturnValue:
     form=_speech_to_image_form,
     responses={200: Generation, 202: JobAccepted},
     errors=(409, 415, 422, 503, 507),
+    idempotent=True,
     tags=("speech", "images"),
 )
 def speech_to_image(form: Any) -> ResponseReturnValue:

@@ -27,7 +27,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import SQLAlchemyError
 
 from ...config import Settings
-from ...errors import InputExpired, JobTimeout, error_body
+from ...errors import InputExpired, JobTimeout, StorageUnavailable, error_body
 from ...storage.base import aware
 from ...storage.jobs import JobRecord, JobStore
 from ..base import Job, JobState
@@ -243,7 +243,13 @@ class JobWorker:
     ) -> None:
         path: Path | None = None
         if row.input:
-            path = self.inputs.fetch(row.id, row.input)
+            try:
+                path = self.inputs.fetch(row.id, row.input)
+            except StorageUnavailable:  # its input is safe, only out of reach: later
+                with contextlib.suppress(SQLAlchemyError):
+                    self.rows.let_go(row.id, self.name)
+                time.sleep(2.0)
+                raise Reject("the image store is not answering", requeue=True) from None
             if path is None:
                 self._end(row, owner, error=InputExpired("the uploaded audio is gone"))
                 return
