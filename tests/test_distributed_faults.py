@@ -117,7 +117,8 @@ def cluster(
         "127.0.0.1:5432", f"127.0.0.1:{proxies['database'].port}"
     )
     try:
-        cluster.start_worker(name="a", S2I_DATABASE_URL=via_proxy)
+        # a holds up to 8 tasks: a running job and a whole batch waiting behind it
+        cluster.start_worker(name="a", S2I_DATABASE_URL=via_proxy, S2I_WORKER_CONCURRENCY=8)
         cluster.start_worker(
             name="b", S2I_DATABASE_URL=via_proxy, S2I_WORKER_MODELS="whisper,tiny-art"
         )
@@ -485,12 +486,25 @@ def test_a_poison_job_fails_alone_and_its_batch_mates_are_not_charged(cluster: C
         assert status == 202, body
         return body
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # within one batch window
-        jobs = list(pool.map(submit, range(4)))
-    poison, innocents = jobs[0], jobs[1:]
+    # A long job holds worker a while the four wait there: they then start as one batch.
+    blocker = http(
+        "POST",
+        f"{url}/generate-image",
+        {"async": True, "prompt": "a photo of a long road", "model": "tiny-photo", "steps": 60},
+        headers=_as(KEYS[3]),
+    )[2]
     deadline = time.monotonic() + BOUND
-    while any(_state(url, j["id"], keys[i])["state"] != "running" for i, j in enumerate(jobs)):
-        assert time.monotonic() < deadline, [_state(url, j["id"], keys[0]) for j in jobs]
+    while _state(url, blocker["id"], KEYS[3])["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    jobs = [submit(i) for i in range(4)]
+    poison, innocents = jobs[0], jobs[1:]
+
+    def states() -> list[str]:
+        return [_state(url, j["id"], keys[i])["state"] for i, j in enumerate(jobs)]
+
+    while states() != ["running"] * 4:
+        assert time.monotonic() < deadline, states()
         time.sleep(0.05)
     kills = 0
     while (body := _state(url, poison["id"], keys[0]))["state"] not in ("failed", "succeeded"):
