@@ -76,7 +76,7 @@ Run = tuple[float, list[Timed | None], int]  # wall seconds, responses, pipeline
 
 def build_model(kind: str, tmp: Path) -> Path:
     """The folder of one random-weight model: tiny, or the full SD 1.5 architecture."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
+    from speech2image.devtools.tiny_models import build_tiny_pipeline
 
     started = time.perf_counter()
     if kind == "tiny":

@@ -107,14 +107,14 @@ def device_and_dtype() -> tuple[str, Any]:
 # --- models ------------------------------------------------------------------------------
 def build_sd15_pipeline(path: Path, seed: int = 0) -> Path:
     """A random-weight pipeline with the full SD 1.5 architecture, saved (float16) to ``path``."""
-    from speech2image.engines.tiny_sd import build_random_pipeline
+    from speech2image.devtools.tiny_models import build_random_pipeline
 
     return build_random_pipeline(path, seed=seed, architecture="sd15", half=True)
 
 
 def build_models(kind: str, tmp: Path) -> tuple[Path, Path]:
     """Folders of models A and B: two tiny pipelines (seeds 0, 1) or two sd15 copies."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
+    from speech2image.devtools.tiny_models import build_tiny_pipeline
 
     started = time.perf_counter()
     if kind == "tiny":

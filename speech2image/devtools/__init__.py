@@ -1,0 +1,1 @@
+"""Developer tools: offline fixtures and helpers, never imported by the running service."""
