@@ -24,6 +24,7 @@ __all__ = [
     "StyleChoice",
     "StyleChooser",
     "SubjectGroup",
+    "matches_cue",
 ]
 
 AUTO_MODEL = "auto"
@@ -834,3 +835,9 @@ class StyleChooser:
             if matched[rival]:
                 reason += f"; {rival} had {_cue_list(matched[rival])}"
         return reason
+
+
+def matches_cue(prompt: str, cue: str) -> bool:
+    """True when ``prompt`` contains ``cue`` the way style cues match (whole words, inflections)."""
+    key = _normalize(cue)
+    return bool(key) and _cue_pattern(key).search(_normalize(prompt)) is not None
