@@ -447,3 +447,45 @@ def test_devtools_build_every_family_from_the_cli(tmp_path: Path) -> None:
     assert "S2I_LORA_DIR" in result.output
     catalog = LoraCatalog(tmp_path / "flux-loras")
     assert catalog.get("ink") is not None and catalog.get("ink").family == "flux"
+
+
+def test_a_lora_without_a_stated_family_that_does_not_fit_is_a_400(
+    make_app, tiny_models, family_models, lora_dir, tmp_path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    # An SD 1.x LoRA with its metadata stripped: nothing says what it is for until it loads.
+    save_file(load_file(lora_dir / "sd-ink.safetensors"), str(folder / "mystery.safetensors"))
+    app = family_app(make_app, tiny_models, family_models, folder)
+    client = app.test_client()
+    assert client.get("/config").json["loras"] == [{"name": "mystery", "family": None}]
+    refused = generate(client, prompt="a cat", model="tiny-flux", loras=[{"name": "mystery"}])
+    assert refused.status_code == 400, refused.json
+    assert "'mystery' has no layer this model has" in refused.json["error"]["message"]
+    assert image_files(app) == []
+    fine = generate(client, prompt="a cat", model="tiny-flux", seed=1)  # the model still serves
+    assert fine.status_code == 200 and fine.json["parameters"]["loras"] == []
+
+
+def test_the_engine_serves_an_offloaded_pipeline_with_the_same_pixels(
+    family_models, lora_dir
+) -> None:
+    """Group offloading (what a GPU gets for a model beyond its budget), exercised on CPU."""
+    from diffusers import AutoPipelineForText2Image
+
+    from speech2image.engines.diffusers_sd import GenerationSpec, LoraWeight, generate, place
+
+    folder = str(family_models["tiny-flux"])
+    spec = GenerationSpec(["a kite"], [None], [8], 64, 64, 2, 0.0, "flow_euler")
+    ink = (LoraWeight("flux-ink", str(lora_dir / "flux-ink.safetensors"), 1.0),)
+    inked = GenerationSpec(["a kite"], [None], [8], 64, 64, 2, 0.0, "flow_euler", loras=ink)
+    whole = AutoPipelineForText2Image.from_pretrained(folder)
+    spread = place(AutoPipelineForText2Image.from_pretrained(folder), "cpu", "group")
+    assert any(hasattr(m, "_diffusers_hook") for m in spread.transformer.modules())
+    a, b, c = (
+        np.asarray(generate(pipe, s)[0], dtype=np.int16)
+        for pipe, s in ((whole, spec), (spread, inked), (spread, spec))
+    )
+    assert np.abs(a - b).mean() > 1 and np.array_equal(a, c)

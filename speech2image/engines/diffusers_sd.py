@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import gc
 import logging
@@ -53,6 +54,7 @@ __all__ = [
     "generate",
     "import_diffusers",
     "local_path",
+    "place",
     "prompt_overflows",
     "prompt_token_count",
     "public_source",
@@ -416,23 +418,7 @@ class DiffusersFactory:
         return pipe
 
     def _place(self, pipe: Any, device: str, offload: str | None) -> Any:
-        """Move the pipeline to ``device``, or spread it with diffusers' offloading."""
-        import torch
-
-        if offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        elif offload == "group":
-            pipe.enable_group_offload(
-                onload_device=torch.device(device),
-                offload_device=torch.device("cpu"),
-                offload_type="leaf_level",
-                use_stream=device == "cuda",
-            )
-        else:
-            pipe = pipe.to(device)
-            denoiser = getattr(pipe, "unet", None)
-            if device == "cuda" and denoiser is not None:
-                denoiser.to(memory_format=torch.channels_last)
+        pipe = place(pipe, device, offload)
         if offload:
             self._offloaded[pipe] = offload
             log.info(
@@ -492,6 +478,35 @@ class DiffusersFactory:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def place(pipe: Any, device: str, offload: str | None = None) -> Any:
+    """Move ``pipe`` to ``device`` whole, or spread it with diffusers' offloading.
+
+    ``offload`` "model": each component goes to the device when it runs (model CPU offload);
+    "group": layer by layer, copies overlapped with compute on CUDA (group offloading). Whole
+    on CUDA, a UNet runs in channels-last layout. Attention is PyTorch's SDPA (diffusers'
+    default processors on torch 2).
+    """
+    import torch
+
+    if offload:
+        _OFFLOADED.add(pipe)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "group":
+        pipe.enable_group_offload(
+            onload_device=torch.device(device),
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=device == "cuda",
+        )
+    else:
+        pipe = pipe.to(device)
+        denoiser = getattr(pipe, "unet", None)
+        if device == "cuda" and denoiser is not None:
+            denoiser.to(memory_format=torch.channels_last)
+    return pipe
 
 
 def _pipeline_family(pipe: Any) -> str | None:
@@ -557,6 +572,11 @@ class GenerationSpec:
 
 _TOKENIZER_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+_OFFLOADED: weakref.WeakSet[Any] = weakref.WeakSet()  # pipelines placed with offloading
+# Per pipeline, a scheduler of each kind configured once: every call gets a copy of its own.
+_SCHEDULERS: weakref.WeakKeyDictionary[Any, dict[tuple[str, bool], Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _tokenizer_lock(pipe: Any) -> threading.Lock:
@@ -596,17 +616,48 @@ def prompt_overflows(pipe: Any, prompt: str, max_sequence_length: int = 0) -> bo
 
 
 def _scheduler_for(pipe: Any, spec: GenerationSpec) -> Any:
+    """A fresh scheduler of the kind ``spec`` names, configured from the pipeline's own."""
     import inspect
 
     import diffusers
 
-    class_name, extra = SCHEDULERS[spec.scheduler]
-    scheduler_class = getattr(diffusers, class_name)
-    config = dict(extra)
-    # Few-step models are distilled for the last timesteps: "trailing" spacing starts there.
-    if spec.few_step and "timestep_spacing" in inspect.signature(scheduler_class).parameters:
-        config["timestep_spacing"] = "trailing"
-    return scheduler_class.from_config(pipe.scheduler.config, **config)
+    key = (spec.scheduler, spec.few_step)
+    with _LOCKS_GUARD:
+        template = _SCHEDULERS.setdefault(pipe, {}).get(key)
+    if template is None:
+        class_name, extra = SCHEDULERS[spec.scheduler]
+        scheduler_class = getattr(diffusers, class_name)
+        config = dict(extra)
+        # Few-step models are distilled for the last timesteps: "trailing" spacing starts there.
+        if spec.few_step and "timestep_spacing" in inspect.signature(scheduler_class).parameters:
+            config["timestep_spacing"] = "trailing"
+        template = scheduler_class.from_config(pipe.scheduler.config, **config)
+        with _LOCKS_GUARD:
+            _SCHEDULERS[pipe][key] = template
+    # Schedulers keep step state: a copy per call (cheaper than configuring one each time).
+    return copy.deepcopy(template)
+
+
+def _request_pipeline(pipe: Any, scheduler: Any) -> Any:
+    """A pipeline object of the call's own around the shared modules, with its scheduler.
+
+    A shallow copy: the same modules and configuration, while what a call writes on the
+    pipeline (its scheduler, guidance, step counters) stays on the copy. The copy does not
+    re-arm model-offload hooks after the call; the shared pipeline keeps them.
+    """
+    request_pipe = copy.copy(pipe)
+    request_pipe.__dict__.pop("_all_hooks", None)
+    request_pipe.scheduler = scheduler
+    request_pipe.set_progress_bar_config(disable=True)
+    return request_pipe
+
+
+def _device_of(pipe: Any) -> Any:
+    """Where the pipeline computes: its onload device when offloaded, else its weights'."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if pipe in _OFFLOADED or denoiser is None:
+        return pipe._execution_device
+    return next(denoiser.parameters()).device
 
 
 class _AdapterGate:
@@ -676,6 +727,11 @@ class _AdapterGate:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 pipe.delete_adapters(adapter)
+            # A file for other layer shapes or names is the request's problem; anything else
+            # (an I/O or device error) is the server's and propagates as it is.
+            mismatch = isinstance(exc, ValueError | KeyError) or "size mismatch" in str(exc)
+            if not mismatch:
+                raise
             raise LoraNotApplicable(
                 f"LoRA {lora.name!r} does not fit this model ({type(exc).__name__})"
             ) from exc
@@ -698,10 +754,9 @@ def _gate(pipe: Any) -> _AdapterGate:
 
 
 def _encoded(
-    request_pipe: Any, spec: GenerationSpec, family: str, guided: bool
+    request_pipe: Any, spec: GenerationSpec, family: str, guided: bool, device: Any
 ) -> dict[str, Any] | None:
     """The call's prompt embeddings for ``family``; None: the pipeline encodes in the call."""
-    device = request_pipe._execution_device
     negatives = None
     if FAMILIES[family].negative_prompt and any(spec.negative_prompts):
         negatives = [n or "" for n in spec.negative_prompts]
@@ -752,9 +807,7 @@ def generate(
     import torch
 
     family = spec.family or _pipeline_family(pipe) or "sd1"
-    # A pipeline object of our own around the shared modules, with a scheduler of our own.
-    request_pipe = type(pipe).from_pipe(pipe, scheduler=_scheduler_for(pipe, spec))
-    request_pipe.set_progress_bar_config(disable=True)
+    request_pipe = _request_pipeline(pipe, _scheduler_for(pipe, spec))
     # CPU generators: the same seed gives the same image whatever the device or batch.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in spec.seeds]
     guided = spec.guidance_scale > 1.0
@@ -777,7 +830,7 @@ def generate(
     try:
         with _gate(pipe).use(pipe, spec.loras), torch.inference_mode():
             with _tokenizer_lock(pipe):
-                embeddings = _encoded(request_pipe, spec, family, guided)
+                embeddings = _encoded(request_pipe, spec, family, guided, _device_of(pipe))
                 if embeddings is None:  # a family without a split encoder: the whole call
                     negatives = [n or "" for n in spec.negative_prompts]
                     extra = {"negative_prompt": negatives} if any(spec.negative_prompts) else {}
