@@ -18,12 +18,15 @@ from typing import Any
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
+    "FULL_SIZES",
     "LORA_ARCHITECTURES",
+    "TINY_SIZES",
     "build_random_pipeline",
     "build_tiny_lora",
     "build_tiny_model",
     "build_tiny_pipeline",
     "byte_level_vocab",
+    "random_pipeline",
     "t5_vocab",
     "write_tokenizer_files",
 ]
@@ -206,16 +209,10 @@ TINY_FLUX_TRANSFORMER: dict[str, Any] = {
 }
 TINY_FLUX_VAE: dict[str, Any] = {
     "sample_size": 64,
-    "in_channels": 3,
-    "out_channels": 3,
     "block_out_channels": (8, 8, 8, 8),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 4,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
     "shift_factor": 0.0609,
     "scaling_factor": 1.5035,
 }
@@ -226,8 +223,84 @@ TINY_T5: dict[str, Any] = {
     "num_layers": 2,
     "num_heads": 4,
     "relative_attention_num_buckets": 8,
-    "feed_forward_proj": "gated-gelu",
-    "dropout_rate": 0.0,
+}
+
+# The published architectures (SDXL base 1.0, FLUX.1-schnell) with random weights: the honest
+# fixtures for GPU memory and speed figures (bench/families_gpu.py builds them on the GPU).
+FULL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "sdxl": {
+        "unet": {
+            "sample_size": 128,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": (5, 10, 20),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "transformer_layers_per_block": (1, 2, 10),
+            "projection_class_embeddings_input_dim": 2816,
+            "cross_attention_dim": 2048,
+        },
+        "vae": {**ARCHITECTURES["sd15"]["vae"], "sample_size": 1024},
+        "text": ARCHITECTURES["sd15"]["text"],
+        "text_2": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "projection_dim": 1280,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+        },
+    },
+    "flux": {
+        "transformer": {
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "guidance_embeds": False,
+            "axes_dims_rope": (16, 56, 56),
+        },
+        "vae": {
+            "sample_size": 1024,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "latent_channels": 16,
+            "norm_num_groups": 32,
+            "shift_factor": 0.1159,
+            "scaling_factor": 0.3611,
+        },
+        "text": ARCHITECTURES["sd15"]["text"],
+        "t5": {
+            "d_model": 4096,
+            "d_ff": 10240,
+            "d_kv": 64,
+            "num_layers": 24,
+            "num_heads": 64,
+            "relative_attention_num_buckets": 32,
+        },
+    },
+}
+TINY_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "sdxl": {
+        "unet": TINY_SDXL_UNET,
+        "vae": ARCHITECTURES["tiny"]["vae"],
+        "text": ARCHITECTURES["tiny"]["text"],
+        "text_2": TINY_SDXL_TEXT_2,
+    },
+    "flux": {
+        "transformer": TINY_FLUX_TRANSFORMER,
+        "vae": TINY_FLUX_VAE,
+        "text": ARCHITECTURES["tiny"]["text"],
+        "t5": TINY_T5,
+    },
 }
 
 
@@ -275,15 +348,11 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     return build_random_pipeline(path, seed=seed, architecture="tiny")
 
 
-def build_random_pipeline(
-    path: str | os.PathLike, *, seed: int = 0, architecture: str = "tiny", half: bool = False
-) -> pathlib.Path:
-    """Build a random-weight SD 1.x pipeline of ``architecture`` into ``path``, offline."""
+def _sd_pipeline(sizes: dict[str, dict[str, Any]], seed: int, device: str = "cpu") -> Any:
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    sizes = ARCHITECTURES[architecture]
     tokenizer = _clip_tokenizer()
     # Same scheduler config as stable-diffusion-v1-5 (PNDM, scaled_linear betas).
     scheduler = PNDMScheduler(
@@ -297,8 +366,7 @@ def build_random_pipeline(
         prediction_type="epsilon",
         timestep_spacing="leading",
     )
-    # fork_rng keeps the caller's global CPU RNG state untouched.
-    with torch.random.fork_rng(devices=[]):
+    with torch.device(device):  # the weights are made where they will run
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             in_channels=4,
@@ -312,7 +380,7 @@ def build_random_pipeline(
         vae = _sd_vae(sizes["vae"])
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer, sizes["text"]))
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -322,18 +390,15 @@ def build_random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return _save(pipe, pathlib.Path(path), ("tokenizer",), half=half)
 
 
-def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build a tiny random-weight SDXL pipeline (two CLIP text encoders) into ``path``."""
+def _sdxl_pipeline(sizes: dict[str, dict[str, Any]], seed: int, device: str = "cpu") -> Any:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _clip_tokenizer()
-    text_sizes = ARCHITECTURES["tiny"]["text"]
     # SDXL base's scheduler: Euler, scaled_linear betas, "leading" spacing.
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -344,18 +409,18 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
         prediction_type="epsilon",
         timestep_spacing="leading",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+        unet = UNet2DConditionModel(**sizes["unet"])
         torch.manual_seed(seed)
-        vae = _sd_vae(ARCHITECTURES["tiny"]["vae"])
+        vae = _sd_vae(sizes["vae"])
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, text_sizes))
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, sizes["text"]))
         torch.manual_seed(seed + 1)
         text_encoder_2 = CLIPTextModelWithProjection(
-            _clip_text_config(tokenizer_2, TINY_SDXL_TEXT_2)
+            _clip_text_config(tokenizer_2, sizes["text_2"])
         )
-    pipe = StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -366,14 +431,9 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    return _save(pipe, pathlib.Path(path), ("tokenizer", "tokenizer_2"))
 
 
-def build_tiny_flux(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build a tiny random-weight FLUX.1 pipeline (CLIP + T5, flow matching) into ``path``.
-
-    Like FLUX.1-schnell it has no guidance embedding and a fixed-shift flow-matching scheduler.
-    """
+def _flux_pipeline(sizes: dict[str, dict[str, Any]], seed: int, device: str = "cpu") -> Any:
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -385,16 +445,25 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
 
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
+    # FLUX.1-schnell's: flow matching with a fixed shift.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.device(device):
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+        transformer = FluxTransformer2DModel(**sizes["transformer"])
         torch.manual_seed(seed)
-        vae = AutoencoderKL(**TINY_FLUX_VAE)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            **sizes["vae"],
+        )
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, ARCHITECTURES["tiny"]["text"]))
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, sizes["text"]))
         torch.manual_seed(seed)
         text_encoder_2 = T5EncoderModel(
             T5Config(
@@ -402,10 +471,12 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
                 pad_token_id=tokenizer_2.pad_token_id,
                 eos_token_id=tokenizer_2.eos_token_id,
                 decoder_start_token_id=tokenizer_2.pad_token_id,
-                **TINY_T5,
+                feed_forward_proj="gated-gelu",
+                dropout_rate=0.0,
+                **sizes["t5"],
             )
         )
-    pipe = FluxPipeline(
+    return FluxPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -414,6 +485,57 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+
+
+def random_pipeline(
+    family: str, *, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype: Any = None
+) -> Any:
+    """A random-weight pipeline of ``family`` (sd, sdxl, flux) in memory, on ``device``.
+
+    ``size`` "tiny" is the toy architecture of the tests; "full" the published one (SD 1.5,
+    SDXL base, FLUX.1-schnell), built on ``device`` directly (a GPU makes 12B weights fast).
+    """
+    import torch
+
+    if family not in FAMILIES or size not in ("tiny", "full"):
+        raise ValueError(f"no {size} {family!r} pipeline (families: {', '.join(FAMILIES)})")
+    # fork_rng keeps the caller's global CPU RNG state untouched.
+    with torch.random.fork_rng(devices=[]):
+        if family == "sd":
+            sizes = ARCHITECTURES["sd15" if size == "full" else "tiny"]
+            pipe = _sd_pipeline(sizes, seed, device)
+        else:
+            sizes = (FULL_SIZES if size == "full" else TINY_SIZES)[family]
+            builder = _sdxl_pipeline if family == "sdxl" else _flux_pipeline
+            pipe = builder(sizes, seed, device)
+    if dtype is not None:
+        pipe.to(dtype)
+    return pipe
+
+
+def build_random_pipeline(
+    path: str | os.PathLike, *, seed: int = 0, architecture: str = "tiny", half: bool = False
+) -> pathlib.Path:
+    """Build a random-weight SD 1.x pipeline of ``architecture`` into ``path``, offline."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        pipe = _sd_pipeline(ARCHITECTURES[architecture], seed)
+    return _save(pipe, pathlib.Path(path), ("tokenizer",), half=half)
+
+
+def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build a tiny random-weight SDXL pipeline (two CLIP text encoders) into ``path``."""
+    pipe = random_pipeline("sdxl", seed=seed)
+    return _save(pipe, pathlib.Path(path), ("tokenizer", "tokenizer_2"))
+
+
+def build_tiny_flux(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build a tiny random-weight FLUX.1 pipeline (CLIP + T5, flow matching) into ``path``.
+
+    Like FLUX.1-schnell it has no guidance embedding and a fixed-shift flow-matching scheduler.
+    """
+    pipe = random_pipeline("flux", seed=seed)
     return _save(pipe, pathlib.Path(path), ("tokenizer",))
 
 
