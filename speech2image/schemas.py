@@ -238,9 +238,19 @@ def image_request_model(
     extra: dict[str, Any] = {}
     if loras:
         item = lora_item_model()
+        # Described inline (no $ref), as other schemas embed this field's.
+        inline = {
+            "type": "array",
+            "maxItems": s.max_loras,
+            "items": item.model_json_schema(),
+        }
         extra["loras"] = (
-            Annotated[list[item], Field(max_length=s.max_loras), BeforeValidator(_json_text)]  # type: ignore[valid-type]
-            | None,
+            Annotated[
+                list[item] | None,  # type: ignore[valid-type]
+                Field(max_length=s.max_loras),
+                BeforeValidator(_json_text),
+                WithJsonSchema(inline),
+            ],
             Field(
                 None,
                 description="LoRAs from the server's folder to apply, with weights; none given: "
@@ -310,13 +320,30 @@ def _field_schema(model: type[BaseModel] | None, name: str) -> dict[str, Any]:
     except Exception:  # a schema we cannot draw must not hide the error itself
         return {}
     prop = schema.get("properties", {}).get(name)
-    if prop is None:  # a field of a nested model (``loras.0.weight``)
-        nested = (d.get("properties", {}) for d in schema.get("$defs", {}).values())
-        prop = next((props[name] for props in nested if name in props), {})
+    if prop is None:  # a field of a nested object (``loras.0.weight``)
+        prop = _nested_property(schema, name) or {}
     for candidate in (prop, *prop.get("anyOf", [])):
         if any(k in candidate for k in ("minimum", "maximum", "enum", "const")):
             return candidate
     return prop
+
+
+def _nested_property(schema: Any, name: str) -> dict[str, Any] | None:
+    """The schema of property ``name`` anywhere below ``schema`` (items, $defs)."""
+    if isinstance(schema, dict):
+        found = schema.get("properties", {}).get(name) if "properties" in schema else None
+        if isinstance(found, dict):
+            return found
+        children: list[Any] = list(schema.values())
+    elif isinstance(schema, list):
+        children = schema
+    else:
+        return None
+    for child in children:
+        found = _nested_property(child, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _message(error: dict[str, Any], field: str, model: type[BaseModel] | None) -> str:

@@ -369,6 +369,12 @@ def test_config_lists_loras_and_status_shows_family_and_placement(app) -> None:
         ("flux-ink", "flux"),
     }
     assert "flow_euler" in config["schedulers"] and "lcm" in config["schedulers"]
+    spec = client.get("/openapi.json")  # the LoRA field is described wherever it is taken
+    assert spec.status_code == 200
+    schemas = spec.json["components"]["schemas"]
+    loras = schemas["GenerateImageRequest"]["properties"]["loras"]
+    assert loras["maxItems"] == 4 and loras["items"]["properties"]["weight"]["maximum"] == 2
+    assert "loras" in schemas["OpenAIImageRequest"]["properties"]
     assert generate(client, prompt="x", model="tiny-flux").status_code == 200
     rows = {row["name"]: row for row in client.get("/status").json["models"]}
     flux = rows["sd:tiny-flux"]
