@@ -307,7 +307,8 @@ def models(as_json: bool) -> None:
             offline = " (offline)" if row.get("offline") else ""
             need = "*" if row["required"] else " "
             detail = row.get("problem") or row.get("source")
-            click.echo(f"{need} {row['name']:<26} {state}{offline}  {detail}")
+            family = f" [{row['family']}]" if row.get("family") else ""
+            click.echo(f"{need} {row['name']:<26} {state}{offline}{family}  {detail}")
         click.echo("* needed by the default flow")
     if not all(row["available"] for row in rows if row["required"]):
         sys.exit(1)
