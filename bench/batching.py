@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if size < 64 or size % 8:
         parser.error("--size must be a multiple of 8, at least 64")
 
+    from speech2image.engines.families import FAMILIES
+
     gen.machine_facts()
     started = time.perf_counter()
     device, dtype = gen.device_and_dtype()
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 "off": make_app(tmp, "off", folder, size, args.steps, 1, args.clients),
             }
         guidance = apps["on"].config["S2I_SETTINGS"].default_guidance_scale
+        guidance = guidance or FAMILIES["sd1"].guidance_scale  # the SD 1.x model's default
         payloads = [
             {
                 "prompt": f"a lighthouse on a cliff at dusk, study number {i}",
