@@ -430,16 +430,8 @@ class DiffusersFactory:
         """One tiny generation so the first real request does not pay for kernel selection."""
         import torch
 
-        family = FAMILIES[_pipeline_family(pipe) or "sd1"]
-        side = family.size_multiple * 4
-        with torch.inference_mode():
-            pipe(
-                prompt="warm up",
-                num_inference_steps=1,
-                width=side,
-                height=side,
-                output_type="latent",
-            )
+        with torch.inference_mode():  # 64 px: a multiple of every family's size step
+            pipe(prompt="warm up", num_inference_steps=1, width=64, height=64, output_type="latent")
 
     def measure(self, model: Any) -> int:
         """Bytes the pipeline holds on its device: every module, or the largest offloaded part."""
