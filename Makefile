@@ -54,6 +54,7 @@ bench: install-test
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/translate.py
 	$(BIN)/python bench/distributed.py
+	$(BIN)/python bench/families.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

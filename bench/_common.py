@@ -208,14 +208,14 @@ def quiet_logs() -> Iterator[None]:
 
 def build_sd15_pipeline(path: Path, seed: int = 0) -> Path:
     """A random-weight pipeline with the full SD 1.5 architecture, saved (float16) to ``path``."""
-    from speech2image.engines.tiny_sd import build_random_pipeline
+    from speech2image.devtools.tiny_models import build_random_pipeline
 
     return build_random_pipeline(path, seed=seed, architecture="sd15", half=True)
 
 
 def build_models(kind: str, tmp: Path, count: int) -> list[Path]:
     """Folders of ``count`` (1 or 2) random-weight models: tiny (seeds 0, 1) or sd15 copies."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
+    from speech2image.devtools.tiny_models import build_tiny_pipeline
 
     started = time.perf_counter()
     if kind == "tiny":

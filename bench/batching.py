@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = common.image_size(parser, args, "clients")
 
+    from speech2image.engines.families import FAMILIES
+
     common.print_image_machine_facts()
     started = time.perf_counter()
     device, dtype = common.device_and_dtype()
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "off": make_app(tmp, "off", folder, size, args.steps, 1, args.clients),
             }
         guidance = apps["on"].config["S2I_SETTINGS"].default_guidance_scale
+        guidance = guidance or FAMILIES["sd1"].guidance_scale  # the SD 1.x model's default
         payloads = [
             {
                 "prompt": f"a lighthouse on a cliff at dusk, study number {i}",

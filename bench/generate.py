@@ -92,9 +92,11 @@ def part_throughput(
     from PIL import Image
 
     from speech2image.engines.diffusers_sd import SCHEDULERS
+    from speech2image.engines.families import FAMILIES
 
     settings = app.config["S2I_SETTINGS"]
-    guidance = settings.default_guidance_scale
+    # The service's default for this SD 1.x model (S2I_DEFAULT_GUIDANCE_SCALE when set).
+    guidance = settings.default_guidance_scale or FAMILIES["sd1"].guidance_scale
     device, dtype = device_and_dtype()
     pipe = StableDiffusionPipeline.from_pretrained(
         str(folder),

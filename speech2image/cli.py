@@ -307,7 +307,8 @@ def models(as_json: bool) -> None:
             offline = " (offline)" if row.get("offline") else ""
             need = "*" if row["required"] else " "
             detail = row.get("problem") or row.get("source")
-            click.echo(f"{need} {row['name']:<26} {state}{offline}  {detail}")
+            family = f" [{row['family']}]" if row.get("family") else ""
+            click.echo(f"{need} {row['name']:<26} {state}{offline}{family}  {detail}")
         click.echo("* needed by the default flow")
     if not all(row["available"] for row in rows if row["required"]):
         sys.exit(1)
@@ -317,19 +318,44 @@ def models(as_json: bool) -> None:
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option(
+    "--family",
+    type=click.Choice(["sd", "sdxl", "flux"]),
+    default="sd",
+    show_default=True,
+    help="sd: Stable Diffusion 1.x; sdxl: two text encoders; flux: FLUX.1 (CLIP + T5).",
+)
+@click.option(
     "--full-size",
     is_flag=True,
     help="The full SD 1.5 architecture (2 GB in float16), for load and GPU measurements.",
 )
-def build_tiny_model(folder: Path, seed: int, full_size: bool) -> None:
-    """Build a random-weight Stable Diffusion pipeline (it draws noise) into FOLDER."""
-    from .engines.tiny_sd import build_random_pipeline
+@click.option(
+    "--lora",
+    "lora_name",
+    default=None,
+    metavar="NAME",
+    help="Also write a random LoRA for it as FOLDER-loras/NAME.safetensors.",
+)
+def build_tiny_model(
+    folder: Path, seed: int, family: str, full_size: bool, lora_name: str | None
+) -> None:
+    """Build a random-weight image pipeline (it draws noise) into FOLDER."""
+    from .devtools.tiny_models import build_random_pipeline, build_tiny_lora, build_tiny_model
 
-    architecture = "sd15" if full_size else "tiny"
-    path = build_random_pipeline(folder, seed=seed, architecture=architecture, half=full_size)
+    if full_size and family != "sd":
+        raise click.UsageError("--full-size builds SD 1.5 only (--family sd)")
+    if full_size:
+        path = build_random_pipeline(folder, seed=seed, architecture="sd15", half=True)
+    else:
+        path = build_tiny_model(folder, family, seed=seed)
     click.echo(f"built {path}")
     spec = json.dumps({"tiny": {"source": str(path.resolve())}})
     click.echo(f"use it: S2I_IMAGE_MODELS='{spec}'")
+    if lora_name:
+        loras = path.parent / f"{path.name}-loras"
+        lora = build_tiny_lora(loras / f"{lora_name}.safetensors", family, seed=seed + 1)
+        click.echo(f"built {lora}")
+        click.echo(f"use it: S2I_LORA_DIR='{loras.resolve()}'")
 
 
 @main.command()

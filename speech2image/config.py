@@ -23,13 +23,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engines.families import FAMILY_NAMES, SCHEDULERS, profile
 from .style import DEFAULT_STYLE, DEFAULT_STYLE_MODELS, default_style_cues
 
 __all__ = [
     "IMAGE_MODEL_PRESETS",
+    "STYLE_MODEL_SETS",
     "ImageModelSpec",
     "Settings",
     "SettingsError",
+    "StyleLora",
     "env_name",
     "exposure_warning",
     "load_settings",
@@ -39,6 +42,7 @@ ENV_PREFIX = "S2I_"
 CLASSIC_NAMES = {"host": "HOST", "port": "PORT", "debug": "DEBUG"}
 
 Device = Literal["auto", "cpu", "cuda"]
+SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
 class SettingsError(ValueError):
@@ -56,7 +60,7 @@ def _default_cache_dir() -> Path:
 
 
 class ImageModelSpec(BaseModel):
-    """Where a Stable Diffusion checkpoint comes from."""
+    """Where an image checkpoint comes from, what family it is, and its own defaults."""
 
     model_config = {"extra": "forbid", "frozen": True}
 
@@ -65,13 +69,88 @@ class ImageModelSpec(BaseModel):
     config: str | None = Field(
         None, description="For a single file: a local diffusers folder with the configs"
     )
+    family: Literal[FAMILY_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="sd1, sd2, sdxl, sd3 or flux; empty: detected from the files"
+    )
+    few_step: bool | None = Field(
+        None,
+        description="A distilled few-step model (Turbo, Lightning, LCM, schnell): trailing "
+        "timesteps, 4 steps, guidance 0-2; empty: detected where the files say so",
+    )
+    width: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    steps: int | None = Field(None, ge=1, le=500)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=4096, description="T5 tokens per prompt (FLUX, SD3)"
+    )
+
+    def defaults(self) -> dict[str, Any]:
+        """The request defaults this model declares (None: its family's)."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+
+class StyleLora(BaseModel):
+    """The LoRA a style cue turns on, and its weight."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    lora: str = Field(min_length=1, max_length=100, description="A LoRA in S2I_LORA_DIR")
+    weight: float = Field(1.0, ge=-2, le=2, allow_inf_nan=False)
 
 
 IMAGE_MODEL_PRESETS: dict[str, ImageModelSpec] = {
-    "dreamshaper": ImageModelSpec(source="Lykon/dreamshaper-8"),
+    # Stable Diffusion 1.5 (512 px): about 2.1 GB of float16 weights each.
+    "dreamshaper": ImageModelSpec(source="Lykon/dreamshaper-8", family="sd1"),
     "realistic-vision": ImageModelSpec(
-        source="SG161222/Realistic_Vision_V5.1_noVAE", vae="stabilityai/sd-vae-ft-mse"
+        source="SG161222/Realistic_Vision_V5.1_noVAE",
+        vae="stabilityai/sd-vae-ft-mse",
+        family="sd1",
     ),
+    # Stable Diffusion XL (1024 px): about 6.9 GB of float16 weights each.
+    "dreamshaper-xl": ImageModelSpec(source="Lykon/dreamshaper-xl-1-0", family="sdxl"),
+    "dreamshaper-xl-lightning": ImageModelSpec(
+        source="Lykon/dreamshaper-xl-lightning",
+        family="sdxl",
+        few_step=True,
+        steps=4,
+        guidance_scale=2.0,
+        scheduler="dpmpp_2m",
+    ),
+    "realvis-xl": ImageModelSpec(
+        source="SG161222/RealVisXL_V5.0", family="sdxl", scheduler="dpmpp_2m_karras"
+    ),
+    "realvis-xl-lightning": ImageModelSpec(
+        source="SG161222/RealVisXL_V5.0_Lightning",
+        family="sdxl",
+        few_step=True,
+        steps=5,
+        guidance_scale=1.5,
+        scheduler="dpmpp_2m_karras",
+    ),
+    # FLUX.1-schnell (1024 px, 4 steps, no negative prompt): about 33.7 GB of bfloat16 weights.
+    "flux-schnell": ImageModelSpec(
+        source="black-forest-labs/FLUX.1-schnell", family="flux", few_step=True
+    ),
+}
+
+#: S2I_STYLE_MODEL_SET: the models automatic choice uses for each style, by preset set.
+STYLE_MODEL_SETS: dict[str, dict[str, str]] = {
+    "sd15": dict(DEFAULT_STYLE_MODELS),
+    "sdxl": {"artistic": "dreamshaper-xl", "photographic": "realvis-xl"},
+    "sdxl-lightning": {
+        "artistic": "dreamshaper-xl-lightning",
+        "photographic": "realvis-xl-lightning",
+    },
+    "flux": {"artistic": "flux-schnell", "photographic": "flux-schnell"},
 }
 
 
@@ -156,11 +235,17 @@ class Settings(BaseSettings):
     # --- image generation --------------------------------------------------------------
     image_models: dict[str, ImageModelSpec] = Field(
         default_factory=dict,
-        description="JSON {name: {source, vae?, config?}} added to (or replacing) the presets.",
+        description="JSON {name: {source, vae?, config?, family?, few_step?, defaults?}} added "
+        "to (or replacing) the presets.",
     )
     image_device: Device = "auto"
     image_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: float16 on CUDA, float32 on CPU."
+        "auto", description="auto: the family's half precision on CUDA, float32 on CPU."
+    )
+    image_offload: Literal["auto", "none", "model", "group"] = Field(
+        "auto",
+        description="GPU offloading: auto when a model exceeds the GPU budget; model: one "
+        "component at a time; group: groups of layers; none: never.",
     )
     image_allow_download: bool = Field(
         True, description="Fetch hub checkpoints not in the cache on first use."
@@ -197,23 +282,39 @@ class Settings(BaseSettings):
     ready_min_free_bytes: ByteSize = Field(
         ByteSize(100 * 1024**2), description="/ready fails below this much free space for images."
     )
-    default_width: int = Field(512, ge=64, le=4096)
-    default_height: int = Field(512, ge=64, le=4096)
+    # The S2I_DEFAULT_* values apply to every model; empty: each model's own (its preset's,
+    # else its family's: 512 px for SD 1.x, 1024 for SDXL and FLUX; 4 steps when few-step).
+    default_width: int | None = Field(None, ge=64, le=4096)
+    default_height: int | None = Field(None, ge=64, le=4096)
     max_width: int = Field(1024, ge=64, le=4096)
     max_height: int = Field(1024, ge=64, le=4096)
-    default_steps: int = Field(25, ge=1, le=500)
+    default_steps: int | None = Field(None, ge=1, le=500)
     max_steps: int = Field(60, ge=1, le=500)
     max_num_images: int = Field(4, ge=1, le=64)
     max_prompt_chars: int = Field(1000, ge=10, le=100_000)
-    default_guidance_scale: float = Field(7.0, ge=0, le=50)
-    default_scheduler: str = Field("euler_a", description="See the README's scheduler list.")
+    default_guidance_scale: float | None = Field(None, ge=0, le=30)
+    default_scheduler: Literal[SCHEDULER_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="See the README's scheduler list."
+    )
+    lora_dir: Path | None = Field(
+        None, description="Folder of LoRA .safetensors files requests may name; empty: none."
+    )
+    max_loras: int = Field(4, ge=1, le=16, description="Most LoRAs in one request.")
+    style_loras: dict[str, StyleLora] = Field(
+        default_factory=dict,
+        description='JSON {cue: {"lora": name, "weight": w}}: a cue in the prompt turns on a LoRA.',
+    )
+    style_model_set: Literal[tuple(STYLE_MODEL_SETS)] = Field(  # type: ignore[valid-type]
+        "sd15",
+        description="The preset models automatic choice uses: sd15, sdxl, sdxl-lightning, flux.",
+    )
     style_cues: dict[str, dict[str, float]] = Field(
         default_factory=default_style_cues,
         description="JSON {style: {cue: weight}} for automatic model choice.",
     )
     style_models: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_STYLE_MODELS),
-        description="JSON {style: model name}.",
+        description="JSON {style: model name}; empty: the models of S2I_STYLE_MODEL_SET.",
     )
     style_default: str = Field(DEFAULT_STYLE, description="Style when no cue decides.")
     image_retention_days: float = Field(30.0, ge=0, description="0 keeps images forever.")
@@ -372,12 +473,16 @@ class Settings(BaseSettings):
         if self.max_upload_bytes < 1024:
             raise ValueError("S2I_MAX_UPLOAD_BYTES must be at least 1 KiB")
         for field in ("default_width", "default_height", "max_width", "max_height"):
-            if getattr(self, field) % 8:
+            if (getattr(self, field) or 0) % 8:
                 raise ValueError(f"{env_name(field)} must be a multiple of 8")
-        if self.default_width > self.max_width or self.default_height > self.max_height:
+        if (self.default_width or 0) > self.max_width or (
+            self.default_height or 0
+        ) > self.max_height:
             raise ValueError("S2I_DEFAULT_WIDTH/HEIGHT must not exceed S2I_MAX_WIDTH/HEIGHT")
-        if self.default_steps > self.max_steps:
+        if (self.default_steps or 0) > self.max_steps:
             raise ValueError("S2I_DEFAULT_STEPS must not exceed S2I_MAX_STEPS")
+        if "style_models" not in self.model_fields_set:
+            self.style_models = dict(STYLE_MODEL_SETS[self.style_model_set])
         if self.image_store == "s3" and not self.s3_bucket:
             raise ValueError("S2I_S3_BUCKET is required when S2I_IMAGE_STORE is s3")
         if self.health_port is not None and self.health_port == self.port:
@@ -388,6 +493,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"S2I_STYLE_MODELS maps {style!r} to unknown model {model!r}")
         if self.style_default not in self.style_models:
             raise ValueError(f"S2I_STYLE_DEFAULT {self.style_default!r} is not in S2I_STYLE_MODELS")
+        if self.style_loras and self.lora_dir is None:
+            raise ValueError("S2I_STYLE_LORAS names LoRAs, so it needs S2I_LORA_DIR")
+        for cue in self.style_loras:
+            if not any(char.isalnum() for char in cue):
+                raise ValueError(f"S2I_STYLE_LORAS: cue {cue!r} has no letters or digits")
+        for name, spec in models.items():
+            problem = _spec_problem(spec)
+            if problem:
+                raise ValueError(f"S2I_IMAGE_MODELS: model {name!r}: {problem}")
         return self
 
     @property
@@ -413,6 +527,26 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):  # type: ignore[no-untyped-def]
         # Only explicit arguments and the environment: no .env file, no secrets dir.
         return (init_settings, env_settings)
+
+
+def _spec_problem(spec: ImageModelSpec) -> str | None:
+    """Why a model's declared defaults do not suit its declared family, or None."""
+    if spec.family is None:
+        return None
+    fit = profile(spec.family, bool(spec.few_step))
+    if spec.scheduler is not None and spec.scheduler not in fit.schedulers:
+        return (
+            f"scheduler {spec.scheduler!r} does not apply to {fit.label} "
+            f"(use one of {', '.join(fit.schedulers)})"
+        )
+    low, high = fit.guidance_range
+    if spec.guidance_scale is not None and not low <= spec.guidance_scale <= high:
+        return f"guidance_scale must be from {low:g} to {high:g} for {fit.label}"
+    for side in ("width", "height"):
+        value = getattr(spec, side)
+        if value is not None and value % fit.family.size_multiple:
+            return f"{side} must be a multiple of {fit.family.size_multiple} for {fit.label}"
+    return None
 
 
 def _is_loopback(host: str) -> bool:

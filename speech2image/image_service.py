@@ -21,11 +21,15 @@ from .engines.diffusers_sd import (
     DiffusersFactory,
     GenerationCancelled,
     GenerationSpec,
+    LoraNotApplicable,
+    LoraWeight,
     generate,
+    prompt_overflows,
     public_source,
 )
-from .engines.diffusers_sd import prompt_token_count as count_tokens
+from .engines.families import ModelProfile, profile
 from .errors import InvalidRequest, ModelUnavailable
+from .loras import LoraCatalog, LoraRef, family_label, style_lora_hits
 from .model_loader import DeviceOutOfMemory, Lease, ModelLoader
 from .schemas import MAX_SEED, image_request_model, invalid_request
 from .storage import ImageRecord, NewImage, NewTranscript, Storage, keyed_id
@@ -37,6 +41,7 @@ __all__ = [
     "GenerationResult",
     "ImageRequest",
     "ImageService",
+    "LoraRef",
     "PreparedImage",
     "get_image_service",
     "model_key",
@@ -56,35 +61,68 @@ def model_key(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
-    """A validated generation request with every default resolved (the seed too)."""
+    """A validated generation request (the seed drawn).
+
+    Fields the client left out are None until :meth:`ImageService.prepare` fills them with the
+    chosen model's defaults; a prepared request has every field set, its ``family`` and its
+    LoRAs (``loras`` None before: the client named none, so a style cue may pick some).
+    """
 
     prompt: str
     negative_prompt: str | None
     model: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
+    width: int | None
+    height: int | None
+    steps: int | None
+    guidance_scale: float | None
     seed: int
     num_images: int
-    scheduler: str
+    scheduler: str | None
+    loras: tuple[LoraRef, ...] | None = None
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        # A request read back from JSON (a job row, a task payload) has its LoRAs as dicts.
+        if self.loras is not None:
+            refs = tuple(
+                lora if isinstance(lora, LoraRef) else LoraRef(**lora) for lora in self.loras
+            )
+            object.__setattr__(self, "loras", refs)
 
     def seeds(self) -> list[int]:
         """One seed per image: the request's seed, then the next ones."""
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
+    def lora_set(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs by name and weight, in a stable order (what a batch must share)."""
+        return tuple(sorted((lora.name, lora.weight) for lora in self.loras or ()))
+
 
 @dataclasses.dataclass(frozen=True)
 class PreparedImage:
-    """A validated request with its model chosen: ready to join a batch."""
+    """A validated request with its model chosen and defaults filled: ready to join a batch."""
 
     request: ImageRequest
     choice: StyleChoice
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one pipeline call."""
+        """Requests with equal keys can share one pipeline call.
+
+        Everything that changes the call is in it: the model and its family, the size, the
+        steps, the scheduler, the guidance and the LoRA set (adapters are per call, not per
+        prompt). Prompts, negative prompts and seeds may differ within a batch.
+        """
         r = self.request
-        return (self.choice.model, r.width, r.height, r.steps, r.scheduler, r.guidance_scale)
+        return (
+            self.choice.model,
+            r.family,
+            r.width,
+            r.height,
+            r.steps,
+            r.scheduler,
+            r.guidance_scale,
+            r.lora_set(),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +163,7 @@ class GenerationResult:
                 for rec in self.records
             ],
             "model": self.choice.model,
-            "model_choice": self.choice.as_dict(),
+            "model_choice": self.choice.as_dict() | {"family": r.family},
             "prompt": r.prompt,
             "truncated": self.truncated,
             "parameters": {
@@ -137,6 +175,7 @@ class GenerationResult:
                 "scheduler": r.scheduler,
                 "seed": r.seed,
                 "num_images": r.num_images,
+                "loras": _lora_list(r),
             },
             "timings": self.timings,
         }
@@ -153,8 +192,12 @@ class ImageService:
         self.storage = storage
         self.chooser = chooser
         self.models = register_image_models(loader, settings)
+        #: The LoRA files requests may name (S2I_LORA_DIR).
+        self.loras = LoraCatalog(settings.lora_dir)
         #: The validating model of a generation request, with this app's ranges.
-        self.request_model: type[BaseModel] = image_request_model(settings, self.models, SCHEDULERS)
+        self.request_model: type[BaseModel] = image_request_model(
+            settings, self.models, self.schedulers(), loras=settings.lora_dir is not None
+        )
         self._lock = threading.Lock()
         self._running = 0
         self._waiting = 0
@@ -182,6 +225,7 @@ class ImageService:
     def resolve(self, body: Any) -> ImageRequest:
         """An ImageRequest from a validated ``request_model`` instance (the seed drawn now)."""
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        loras = getattr(body, "loras", None)
         return ImageRequest(
             body.prompt,
             body.negative_prompt or None,
@@ -193,6 +237,7 @@ class ImageService:
             seed,
             body.num_images,
             body.scheduler,
+            None if loras is None else tuple(LoraRef(i.name, float(i.weight)) for i in loras),
         )
 
     def ensure_available(self, model: str) -> None:
@@ -215,10 +260,163 @@ class ImageService:
             if failure:
                 raise ModelUnavailable(failure, details={"model": name}, retry_after=60)
 
+    # --- models, their families and defaults -------------------------------------------
+    def profile(self, model: str) -> ModelProfile:
+        """The family, defaults and limits of image model ``model`` (read from its files once)."""
+        factory: DiffusersFactory = self.loader.factory(model_key(model))  # type: ignore[assignment]
+        return profile(
+            factory.family(),
+            factory.few_step(),
+            self.models[model].defaults(),
+            max_width=self.settings.max_width,
+            max_height=self.settings.max_height,
+        )
+
+    def schedulers(self) -> list[str]:
+        """The schedulers some configured model takes, in the API's order."""
+        usable = {name for model in self.models for name in self.profile(model).schedulers}
+        return [name for name in SCHEDULERS if name in usable]
+
+    def model_profiles(self) -> dict[str, ModelProfile]:
+        """Every configured model's family, defaults and limits, by name."""
+        return {name: self.profile(name) for name in sorted(self.models)}
+
     # --- generation ----------------------------------------------------------------------
-    def prepare(self, request: ImageRequest) -> PreparedImage:
-        """Choose the model now, so the job knows its batch key before it runs."""
-        return PreparedImage(request, self.chooser.choose(request.prompt, request.model))
+    def prepare(self, request: ImageRequest, *, lenient: bool = False) -> PreparedImage:
+        """Choose the model, fill in its defaults and check what its family can do.
+
+        Done before the job exists, so the job knows its batch key and a request its model
+        cannot serve is a 400 that says why (a negative prompt on FLUX, a scheduler that does
+        not apply, a LoRA of another family). ``lenient``: a negative prompt the family cannot
+        take is dropped, not refused (speech-to-image, where it came from the speech).
+        """
+        choice = self.chooser.choose(request.prompt, request.model)
+        fit = self.profile(choice.model)
+        if lenient and request.negative_prompt and not fit.family.negative_prompt:
+            request = dataclasses.replace(request, negative_prompt=None)
+        request, problems = self._fit(request, fit, choice.model)
+        loras, notes, lora_problems = self._choose_loras(request, fit, choice.model)
+        problems += lora_problems
+        if problems:
+            raise InvalidRequest(
+                "; ".join(p["message"] for p in problems),
+                details={"field": problems[0]["field"], "errors": problems},
+            )
+        if notes:
+            choice = dataclasses.replace(choice, reason=f"{choice.reason}; {'; '.join(notes)}")
+        return PreparedImage(
+            dataclasses.replace(request, loras=loras, family=fit.family.name), choice
+        )
+
+    def _fit(
+        self, request: ImageRequest, fit: ModelProfile, model: str
+    ) -> tuple[ImageRequest, list[dict[str, str]]]:
+        """``request`` with the model's defaults filled in, and what its family refuses."""
+        s = self.settings
+        family = fit.family
+        what = f"model {model!r} ({fit.label})"
+        low, high = fit.guidance_range
+        problems: list[dict[str, str]] = []
+
+        def problem(field: str, message: str) -> None:
+            problems.append({"field": field, "message": f"`{field}` {message}"})
+
+        if request.negative_prompt and not family.negative_prompt:
+            problem("negative_prompt", f"cannot be used: {what} takes no negative prompt")
+        if request.scheduler is not None and request.scheduler not in fit.schedulers:
+            problem(
+                "scheduler",
+                f"{request.scheduler!r} does not apply to {what}; "
+                f"use one of {', '.join(fit.schedulers)}",
+            )
+        if request.guidance_scale is not None and not low <= request.guidance_scale <= high:
+            problem(
+                "guidance_scale",
+                f"must be from {low:g} to {high:g} for {what}, got {request.guidance_scale:g}",
+            )
+        for side in ("width", "height"):
+            value = getattr(request, side)
+            if value is not None and value % family.size_multiple:
+                problem(
+                    side, f"must be a multiple of {family.size_multiple} for {what}, got {value}"
+                )
+
+        def pick(given: Any, configured: Any, fits: bool, own: Any) -> Any:
+            # The request's value; else S2I_DEFAULT_* where the model can take it; else its own.
+            if given is not None:
+                return given
+            return configured if configured is not None and fits else own
+
+        def side_default(configured: int | None, own: int, limit: int) -> int:
+            fits = configured is not None and configured % family.size_multiple == 0
+            return min(pick(None, configured, fits, own), limit)
+
+        guidance = s.default_guidance_scale
+        filled = dataclasses.replace(
+            request,
+            width=request.width or side_default(s.default_width, fit.width, s.max_width),
+            height=request.height or side_default(s.default_height, fit.height, s.max_height),
+            steps=min(pick(request.steps, s.default_steps, True, fit.steps), s.max_steps),
+            guidance_scale=pick(
+                request.guidance_scale,
+                guidance,
+                guidance is not None and low <= guidance <= high,
+                fit.guidance_scale,
+            ),
+            scheduler=pick(
+                request.scheduler,
+                s.default_scheduler,
+                s.default_scheduler in fit.schedulers,
+                fit.scheduler,
+            ),
+        )
+        return filled, problems
+
+    def _choose_loras(
+        self, request: ImageRequest, fit: ModelProfile, model: str
+    ) -> tuple[tuple[LoraRef, ...], list[str], list[dict[str, str]]]:
+        """The LoRAs of the call: the request's, or those its style cues turn on.
+
+        Returns them, the notes for the model choice's reason, and the problems (400s).
+        """
+        files = self.loras.files()
+        problems: list[dict[str, str]] = []
+        if request.loras is not None:
+            seen: set[str] = set()
+            for index, lora in enumerate(request.loras):
+                field = f"loras.{index}.name"
+                found = files.get(lora.name)
+                if not self.loras.enabled:
+                    message = "cannot be used: this server has no LoRA folder (S2I_LORA_DIR)"
+                elif found is None:
+                    known = ", ".join(sorted(files)) or "none"
+                    message = f"{lora.name!r} is not a LoRA here (available: {known})"
+                elif found.family is not None and found.family != fit.family.name:
+                    message = (
+                        f"{lora.name!r} is a LoRA for {family_label(found.family)}; "
+                        f"model {model!r} is {fit.family.label}"
+                    )
+                elif lora.name in seen:
+                    message = f"{lora.name!r} is named twice"
+                else:
+                    seen.add(lora.name)
+                    continue
+                problems.append({"field": field, "message": f"`{field}` {message}"})
+            return request.loras, [], problems
+        chosen: list[LoraRef] = []
+        notes: list[str] = []
+        for hit in style_lora_hits(request.prompt, self.settings.style_loras):
+            name = hit.lora.name
+            found = files.get(name)
+            if found is None:
+                notes.append(f"cue {hit.cue!r} names LoRA {name!r}, which is not here: skipped")
+            elif found.family is not None and found.family != fit.family.name:
+                label = family_label(found.family)
+                notes.append(f"cue {hit.cue!r} names LoRA {name!r} for {label}: skipped")
+            elif len(chosen) < self.settings.max_loras:
+                chosen.append(hit.lora)
+                notes.append(f"cue {hit.cue!r} -> LoRA {name!r} at weight {hit.lora.weight:g}")
+        return tuple(chosen), notes, problems
 
     def run_batch(
         self,
@@ -244,7 +442,7 @@ class ImageService:
                     self._running += 1
                 waiting = False
                 started = time.perf_counter()
-                truncated, errors = self._count_tokens(lease.model, items)
+                truncated, errors = self._count_tokens(lease.model, items, first.choice.model)
                 images: list[list[Any]] = [[] for _ in items]
                 sizes = [0] * count
                 live = [i for i in range(count) if errors[i] is None]
@@ -284,15 +482,15 @@ class ImageService:
         return BatchOutput(images, truncated, timings, sizes, errors)
 
     def _count_tokens(
-        self, pipe: Any, items: list[PreparedImage]
+        self, pipe: Any, items: list[PreparedImage], model: str
     ) -> tuple[list[bool], list[BaseException | None]]:
         """Whether each prompt is truncated; a prompt that cannot be encoded gets its error."""
-        limit = pipe.tokenizer.model_max_length
+        tokens = self.profile(model).max_sequence_length
         truncated: list[bool] = []
         errors: list[BaseException | None] = []
         for item in items:
             try:
-                truncated.append(count_tokens(pipe, item.request.prompt) > limit)
+                truncated.append(prompt_overflows(pipe, item.request.prompt, tokens))
                 errors.append(None)
             except Exception as exc:
                 if len(items) == 1:
@@ -311,7 +509,7 @@ class ImageService:
         on_step: Callable[[int, int], None] | None,
     ) -> None:
         """Generate ``items`` in one call; put each one's images at its position."""
-        spec = _spec(items)
+        spec = self._spec(items)
         started = time.perf_counter()
         made = self._generate_with_retry(
             lease.model, lease.device, items[0].choice.model, spec, on_step
@@ -378,11 +576,15 @@ class ImageService:
         """On out-of-memory, free every other model on the device and try once more."""
         try:
             return generate(pipe, spec, on_step=on_step)
+        except LoraNotApplicable as exc:
+            raise InvalidRequest(str(exc), details={"field": "loras"}) from None
         except DeviceOutOfMemory:
             log.warning("out of memory generating with %s: freeing %s and retrying", model, device)
             self.loader.free_device(device, exclude=model_key(model))
         try:
             return generate(pipe, spec, on_step=on_step)
+        except LoraNotApplicable as exc:
+            raise InvalidRequest(str(exc), details={"field": "loras"}) from None
         except DeviceOutOfMemory:
             raise ModelUnavailable(
                 f"{device} is out of memory generating with {model!r}; retry shortly",
@@ -406,6 +608,8 @@ class ImageService:
             "model": choice.model,
             "model_source": public_source(choice.model, self.models[choice.model]),
             "model_reason": choice.reason,
+            "family": request.family,
+            "loras": _lora_list(request),
             "seed": seed,
             "steps": request.steps,
             "guidance_scale": request.guidance_scale,
@@ -434,22 +638,40 @@ class ImageService:
             **({"id": image_id} if image_id else {}),
         )
 
+    def _spec(self, items: list[PreparedImage]) -> GenerationSpec:
+        """One pipeline call for compatible ``items`` (their LoRA files looked up now)."""
+        r = items[0].request
+        fit = self.profile(items[0].choice.model)
+        loras = []
+        for lora in r.loras or ():
+            found = self.loras.get(lora.name)
+            if found is None:
+                raise InvalidRequest(
+                    f"LoRA {lora.name!r} is no longer in the LoRA folder",
+                    details={"field": "loras"},
+                )
+            loras.append(LoraWeight(lora.name, str(found.path), lora.weight, found.mtime))
+        assert r.width and r.height and r.steps and r.scheduler and r.guidance_scale is not None
+        return GenerationSpec(
+            prompts=[i.request.prompt for i in items for _ in range(i.request.num_images)],
+            negative_prompts=[
+                i.request.negative_prompt for i in items for _ in range(i.request.num_images)
+            ],
+            seeds=[seed for i in items for seed in i.request.seeds()],
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            scheduler=r.scheduler,
+            family=r.family or fit.family.name,
+            few_step=fit.few_step,
+            loras=tuple(loras),
+            max_sequence_length=fit.max_sequence_length,
+        )
 
-def _spec(items: list[PreparedImage]) -> GenerationSpec:
-    """One pipeline call for compatible ``items``."""
-    r = items[0].request
-    return GenerationSpec(
-        prompts=[i.request.prompt for i in items for _ in range(i.request.num_images)],
-        negative_prompts=[
-            i.request.negative_prompt for i in items for _ in range(i.request.num_images)
-        ],
-        seeds=[seed for i in items for seed in i.request.seeds()],
-        width=r.width,
-        height=r.height,
-        steps=r.steps,
-        guidance_scale=r.guidance_scale,
-        scheduler=r.scheduler,
-    )
+
+def _lora_list(request: ImageRequest) -> list[dict[str, Any]]:
+    return [{"name": lora.name, "weight": lora.weight} for lora in request.loras or ()]
 
 
 def register_image_models(loader: ModelLoader, settings: Settings) -> dict[str, Any]:
@@ -465,6 +687,7 @@ def register_image_models(loader: ModelLoader, settings: Settings) -> dict[str, 
                 device=settings.image_device,
                 dtype=settings.image_dtype,
                 allow_download=settings.image_allow_download,
+                offload=settings.image_offload,
             ),
         )
     return specs

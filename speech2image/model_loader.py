@@ -1,6 +1,9 @@
-"""The one place that loads, places, leases and evicts models (Whisper and Stable Diffusion).
+"""The one place that loads, places, leases and evicts models (Whisper and image models).
 
-Models load lazily on first lease and stay resident. Residency is bounded by a byte budget
+Models load lazily on first lease and stay resident. Before a load the loader decides where
+the model goes (:meth:`ModelLoader.plan`): whole on its device, or, for an image model larger
+than the whole GPU budget, spread with diffusers' offloading (one component at a time, or layer
+by layer) instead of failing. Residency is bounded by a byte budget
 per device and by a model count; when room is needed the least recently used model that no
 lease holds goes first. A model whose home is the GPU is first demoted to CPU RAM (promotion
 back is much cheaper than a reload) and only unloaded when the CPU budget is full too.
@@ -26,6 +29,7 @@ __all__ = [
     "ModelFactory",
     "ModelLoader",
     "ModelNotAvailable",
+    "Placement",
     "get_model_loader",
     "import_engine",
 ]
@@ -89,6 +93,29 @@ class ModelFactory(Protocol):
         """Free the model's memory."""
 
 
+# Optional, for factories that can offload (image models): ``offload_modes`` (the modes their
+# ``load(device, offload=mode)`` takes), ``offload`` (the operator's choice: "auto", "none" or a
+# mode), ``component_bytes()`` (bytes per component) and ``status_fields()`` (extra /status).
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How a model is placed: whole on its device, or offloaded, and why."""
+
+    device: str
+    offload: str | None  # None: whole on the device; "model": a component at a time; "group"
+    reason: str
+    nbytes: int = 0  # bytes expected on the device (the largest part when offloaded)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON for /status."""
+        return {"device": self.device, "offload": self.offload, "reason": self.reason}
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+
+
 @dataclasses.dataclass
 class _Entry:
     name: str
@@ -103,6 +130,7 @@ class _Entry:
     load_seconds: float = 0.0
     error: str | None = None
     error_at: float = 0.0  # clock reading of the failed load that set ``error``
+    placement: Placement | None = None  # how its last load placed it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,15 +260,64 @@ class ModelLoader:
                 self._cond.notify_all()
         return time.perf_counter() - started
 
+    def plan(self, name: str) -> Placement:
+        """Where model ``name`` goes when it loads now, and why.
+
+        Whole on its home device when it fits the device's budget (other models are evicted to
+        make room). A model that can offload and is larger than the whole GPU budget is
+        offloaded instead of failing: one component at a time when the largest component fits
+        the budget, else layer by layer. S2I_IMAGE_OFFLOAD may force a mode or turn it off.
+        """
+        factory = self.factory(name)
+        device = factory.home_device()
+        modes = tuple(getattr(factory, "offload_modes", ()))
+        total = factory.estimate_bytes()
+        if not modes:
+            return Placement(device, None, "loaded whole", total)
+        budget = self._budget(device)
+        size = f"{_gb(total)} of weights"
+        if device != "cuda":
+            if budget and total > budget:
+                why = (
+                    f"{size} exceed the {device} budget of {_gb(budget)}, but RAM is the last tier"
+                )
+                return Placement(device, None, f"{why}: loaded whole", total)
+            return Placement(device, None, f"{size} in RAM: loaded whole", total)
+        parts = dict(getattr(factory, "component_bytes", dict)())
+        largest = max(parts.values(), default=total)
+        choice = getattr(factory, "offload", "auto")
+        if choice == "none":
+            return Placement(device, None, "offloading is off (S2I_IMAGE_OFFLOAD=none)", total)
+        if choice in modes:
+            nbytes = largest if choice == "model" else 0
+            return Placement(device, choice, f"S2I_IMAGE_OFFLOAD={choice}", nbytes)
+        if not budget or not total:
+            return Placement(device, None, "size or budget unknown: loaded whole", total)
+        if total <= budget:
+            return Placement(
+                device, None, f"{size} fit the {device} budget of {_gb(budget)}", total
+            )
+        over = f"{size} exceed the {device} budget of {_gb(budget)}"
+        if largest <= budget:
+            reason = f"{over}: model CPU offload (its largest component, {_gb(largest)}, fits)"
+            return Placement(device, "model", reason, largest)
+        reason = f"{over} and so does its largest component ({_gb(largest)}): group offloading"
+        return Placement(device, "group", reason, 0)
+
     def _load(self, entry: _Entry, factory: ModelFactory, device: str) -> None:
-        # A model loaded before tells its real size; otherwise trust the factory's estimate.
-        estimate = entry.last_nbytes or factory.estimate_bytes()
+        placement = self.plan(entry.name)
+        # A model loaded the same way before tells its real size; else trust the estimate.
+        same = entry.placement is not None and entry.placement.offload == placement.offload
+        estimate = (entry.last_nbytes if same else 0) or placement.nbytes
         # Room-making and loading are serialised: two loads never both count the same room.
         with self._load_lock:
             self._make_room(device, estimate, exclude=entry.name, count_new=True)
-            model, nbytes, seconds = self._timed_load(factory, device, entry.name, estimate)
+            model, nbytes, seconds, placement = self._timed_load(
+                factory, device, entry.name, estimate, placement
+            )
         with self._cond:
             entry.model, entry.device, entry.nbytes = model, device, nbytes
+            entry.placement = placement
             entry.last_nbytes = nbytes
             entry.loads += 1
             entry.load_seconds = seconds
@@ -259,16 +336,26 @@ class ModelLoader:
             log.warning("%s is over its memory budget while every model is in use", device)
 
     def _timed_load(
-        self, factory: ModelFactory, device: str, name: str, estimate: int
-    ) -> tuple[Any, int, float]:
+        self, factory: ModelFactory, device: str, name: str, estimate: int, placement: Placement
+    ) -> tuple[Any, int, float, Placement]:
         before = _memory_reading(device)
         started = time.perf_counter()
-        for attempt in (1, 2):
+        can_offload = "model" in getattr(factory, "offload_modes", ()) and device == "cuda"
+        for attempt in (1, 2, 3):
             try:
-                model = factory.load(device)
+                if placement.offload:
+                    model = factory.load(device, offload=placement.offload)  # type: ignore[call-arg]
+                else:
+                    model = factory.load(device)
                 break
             except DeviceOutOfMemory:
-                if attempt == 2:
+                if attempt == 2 and can_offload and not placement.offload:
+                    # It does not fit even alone: serve it offloaded rather than not at all.
+                    reason = f"did not fit in {device} memory even alone: model CPU offload"
+                    placement = Placement(device, "model", reason, 0)
+                    log.warning("%s: %s", name, reason)
+                    continue
+                if attempt >= 2:
                     raise ModelUnavailable(
                         f"model {name!r} does not fit in {device} memory right now",
                         retry_after=30,
@@ -286,7 +373,7 @@ class ModelLoader:
             after = _memory_reading(device)
             delta = after - before if after is not None and before is not None else 0
             measured = max(delta, estimate, 0)
-        return model, measured, seconds
+        return model, measured, seconds, placement
 
     def _move(self, factory: ModelFactory, entry: _Entry, device: str) -> Any | None:
         moved = factory.move(entry.model, device)
@@ -478,11 +565,20 @@ class ModelLoader:
             return sum(e.nbytes for e in self._resident(device))
 
     def status(self) -> list[dict[str, Any]]:
-        """One dict per registered model: where it is, its bytes, leases and load history."""
+        """One dict per registered model: where it is, its bytes, leases and load history.
+
+        An image model's row also says its family and how its last load placed it
+        (``placement``: whole, or offloaded and why).
+        """
+        extras = {
+            name: dict(getattr(factory, "status_fields", dict)())
+            for name, factory in list(self._factories.items())
+        }
         now = self._clock()
         with self._cond:
             return [
-                {
+                extras[e.name]
+                | {
                     "name": e.name,
                     "kind": self._factories[e.name].kind,
                     "loaded": e.device is not None,
@@ -496,6 +592,8 @@ class ModelLoader:
                     "last_load_seconds": round(e.load_seconds, 3),
                     "idle_seconds": round(now - e.last_used, 1) if e.device else None,
                     "last_error": e.error,
+                    "offload": e.placement.offload if e.placement else None,
+                    "placement": e.placement.as_dict() if e.placement else None,
                 }
                 for e in self._entries.values()
             ]

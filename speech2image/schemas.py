@@ -41,6 +41,7 @@ __all__ = [
     "check_text",
     "image_request_model",
     "invalid_request",
+    "lora_item_model",
     "parse_json_text",
     "safe_text",
     "whole",
@@ -187,15 +188,75 @@ def whole(**constraints: Any) -> Any:
     return Annotated[int, Field(**constraints), BeforeValidator(_whole)]
 
 
+def _json_text(value: Any) -> Any:
+    # In a multipart form (speech-to-image) a list arrives as JSON text.
+    return parse_json_text(value, "loras") if isinstance(value, str) else value
+
+
+def _model_default(value: Any, description: str) -> Any:
+    """A field left out is None: the chosen model fills it (S2I_DEFAULT_* first, if set)."""
+    if value is None:
+        return Field(
+            None,
+            description=f"{description} Default: the model's own (see GET /config).",
+            json_schema_extra=lambda schema: schema.pop("default", None),
+        )
+    return Field(
+        None,
+        description=f"{description} Default: {value} where the model can take it.",
+        json_schema_extra={"default": value},
+    )
+
+
+def lora_item_model() -> type[BaseModel]:
+    """One LoRA of a request: a name from the server's LoRA folder and a weight."""
+    return create_model(
+        "LoraChoice",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        __doc__="A LoRA from the server's folder (GET /config lists them) and its weight.",
+        name=(safe_text(100, required=True), Field(description="The LoRA's name.")),
+        weight=(
+            Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)],
+            Field(1.0, description="How strongly it applies (1: as trained; 0: not at all)."),
+        ),
+    )
+
+
 def image_request_model(
-    settings: Settings, models: Iterable[str], schedulers: Iterable[str]
+    settings: Settings, models: Iterable[str], schedulers: Iterable[str], *, loras: bool = False
 ) -> type[BaseModel]:
-    """The JSON body of POST /generate-image, with this app's ranges and defaults."""
+    """The JSON body of POST /generate-image, with this app's ranges and defaults.
+
+    ``schedulers``: those the configured models take; ``loras``: whether requests may name
+    LoRAs (a LoRA folder is configured).
+    """
     s = settings
     prompt_type = safe_text(s.max_prompt_chars, required=True)
     negative_type = safe_text(s.max_prompt_chars)
     model_names = ("auto", *sorted(models))
     scheduler_names = tuple(schedulers)
+    extra: dict[str, Any] = {}
+    if loras:
+        item = lora_item_model()
+        # Described inline (no $ref), as other schemas embed this field's.
+        inline = {
+            "type": "array",
+            "maxItems": s.max_loras,
+            "items": item.model_json_schema(),
+        }
+        extra["loras"] = (
+            Annotated[
+                list[item] | None,  # type: ignore[valid-type]
+                Field(max_length=s.max_loras),
+                BeforeValidator(_json_text),
+                WithJsonSchema(inline),
+            ],
+            Field(
+                None,
+                description="LoRAs from the server's folder to apply, with weights; none given: "
+                "the prompt's style cues may pick some (S2I_STYLE_LORAS).",
+            ),
+        )
 
     def side(limit: int) -> Any:
         return whole(ge=MIN_SIDE, le=limit, multiple_of=8)
@@ -213,18 +274,12 @@ def image_request_model(
             Literal[model_names],  # type: ignore[valid-type]
             Field("auto", description="Image model; `auto` chooses by the prompt's style."),
         ),
-        width=(side(s.max_width), Field(s.default_width, description="Pixels, multiple of 8.")),
-        height=(
-            side(s.max_height),
-            Field(s.default_height, description="Pixels, multiple of 8."),
-        ),
-        steps=(
-            whole(ge=1, le=s.max_steps),
-            Field(s.default_steps, description="Denoising steps."),
-        ),
+        width=(side(s.max_width), _model_default(s.default_width, "Pixels, multiple of 8.")),
+        height=(side(s.max_height), _model_default(s.default_height, "Pixels, multiple of 8.")),
+        steps=(whole(ge=1, le=s.max_steps), _model_default(s.default_steps, "Denoising steps.")),
         guidance_scale=(
             Annotated[float, Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)],
-            Field(s.default_guidance_scale, description="How closely to follow the prompt."),
+            _model_default(s.default_guidance_scale, "How closely to follow the prompt."),
         ),
         seed=(
             whole(ge=0, le=MAX_SEED) | None,
@@ -236,12 +291,15 @@ def image_request_model(
         ),
         scheduler=(
             Literal[scheduler_names],  # type: ignore[valid-type]
-            Field(s.default_scheduler, description="Sampler."),
+            _model_default(
+                s.default_scheduler, "Sampler (the model's family decides which apply)."
+            ),
         ),
         async_=(
             bool,
             Field(False, alias="async", description="Answer 202 with a job at once."),
         ),
+        **extra,
     )
 
 
@@ -261,11 +319,31 @@ def _field_schema(model: type[BaseModel] | None, name: str) -> dict[str, Any]:
         schema = model.model_json_schema()
     except Exception:  # a schema we cannot draw must not hide the error itself
         return {}
-    prop = schema.get("properties", {}).get(name, {})
+    prop = schema.get("properties", {}).get(name)
+    if prop is None:  # a field of a nested object (``loras.0.weight``)
+        prop = _nested_property(schema, name) or {}
     for candidate in (prop, *prop.get("anyOf", [])):
         if any(k in candidate for k in ("minimum", "maximum", "enum", "const")):
             return candidate
     return prop
+
+
+def _nested_property(schema: Any, name: str) -> dict[str, Any] | None:
+    """The schema of property ``name`` anywhere below ``schema`` (items, $defs)."""
+    if isinstance(schema, dict):
+        found = schema.get("properties", {}).get(name) if "properties" in schema else None
+        if isinstance(found, dict):
+            return found
+        children: list[Any] = list(schema.values())
+    elif isinstance(schema, list):
+        children = schema
+    else:
+        return None
+    for child in children:
+        found = _nested_property(child, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _message(error: dict[str, Any], field: str, model: type[BaseModel] | None) -> str:
@@ -285,6 +363,9 @@ def _message(error: dict[str, Any], field: str, model: type[BaseModel] | None) -
         rule = f"a multiple of {_number(step)} " if step else ""
         if low is not None and high is not None:
             return f"`{field}` must be {rule}from {_number(low)} to {_number(high)}, got {got}"
+    if kind == "too_long" and isinstance(got, list):
+        limit = error.get("ctx", {}).get("max_length")
+        return f"`{field}` has {len(got)} items; the limit is {limit}"
     if kind in ("string_too_long", "too_long"):
         limit = error.get("ctx", {}).get("max_length")
         length = len(got) if isinstance(got, str) else "too many"

@@ -34,6 +34,7 @@ __all__ = [
     "default_style_cues",
     "default_subjects",
     "load_lexicon",
+    "matches_cue",
 ]
 
 AUTO_MODEL = "auto"
@@ -436,3 +437,9 @@ class StyleChooser:
             if matched[rival]:
                 reason += f"; {rival} had {_cue_list(matched[rival])}"
         return reason
+
+
+def matches_cue(prompt: str, cue: str) -> bool:
+    """True when ``prompt`` contains ``cue`` the way style cues match (whole words, inflections)."""
+    key = _normalize(cue)
+    return bool(key) and _cue_pattern(key).search(_normalize(prompt)) is not None

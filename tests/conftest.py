@@ -37,13 +37,36 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Three tiny random-weight SD pipelines (real architecture, built offline once)."""
-    from speech2image.engines.tiny_sd import build_tiny_pipeline
+    from speech2image.devtools.tiny_models import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny-sd")
     return {
         name: build_tiny_pipeline(root / name, seed=seed)
         for seed, name in enumerate(("tiny-art", "tiny-photo", "tiny-extra"))
     }
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight SDXL and FLUX.1 pipelines (real architectures, built offline once)."""
+    from speech2image.devtools.tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {
+        "tiny-xl": build_tiny_model(root / "tiny-xl", "sdxl", seed=3),
+        "tiny-flux": build_tiny_model(root / "tiny-flux", "flux", seed=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA folder: one tiny random LoRA per family (sd-ink, xl-ink, flux-ink), built once."""
+    from speech2image.devtools.tiny_models import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    for family, name in (("sd", "sd-ink"), ("sdxl", "xl-ink"), ("flux", "flux-ink")):
+        build_tiny_lora(root / f"{name}.safetensors", family, seed=7)
+    return root
 
 
 def _test_settings(

@@ -1,7 +1,9 @@
-"""Write a diffusers SD 1.x folder as one original (LDM layout) .safetensors checkpoint.
+"""Write diffusers folders as single-file checkpoints, the way real ones are distributed.
 
-Test support only: it lets the tests load a single-file checkpoint through the same code path
-real DreamShaper / Realistic Vision `.safetensors` files take, with no network.
+Test support only: it lets the tests load single files through the same code path real
+checkpoints take, with no network. SD 1.x and SDXL become one original-layout (LDM / SGM)
+`.safetensors` file (DreamShaper, Realistic Vision, RealVisXL ship so); a FLUX transformer
+becomes a file of its own, the rest of the pipeline coming from a diffusers folder (`config`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def unet_to_ldm(sd, cfg):
         "conv_in.": "input_blocks.0.0.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's size and pooled-text embedding
+        "add_embedding.linear_2.": "label_emb.0.2.",
     }
     idx = 1
     for i in range(n):
@@ -106,12 +110,88 @@ def vae_to_ldm(sd, cfg):
     return out
 
 
-def te_to_ldm(sd):
+def te_to_ldm(sd, prefix="cond_stage_model.transformer."):
     return {
-        "cond_stage_model.transformer."
-        + (k if k.startswith("text_model.") else "text_model." + k): v
-        for k, v in sd.items()
+        prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()
     }
+
+
+OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+
+
+def te2_to_open_clip(sd, prefix="conditioner.embedders.1.model."):
+    """SDXL's second text encoder (CLIPTextModelWithProjection) in OpenCLIP's layout."""
+    import torch
+
+    out = {}
+    fused = {}
+    for key, value in sd.items():
+        k = key.removeprefix("text_model.")
+        if k == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = value
+        elif k == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = value
+        elif k.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + k.removeprefix("final_layer_norm.")] = value
+        elif k == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif k.startswith("encoder.layers."):
+            index, rest = k.removeprefix("encoder.layers.").split(".", 1)
+            block = f"{prefix}transformer.resblocks.{index}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+            ):
+                projection, kind = rest.split(".")[1:3]
+                fused.setdefault((block, kind), {})[projection] = value
+                continue
+            for old, new in OPEN_CLIP_LAYER.items():
+                if rest.startswith(old):
+                    out[block + new + rest.removeprefix(old)] = value
+                    break
+            else:
+                raise KeyError(key)
+        elif not k.endswith("position_ids"):
+            raise KeyError(key)
+    for (block, kind), parts in fused.items():
+        q, k, v = (parts[name] for name in ("q_proj", "k_proj", "v_proj"))
+        out[f"{block}attn.in_proj_{kind}"] = torch.cat([q, k, v])
+    return out
+
+
+def convert_sdxl(folder, dst):  # type: ignore[no-untyped-def]
+    """An SDXL folder as one SGM-layout file (UNet, VAE and both text encoders)."""
+    folder = pathlib.Path(folder)
+    unet = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
+    vae = load_file(folder / "vae/diffusion_pytorch_model.safetensors")
+    te = load_file(folder / "text_encoder/model.safetensors")
+    te2 = load_file(folder / "text_encoder_2/model.safetensors")
+    ucfg = json.loads((folder / "unet/config.json").read_text())
+    vcfg = json.loads((folder / "vae/config.json").read_text())
+    state = {
+        **unet_to_ldm(unet, ucfg),
+        **vae_to_ldm(vae, vcfg),
+        **te_to_ldm(te, "conditioner.embedders.0.transformer."),
+        **te2_to_open_clip(te2),
+    }
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, str(dst), metadata={"format": "pt"})
+    return state
+
+
+def flux_transformer_file(folder, dst):  # type: ignore[no-untyped-def]
+    """A FLUX folder's transformer as a file of its own (the rest stays in the folder)."""
+    folder = pathlib.Path(folder)
+    state = load_file(folder / "transformer/diffusion_pytorch_model.safetensors")
+    save_file(state, str(dst), metadata={"format": "pt"})
+    return state
 
 
 def convert(folder, dst, half=False):  # type: ignore[no-untyped-def]

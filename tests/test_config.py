@@ -45,6 +45,15 @@ def test_reads_classic_and_prefixed_variables(monkeypatch) -> None:
         ("S2I_RATELIMIT_DEFAULT", "fast"),
         ("S2I_RATELIMIT_STORAGE_URI", "mongodb://x"),
         ("S2I_LOG_LEVEL", "LOUD"),
+        ("S2I_STYLE_MODEL_SET", "sd4"),
+        ("S2I_IMAGE_OFFLOAD", "sometimes"),
+        ("S2I_DEFAULT_SCHEDULER", "turbo"),
+        ("S2I_STYLE_LORAS", '{"watercolor": {"lora": "wc"}}'),  # no S2I_LORA_DIR
+        ("S2I_IMAGE_MODELS", '{"x": {"source": "a/b", "family": "flux", "scheduler": "ddim"}}'),
+        (
+            "S2I_IMAGE_MODELS",
+            '{"x": {"source": "a/b", "family": "sdxl", "few_step": true, "guidance_scale": 7}}',
+        ),
     ],
 )
 def test_invalid_value_names_the_variable(monkeypatch, variable, value) -> None:
@@ -80,3 +89,24 @@ def test_server_refuses_to_start_on_bad_setting(tmp_path) -> None:
     )
     assert result.returncode != 0
     assert "S2I_MAX_AUDIO_SECONDS" in result.stderr
+
+
+def test_one_setting_points_the_automatic_choice_at_a_preset_set() -> None:
+    from speech2image.config import IMAGE_MODEL_PRESETS, STYLE_MODEL_SETS
+
+    assert load_settings().style_models == {
+        "artistic": "dreamshaper",
+        "photographic": "realistic-vision",
+    }
+    assert load_settings(style_model_set="sdxl").style_models == {
+        "artistic": "dreamshaper-xl",
+        "photographic": "realvis-xl",
+    }
+    lightning = load_settings(style_model_set="sdxl-lightning").style_models
+    assert {IMAGE_MODEL_PRESETS[m].few_step for m in lightning.values()} == {True}
+    explicit = load_settings(style_model_set="flux", style_models={"artistic": "dreamshaper"})
+    assert explicit.style_models == {"artistic": "dreamshaper"}  # an explicit map wins
+    for models in STYLE_MODEL_SETS.values():
+        assert set(models.values()) <= set(IMAGE_MODEL_PRESETS)
+    # Every preset declares its family; the defaults it declares suit it (checked at start-up).
+    assert {spec.family for spec in IMAGE_MODEL_PRESETS.values()} == {"sd1", "sdxl", "flux"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from speech2image.engines.diffusers_sd import SCHEDULERS
+from speech2image.engines.families import FAMILIES
 
 
 def generate(client, **body):  # type: ignore[no-untyped-def]
@@ -94,7 +94,7 @@ def test_explicit_model_wins_and_photo_prompts_choose_photographic(client) -> No
     assert photo["model"] == "tiny-photo" and photo["model_choice"]["style"] == "photographic"
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", FAMILIES["sd1"].schedulers)
 def test_every_scheduler_generates(client, scheduler) -> None:
     response = generate(client, prompt="a castle", scheduler=scheduler, steps=3, seed=1)
     assert response.status_code == 200, response.json

@@ -280,3 +280,55 @@ def test_low_estimate_never_turns_a_successful_load_into_503() -> None:
         assert loader.resident_bytes("cpu") == 6 * MiB
     assert loader.resident_bytes("cpu") <= 5 * MiB  # settled once the lease was released
     assert resident(loader) == {"a": "cpu"}
+
+
+class OffloadableFactory(ArrayFactory):
+    """An image-model-like factory: components of known sizes, loadable offloaded."""
+
+    offload_modes = ("model", "group")
+
+    def __init__(self, parts: dict[str, int], *, offload: str = "auto") -> None:
+        super().__init__(sum(parts.values()), home="cuda")
+        self.parts = parts
+        self.offload = offload
+        self.placements: list[str | None] = []
+
+    def component_bytes(self) -> dict[str, int]:
+        return dict(self.parts)
+
+    def load(self, device: str, offload: str | None = None) -> ArrayModel:
+        self.placements.append(offload)
+        model = super().load(device)
+        if offload == "model":  # one component on the device at a time
+            model.weights = np.ones(max(self.parts.values()), dtype=np.uint8)
+        return model
+
+
+def test_a_model_larger_than_the_gpu_budget_is_offloaded_not_refused() -> None:
+    loader, clock = make_loader(cuda=50 * MiB)
+    big = OffloadableFactory({"transformer": 40 * MiB, "text_encoder_2": 30 * MiB})
+    loader.register("flux", big)
+    assert use(loader, clock, "flux").model is not None
+    assert big.placements == ["model"]
+    row = next(r for r in loader.status() if r["name"] == "flux")
+    assert row["offload"] == "model" and row["device"] == "cuda"
+    assert "exceed the cuda budget" in row["placement"]["reason"]
+    assert row["bytes"] == 40 * MiB  # what it holds on the GPU: its largest component
+    use(loader, clock, "flux")
+    assert big.placements == ["model"]  # resident: not loaded again
+
+    forced = OffloadableFactory({"unet": 5 * MiB}, offload="group")
+    loader.register("xl", forced)
+    use(loader, clock, "xl")
+    assert forced.placements == ["group"]  # S2I_IMAGE_OFFLOAD=group
+
+
+def test_a_model_that_does_not_fit_even_alone_is_offloaded_after_freeing() -> None:
+    loader, clock = make_loader(cuda=100 * MiB)
+    factory = OffloadableFactory({"unet": 10 * MiB, "text_encoder": 5 * MiB})
+    factory.fail_with = [DeviceOutOfMemory("oom"), DeviceOutOfMemory("oom")]
+    loader.register("xl", factory)
+    use(loader, clock, "xl")
+    assert factory.placements == [None, None, "model"]
+    row = next(r for r in loader.status() if r["name"] == "xl")
+    assert row["offload"] == "model" and "even alone" in row["placement"]["reason"]

@@ -260,3 +260,24 @@ def test_concurrent_generations_share_one_batch(make_app, live_server) -> None:
     metrics = app.test_client().get("/metrics").get_data(as_text=True)
     assert 's2i_batch_jobs_count{kind="generate"} 1.0' in metrics
     assert 's2i_batch_jobs_sum{kind="generate"} 2.0' in metrics
+
+
+def test_loras_travel_as_an_extension_field(make_app, live_server, lora_dir) -> None:
+    app = make_app(lora_dir=lora_dir)
+    client = sdk(live_server(app))
+    common = {"model": "tiny-art", "prompt": "a lighthouse", "size": "64x64"}
+    inked = client.images.generate(
+        **common,
+        response_format="b64_json",
+        extra_body={"steps": 2, "seed": 4, "loras": [{"name": "sd-ink", "weight": 0.7}]},
+    )
+    plain = client.images.generate(
+        **common, response_format="b64_json", extra_body={"steps": 2, "seed": 4}
+    )
+    assert inked.data[0].b64_json != plain.data[0].b64_json
+    rows = app.test_client().get("/images").json["images"]
+    assert [r["parameters"]["loras"] for r in rows] == [[], [{"name": "sd-ink", "weight": 0.7}]]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(**common, extra_body={"loras": [{"name": "xl-ink"}]})
+    assert caught.value.body["param"] == "loras.0.name"
+    assert "Stable Diffusion XL" in caught.value.body["message"]

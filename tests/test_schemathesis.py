@@ -28,11 +28,13 @@ checks.use_after_free.enabled = false
 
 
 def test_schemathesis_finds_no_failure(make_app, live_server, tiny_models, tmp_path) -> None:
+    from speech2image.config import IMAGE_MODEL_PRESETS
+
     tiny = {"source": str(tiny_models["tiny-art"])}
     app = make_app(
         # Every configured model loadable here (the presets too), so a schema-valid request
         # never meets a 503 for a hub model this machine cannot download.
-        image_models={"tiny-art": tiny, "dreamshaper": tiny, "realistic-vision": tiny},
+        image_models={name: tiny for name in ("tiny-art", *IMAGE_MODEL_PRESETS)},
         style_models={"artistic": "tiny-art", "photographic": "tiny-art"},
         max_width=64,
         max_height=64,

@@ -69,7 +69,7 @@ SEGMENT_FIELDS = (
 )
 
 # Extras of POST /v1/images/generations: the native fields with no OpenAI name.
-IMAGE_EXTRAS = ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler")
+IMAGE_EXTRAS = ("negative_prompt", "steps", "seed", "guidance_scale", "scheduler", "loras")
 ERROR_STATUSES = (400, 401, 409, 413, 415, 422, 429, 500, 503)
 
 _ERROR_TYPES = {
@@ -212,6 +212,8 @@ def _image_body(app: Any) -> type[BaseModel]:
     native = get_image_service(app).request_model
     extras: dict[str, Any] = {}
     for name in ("prompt", *IMAGE_EXTRAS):
+        if name not in native.model_fields:  # `loras` only where a LoRA folder is configured
+            continue
         info = native.model_fields[name]
         annotation = info.annotation
         if info.metadata:

@@ -261,10 +261,27 @@ class Limit(_Open):
 
 
 class ModelInfo(_Open):
-    """A configured model."""
+    """A configured model; an image model also says its family, defaults and limits."""
 
     name: str
     source: str | None = None
+    family: str | None = Field(None, description="sd1, sd2, sdxl, sd3 or flux")
+    family_label: str | None = None
+    few_step: bool | None = Field(None, description="A distilled few-step model")
+    defaults: dict[str, Any] | None = Field(
+        None, description="width, height, steps, guidance_scale, scheduler when left out"
+    )
+    schedulers: list[str] | None = Field(None, description="The schedulers it takes")
+    guidance_scale: dict[str, float] | None = Field(None, description="min and max")
+    negative_prompt: bool | None = Field(None, description="Whether it takes one")
+    size_multiple: int | None = Field(None, description="Width and height are multiples of it")
+
+
+class LoraInfo(_Open):
+    """A LoRA requests may name, and the family it is for (null: not stated in the file)."""
+
+    name: str
+    family: str | None = None
 
 
 class ModelLists(_Open):
@@ -279,6 +296,7 @@ class ServerConfig(_Open):
     """What a client needs to build its forms: models, schedulers, limits, whether auth is on."""
 
     models: ModelLists
+    loras: list[LoraInfo] = Field(default_factory=list, description="From S2I_LORA_DIR")
     schedulers: list[str]
     limits: dict[str, Limit]
     auth: dict[str, bool]

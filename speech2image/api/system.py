@@ -194,14 +194,17 @@ def config() -> ResponseReturnValue:
         names["default"] = "default"
         return {key: schema[names[key]] for key in keys if names[key] in schema}
 
+    profiles = images.model_profiles()
     return jsonify(
         models={
             "image": [
-                _model_entry(name, spec.source) for name, spec in sorted(images.models.items())
+                _model_entry(name, spec.source) | profiles[name].as_dict()
+                for name, spec in sorted(images.models.items())
             ],
             "whisper": [_whisper_entry(settings.whisper_model)],
             "default_image": "auto",
         },
+        loras=[lora.as_dict() for lora in images.loras.files().values()],
         schedulers=list(fields["scheduler"]["enum"]),
         limits={
             "width": limit("width", "min", "max", "multiple_of", "default"),

@@ -103,7 +103,7 @@ class SpeechToImageKind(JobKind):
         request = images.validate(
             {**work.image_fields, "prompt": prompt, "negative_prompt": negative}
         )
-        item = images.prepare(request)
+        item = images.prepare(request, lenient=True)  # a heard "without X" on FLUX is dropped
         output = images.run_batch(
             [item], on_step=lambda done, total: job.progress("generating", done, total)
         )
