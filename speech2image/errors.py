@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import sqlalchemy.exc
@@ -31,7 +32,21 @@ __all__ = [
     "ShuttingDown",
     "StorageFull",
     "UnsupportedAudio",
+    "redact_paths",
 ]
+
+# An absolute or home-relative path: not part of a word, a hub id ("org/model") or a URL.
+_SERVER_PATH = re.compile(r"""(?<![\w.~/:-])~?/[^\s'"()\[\],;]*[^\s'"()\[\],;.]""")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with each file system path cut to ``.../<last part>``: the name, not the layout."""
+    return _SERVER_PATH.sub(_last_part, text)
+
+
+def _last_part(match: re.Match[str]) -> str:
+    parts = [part for part in match.group().split("/") if part not in ("", "~")]
+    return ".../" + parts[-1] if parts else "..."
 
 
 class ServiceError(HTTPException):
@@ -86,9 +101,16 @@ class AudioTooLong(InvalidAudio):
 
 
 class ModelUnavailable(ServiceError, ServiceUnavailable):
-    """A model cannot be loaded or has no room; others may still serve."""
+    """A model cannot be loaded or has no room; others may still serve.
+
+    The engines explain with server paths (the model cache, a local checkpoint); the message
+    goes to clients, so the paths are taken out here (the loader keeps them for /status).
+    """
 
     error = "model_unavailable"
+
+    def __init__(self, description: str | None = None, **kwargs: Any) -> None:
+        super().__init__(redact_paths(description) if description else description, **kwargs)
 
 
 class QueueFull(ServiceError, TooManyRequests):

@@ -16,6 +16,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from .. import __version__
+from ..errors import redact_paths
 from ..image_service import get_image_service, required_models
 from ..jobs import get_job_runner
 from ..maintenance import get_maintenance
@@ -87,7 +88,8 @@ def _model_readiness(settings: Any) -> list[dict[str, Any]]:
                 "required": row["name"] in required,
                 "loaded": row["loaded"],
                 "available": info["available"],
-                "problem": info.get("problem"),
+                # Why, without the server's paths (the model cache, a checkpoint's folder).
+                "problem": redact_paths(info["problem"]) if info.get("problem") else None,
             }
         )
     return models
