@@ -249,6 +249,40 @@ def test_sigterm_lets_running_jobs_finish_and_refuses_new_work(server, tmp_path)
     assert queued["id"]
 
 
+def _http_get(port: int, path: str, method: str = "GET") -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def test_the_probe_port_answers_ready_as_the_main_port_does(make_app, tmp_path) -> None:
+    # Issue 18.8: the README said the probe port answers /ready; it answered 404.
+    from speech2image.server import ProbeServer
+
+    app = make_app(api_keys=["k-user"])  # the probe port is private: no key there
+    probes = [ProbeServer(app, "127.0.0.1", 0).start()]
+    try:
+        status, body = _http_get(probes[0].port, "/ready")
+        main = app.test_client().get("/ready", headers={"Authorization": "Bearer k-user"})
+        assert (status, body) == (200, main.json)
+        assert _http_get(probes[0].port, "/ready", "HEAD") == (200, None)
+        assert _http_get(probes[0].port, "/health")[0] == 200
+        assert _http_get(probes[0].port, "/status")[0] == 404
+        # Not ready: the same 503 naming what is down.
+        full = make_app(ready_min_free_bytes=10 * 1024**5)  # more free space than any disk has
+        probes.append(ProbeServer(full, "127.0.0.1", 0).start())
+        status, body = _http_get(probes[1].port, "/ready")
+        assert status == 503 and body["down"] == ["image_dir"]
+        assert body == full.test_client().get("/ready").json
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def _wait_until(condition: Any, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
