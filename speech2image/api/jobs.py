@@ -118,25 +118,48 @@ class ClientGone(ServiceError):
 
 
 def _client_gone() -> bool:
-    """True when the request's socket was closed by the peer (dev server and gunicorn).
+    """True when the request's client is gone: its connection was reset or fully closed.
 
-    Unknown (no socket, TLS, anything odd) counts as still connected: never cancel by doubt.
+    Dev server and gunicorn. A FIN alone is ambiguous: the client closed the connection, or
+    it only half-closed it (``shutdown(SHUT_WR)``) after sending its request and still waits
+    for the answer. An HTTP/1.1 client is then asked once with an interim ``100 Continue``,
+    which every HTTP/1.1 client must accept before the final answer: a closed socket answers
+    it with a reset (gone at the next check), a half-closed one just reads it later. Unknown
+    (no socket, TLS, HTTP/1.0, anything odd) counts as still connected: never cancel by doubt.
     """
     sock = request.environ.get("werkzeug.socket") or request.environ.get("gunicorn.socket")
     if type(sock) is not socket.socket:  # TLS sockets cannot peek
         return False
+    peer_ended = getattr(select, "POLLRDHUP", 0)  # Linux: the peer sent its FIN
+    asked = "speech2image.asked_if_gone"  # environ key: the 100 Continue was sent
     try:
         poller = select.poll()  # no FD_SETSIZE limit, unlike select.select
-        poller.register(sock, select.POLLIN | select.POLLHUP)
-        if not poller.poll(0):
+        poller.register(sock, select.POLLIN | peer_ended)
+        events = poller.poll(0)
+        if not events:
             return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        flags = events[0][1]
+        if flags & (select.POLLHUP | select.POLLERR):
+            return True  # reset, or shut down both ways
+        if peer_ended and not flags & peer_ended:
+            return False  # bytes of a pipelined request, not an end
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            return False
     except BlockingIOError:
         return False
     except (ConnectionError, OSError):
         return True
     except ValueError:
         return False
+    if request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1" and not request.environ.get(asked):
+        request.environ[asked] = True
+        try:
+            sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
+        except ConnectionError:
+            return True
+        except OSError:  # a full send buffer, or anything odd
+            return False
+    return False
 
 
 def _owned(job_id: str) -> Job:
