@@ -293,6 +293,12 @@ class Settings(BaseSettings):
     ratelimit_auth_failures: str = Field(
         "20/minute", description="Failed authentications per address before 429."
     )
+    trusted_proxies: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Reverse proxies in front that set X-Forwarded-For/-Proto; 0: trust none.",
+    )
 
     @field_validator(
         "preload_models",
