@@ -166,8 +166,7 @@ def create_app(settings: Settings | None = None, role: str | None = None) -> Fla
             runner.recover()
         if role == "worker":
             _init_worker(app, settings, runner, loader, storage)
-    # Each event stream holds a request thread for the whole job: keep half of them free.
-    jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
+    jobs.StreamSlots(settings.event_streams, settings.event_streams_per_key).init_app(app)
     request_stats = RequestStats()
     app.extensions["request_stats"] = request_stats
     metrics.watch(

@@ -27,7 +27,9 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         "workers": 1,  # more processes would each load every model
         "worker_class": "gthread",
-        "threads": settings.threads,
+        # Event streams wait in threads of their own (api/jobs.py StreamSlots caps them), so
+        # they never take the S2I_THREADS that requests need.
+        "threads": settings.threads + settings.event_streams,
         "timeout": 600,  # long transcriptions and generations are normal
         # On SIGTERM running jobs get this long before the worker is killed (speech2image.server).
         "graceful_timeout": math.ceil(settings.shutdown_grace_seconds),

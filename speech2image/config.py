@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, let running jobs finish this long."
     )
+    event_streams: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Event streams open at once, in threads of their own beside S2I_THREADS.",
+    )
+    event_streams_per_key: int = Field(
+        4, ge=1, le=1024, description="Event streams one client (key or address) may hold."
+    )
 
     # --- files and logs -----------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Folder of app.log.")

@@ -31,6 +31,7 @@ __all__ = [
     "ServiceError",
     "ShuttingDown",
     "StorageFull",
+    "TooManyStreams",
     "UnsupportedAudio",
     "redact_paths",
 ]
@@ -117,6 +118,12 @@ class QueueFull(ServiceError, TooManyRequests):
     """The caller has too much work waiting; retry later."""
 
     error = "queue_full"
+
+
+class TooManyStreams(ServiceError, TooManyRequests):
+    """The caller already holds as many event streams as one client may."""
+
+    error = "too_many_streams"
 
 
 class ServiceBusy(ServiceError, ServiceUnavailable):

@@ -1,4 +1,4 @@
-"""Clients' connections: a half-closed socket still gets its answer (issue 18.8)."""
+"""Clients' connections: half-closed sockets get their answer; event streams per key (issue 18)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import socket
 
 from .test_images import image_files
+from .test_jobs import submit
 
 REQUEST = json.dumps({"prompt": "a castle", "steps": 12, "seed": 1}).encode()
 
@@ -50,3 +51,39 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(make_app, l
         assert json.loads(response.read())["images"][0]["seed"] == 1
     finally:
         connection.close()
+
+
+def test_event_streams_are_limited_per_key_and_not_shared(make_app) -> None:
+    # Issue 18.6: one key holding the four stream slots made every other key's
+    # /jobs/<id>/events answer 503. Each key now has its own share of a larger pool.
+    keys = ["k-alice", "k-bob", "k-carol"]
+    app = make_app(api_keys=keys, event_streams=5, event_streams_per_key=2)
+    client = app.test_client()
+    auth = {key: {"Authorization": f"Bearer {key}"} for key in keys}
+    jobs = {key: submit(client, headers=auth[key], prompt="a castle", steps=2).json for key in keys}
+    opened = []
+
+    def stream(key: str):  # type: ignore[no-untyped-def]
+        response = client.get(f"/jobs/{jobs[key]['id']}/events", headers=auth[key], buffered=False)
+        if response.status_code == 200:
+            opened.append(response)
+        return response
+
+    assert [stream("k-alice").status_code for _ in range(2)] == [200, 200]
+    refused = stream("k-alice")  # alice's share is taken: her problem, not everyone's
+    assert refused.status_code == 429, refused.json
+    assert refused.json["error"]["code"] == "too_many_streams"
+    assert int(refused.headers["Retry-After"]) > 0
+    assert "poll GET /jobs" in refused.json["error"]["message"]
+    # Her polling fallback still works, and the others still get streams.
+    assert client.get(f"/jobs/{jobs['k-alice']['id']}", headers=auth["k-alice"]).status_code == 200
+    assert [stream("k-bob").status_code for _ in range(2)] == [200, 200]
+    assert stream("k-carol").status_code == 200
+    full = stream("k-carol")  # all five slots are open now
+    assert full.status_code == 503 and full.json["error"]["code"] == "service_busy"
+    opened.pop().close()  # a stream that closes gives its slot back (the test client's
+    assert stream("k-carol").status_code == 200  # streams close last opened, first closed)
+    while opened:
+        opened.pop().close()
+    assert stream("k-alice").status_code == 200
+    opened.pop().close()

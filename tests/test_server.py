@@ -283,6 +283,50 @@ def test_the_probe_port_answers_ready_as_the_main_port_does(make_app, tmp_path) 
             probe.close()
 
 
+def _open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:
+    """Start reading an event stream: the socket (kept open) and the answer's head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_event_streams_do_not_take_the_request_threads(server) -> None:
+    # Issue 18.6: each stream held one of S2I_THREADS, so streams were capped at half of them
+    # (4 by default). They now wait in S2I_EVENT_STREAMS threads of their own.
+    running = server(
+        S2I_THREADS="2",
+        S2I_EVENT_STREAMS="6",
+        S2I_EVENT_STREAMS_PER_KEY="10",
+        S2I_JOB_WORKERS="1",
+        S2I_MAX_STEPS="500",
+    )
+    status, job = _post_async(running, steps=500)  # runs while the streams watch it
+    assert status == 202, job
+    streams = [_open_stream(running.port, job["events"]) for _ in range(6)]
+    try:
+        assert all(head.startswith(b"HTTP/1.1 200") for _, head in streams), streams[0][1]
+        assert b"text/event-stream" in streams[0][1]
+        # Both request threads are still free: requests are answered at once.
+        assert running.get("/images", timeout=10)[0] == 200
+        assert running.get("/health", timeout=10)[0] == 200
+        extra, head = _open_stream(running.port, job["events"])
+        extra.close()
+        assert head.startswith(b"HTTP/1.1 503") and b"service_busy" in head, head
+    finally:
+        cancel = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        cancel.request("DELETE", job["url"])
+        assert cancel.getresponse().status in (200, 202)
+        cancel.close()
+        for sock, _ in streams:
+            sock.close()
+
+
 def _wait_until(condition: Any, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -290,10 +334,10 @@ def _wait_until(condition: Any, seconds: float = 120) -> None:
         time.sleep(0.1)
 
 
-def _post_async(server: Server) -> tuple[int, dict[str, Any]]:
+def _post_async(server: Server, steps: int = 1) -> tuple[int, dict[str, Any]]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        body = json.dumps({"prompt": "a harbour", "steps": 1, "async": True})
+        body = json.dumps({"prompt": "a harbour", "steps": steps, "async": True})
         connection.request("POST", "/generate-image", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, json.loads(response.read())

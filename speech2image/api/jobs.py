@@ -14,9 +14,9 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
-from ..errors import DATABASE_ERRORS, ResourceNotFound, ServiceBusy, ServiceError
+from ..errors import DATABASE_ERRORS, ResourceNotFound, ServiceBusy, ServiceError, TooManyStreams
 from ..jobs import Job, JobState, get_job_runner
-from .identity import client_owner
+from .identity import client_owner, rate_limit_key
 from .openapi import Content, endpoint
 from .responses import JobPage, JobView
 
@@ -40,22 +40,48 @@ KEEPALIVE_SECONDS = 15.0
 
 
 class StreamSlots:
-    """Caps open SSE streams: each holds a server thread, and /health must keep one free."""
+    """Caps open SSE streams in all and per client (API key, or address when auth is off).
 
-    def __init__(self, limit: int) -> None:
-        self._free = threading.BoundedSemaphore(limit)
+    Each stream holds a thread while it is open, idle on its job's condition: the production
+    server runs ``S2I_EVENT_STREAMS`` threads for them beside the ``S2I_THREADS`` request
+    threads (see ``cli.gunicorn_options``), so streams never take the threads requests need.
+    """
+
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
 
     def init_app(self, app: Any) -> None:
         """Store on the app as ``app.extensions['sse_slots']``."""
         app.extensions["sse_slots"] = self
 
-    def acquire(self) -> bool:
-        """Take a slot if one is free."""
-        return self._free.acquire(blocking=False)
+    def acquire(self, client: str) -> None:
+        """Take a slot for ``client``; 429 past its own share, 503 when all are taken."""
+        with self._lock:
+            held = self._held.get(client, 0)
+            if held >= self.per_client:
+                raise TooManyStreams(
+                    f"this client already has {held} event streams open (the most one client "
+                    "may hold); close one, or poll GET /jobs/<id> instead",
+                    retry_after=5,
+                )
+            if sum(self._held.values()) >= self.limit:
+                raise ServiceBusy(
+                    "too many event streams are open; poll GET /jobs/<id> instead",
+                    retry_after=5,
+                )
+            self._held[client] = held + 1
 
-    def release(self) -> None:
-        """Give a slot back."""
-        self._free.release()
+    def release(self, client: str) -> None:
+        """Give ``client``'s slot back."""
+        with self._lock:
+            held = self._held.get(client, 0) - 1
+            if held > 0:
+                self._held[client] = held
+            else:
+                self._held.pop(client, None)
 
 
 class JobCancelledConflict(ServiceError, Conflict):
@@ -238,7 +264,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
             "`cancelled` with the job as JSON data",
         )
     },
-    errors=(404, 503),
+    errors=(404, 429, 503),
     tags=("jobs",),
     path=JOB_ID,
 )
@@ -247,11 +273,8 @@ def job_events(job_id: str) -> ResponseReturnValue:
     job = _owned(job_id)
     runner = get_job_runner(current_app)
     streams: StreamSlots = current_app.extensions["sse_slots"]
-    if not streams.acquire():
-        raise ServiceBusy(
-            "too many event streams are open; poll GET /jobs/<id> instead",
-            retry_after=5,
-        )
+    holder = rate_limit_key()  # the key, or the address when auth is off
+    streams.acquire(holder)
 
     def stream() -> Iterator[str]:
         with job.waiting():
@@ -268,5 +291,5 @@ def job_events(job_id: str) -> ResponseReturnValue:
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-    response.call_on_close(streams.release)  # also when the stream never started
+    response.call_on_close(lambda: streams.release(holder))  # also if it never started
     return response
