@@ -482,12 +482,15 @@ def make_engine(
 ) -> Engine:
     """An engine for the history database whose every wait is bounded.
 
-    PostgreSQL gets a connect timeout and a server-side statement timeout; SQLite gets WAL,
-    foreign keys and a busy timeout. A database that does not answer then fails the call
-    within the timeouts (an OperationalError, answered 503) instead of hanging a thread.
+    PostgreSQL gets a connect timeout and a server-side statement timeout, and on the client
+    side TCP keepalives, a TCP user timeout and a bound on every wait for the server (see
+    ``answer_timeout``); SQLite gets WAL, foreign keys and a busy timeout. A database that does
+    not answer then fails the call within the timeouts (an OperationalError, answered 503)
+    instead of hanging a thread.
     """
     url = make_url(database_url)
     connect_args: dict[str, Any] = {}
+    answer_within = answer_timeout(connect_timeout, statement_timeout)
     if url.get_backend_name() == "sqlite":
         connect_args = {"check_same_thread": False, "timeout": statement_timeout}
     elif url.get_backend_name() == "postgresql":
@@ -495,6 +498,15 @@ def make_engine(
         options = url.query.get("options")
         timeout_option = f"-c statement_timeout={int(statement_timeout * 1000)}"
         connect_args["options"] = f"{options} {timeout_option}" if options else timeout_option
+        # libpq: a network path that drops packets fails the connection (the kernel gives up
+        # on unacknowledged data, or on keepalive probes of an idle pooled connection).
+        connect_args |= {
+            "keepalives": 1,
+            "keepalives_idle": max(1, math.ceil(statement_timeout)),
+            "keepalives_interval": max(1, math.ceil(connect_timeout / 3)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(answer_within * 1000),
+        }
     engine = create_engine(
         url,
         connect_args=connect_args,
@@ -504,7 +516,47 @@ def make_engine(
     if url.get_backend_name() == "sqlite":
         busy_ms = int(statement_timeout * 1000)
         event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, busy_ms))
+    elif url.get_backend_name() == "postgresql" and url.get_driver_name() == "psycopg":
+        bounded = _bounded_psycopg_connection(answer_within)
+        event.listen(
+            engine, "do_connect", lambda _dialect, _record, args, kw: bounded.connect(*args, **kw)
+        )
     return engine
+
+
+def answer_timeout(connect_timeout: float, statement_timeout: float) -> float:
+    """How long a client waits for any answer of PostgreSQL before it drops the connection.
+
+    The server stops a statement at ``statement_timeout`` and says so; this bound is for a
+    server or a network path that stops answering altogether (a stalled proxy, a frozen host),
+    which the TCP options cannot see when the peer's kernel still acknowledges every packet.
+    """
+    return statement_timeout + connect_timeout
+
+
+def _bounded_psycopg_connection(seconds: float) -> Any:
+    """A psycopg connection class whose every wait for the server ends after ``seconds``."""
+    import psycopg
+    from psycopg import errors as pg_errors
+
+    # psycopg raises this (an OperationalError) when a wait's timeout expires.
+    wait_timeout = getattr(pg_errors, "_WaitTimeout", psycopg.OperationalError)
+
+    class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            if len(args) < 2:  # (interval, timeout) may come by position
+                kwargs.setdefault("timeout", seconds)
+            try:
+                return super().wait(gen, *args, **kwargs)
+            except wait_timeout:
+                # A statement is in flight and its answer may still come: the connection is
+                # in an unknown state. Close it (the pool then drops it) and free the thread.
+                self.close()
+                raise psycopg.OperationalError(
+                    f"the database did not answer within {seconds:g} s; connection closed"
+                ) from None
+
+    return BoundedConnection
 
 
 def _sqlite_pragmas(connection: Any, busy_ms: int) -> None:
