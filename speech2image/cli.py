@@ -409,11 +409,13 @@ def cleanup() -> None:
 
 def _history_engine() -> Any:
     from .storage import make_engine
+    from .storage.layout import history_location
 
     settings = _settings()
-    if not settings.database_url:  # the default SQLite file lives in the image folder
-        settings.image_dir.mkdir(parents=True, exist_ok=True)
-    return make_engine(settings.resolved_database_url())
+    if not settings.database_url:  # the default SQLite file lives in the data folder
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # An older release's history in the image folder is moved first, as `serve` would.
+    return make_engine(history_location(settings.resolved_database_url(), settings.image_dir))
 
 
 @main.group()

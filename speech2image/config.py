@@ -175,8 +175,11 @@ class Settings(BaseSettings):
         True, description="Fetch hub checkpoints not in the cache on first use."
     )
     image_dir: Path = Field(Path("generated_images"), description="Folder of generated PNGs.")
+    data_dir: Path = Field(
+        Path("data"), description="Folder of the default SQLite history, apart from the images."
+    )
     database_url: str = Field(
-        "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_IMAGE_DIR."
+        "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_DATA_DIR."
     )
     # --- image store ------------------------------------------------------------------
     image_store: Literal["local", "s3"] = Field(
@@ -205,6 +208,10 @@ class Settings(BaseSettings):
     )
     ready_min_free_bytes: ByteSize = Field(
         ByteSize(100 * 1024**2), description="/ready fails below this much free space for images."
+    )
+    disk_reserve_bytes: ByteSize = Field(
+        ByteSize(100 * 1024**2),
+        description="New work is refused (507) below this much free space; 0: no reserve.",
     )
     default_width: int = Field(512, ge=64, le=4096)
     default_height: int = Field(512, ge=64, le=4096)
@@ -397,8 +404,8 @@ class Settings(BaseSettings):
         return self.health_port
 
     def resolved_database_url(self) -> str:
-        """S2I_DATABASE_URL, or SQLite inside the image folder."""
-        return self.database_url or f"sqlite:///{(self.image_dir / 'history.sqlite3').resolve()}"
+        """S2I_DATABASE_URL, or SQLite in S2I_DATA_DIR (see ``speech2image.storage.layout``)."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'history.sqlite3').resolve()}"
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):  # type: ignore[no-untyped-def]

@@ -31,6 +31,7 @@ __all__ = [
     "ServiceError",
     "ShuttingDown",
     "StorageFull",
+    "StorageReadOnly",
     "TooManyStreams",
     "UnsupportedAudio",
     "redact_paths",
@@ -155,6 +156,12 @@ class StorageFull(ServiceError):
 
     code = 507  # Insufficient Storage (werkzeug has no class for it)
     error = "storage_full"
+
+
+class StorageReadOnly(ServiceError, ServiceUnavailable):
+    """The image folder or the history cannot be written (read-only, or no permission)."""
+
+    error = "storage_read_only"
 
 
 # What a database that refuses, times out or runs out of pooled connections raises (503).

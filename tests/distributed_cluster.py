@@ -139,7 +139,11 @@ class Cluster:
         env.update(self.settings)
         # Each process its own folders: what crosses processes goes through Redis and S3.
         own = self.root / f"process-{uuid.uuid4().hex[:8]}"
-        env.update(S2I_IMAGE_DIR=str(own / "images"), S2I_UPLOAD_DIR=str(own / "uploads"))
+        env.update(
+            S2I_IMAGE_DIR=str(own / "images"),
+            S2I_DATA_DIR=str(own / "data"),
+            S2I_UPLOAD_DIR=str(own / "uploads"),
+        )
         env.update({k: str(v) for k, v in extra.items()})
         return env
 

@@ -42,6 +42,7 @@ class Server:
             S2I_LOG_DIR=str(root / "logs"),
             S2I_UPLOAD_DIR=str(root / "uploads"),
             S2I_IMAGE_DIR=str(root / "images"),
+            S2I_DATA_DIR=str(root / "data"),
             S2I_IMAGE_MODELS=json.dumps({"tiny": {"source": str(tiny)}}),
             S2I_STYLE_MODELS=json.dumps({"artistic": "tiny", "photographic": "tiny"}),
             S2I_DEFAULT_WIDTH="64",

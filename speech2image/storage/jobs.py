@@ -8,7 +8,7 @@ who ran it. Any runner (local threads, Celery workers) writes through :class:`Jo
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import (
@@ -23,9 +23,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from .base import Base, aware, utcnow
+from .space import storage_error
 
 __all__ = ["ACTIVE_STATES", "FINISHED_STATES", "JobRecord", "JobStore"]
 
@@ -71,19 +73,32 @@ class JobRecord(Base):
 class JobStore:
     """Reads and writes job rows; every method is one short transaction."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, check_room: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._check_room = check_room
 
     def add(self, **fields: Any) -> JobRecord:
-        """Insert a new job row (state ``queued`` unless given)."""
+        """Insert a new job row (state ``queued`` unless given).
+
+        New work: refused before the row is written when the disk is below its reserve (507
+        ``storage_full``) or cannot be written (503), and 507 if the database finds no room.
+        """
+        if self._check_room is not None:
+            self._check_room()
         now = utcnow()
         fields.setdefault("state", "queued")
         fields.setdefault("created_at", now)
         fields.setdefault("updated_at", now)
         record = JobRecord(**fields)
-        with self._sessions.begin() as session:
-            session.add(record)
+        try:
+            with self._sessions.begin() as session:
+                session.add(record)
+        except OperationalError as exc:
+            refusal = storage_error(exc, "the job")
+            if refusal is not None:
+                raise refusal from exc
+            raise
         return record
 
     def update(self, job_id: str, *, only_if: Iterable[str] | None = None, **fields: Any) -> bool:
