@@ -426,6 +426,10 @@ def build_spec(app: Flask) -> dict[str, Any]:
         for status, answer in sorted(spec.responses.items()):
             responses[str(status)] = _response(status, answer, schema_of)
         statuses = set(spec.errors) | {500}
+        if method != "get":
+            # Writes meet a database that does not answer or a read-only disk (503), and new
+            # work a full disk (507, before anything is written).
+            statuses |= {503, 507} if method == "post" else {503}
         if spec.body or spec.form or spec.query or rule.arguments:
             statuses.add(400)
         if spec.body or spec.form:
