@@ -5,10 +5,12 @@ Liveness under load through the probe listener (S2I_HEALTH_PORT), and a graceful
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,8 +252,8 @@ def test_sigterm_lets_running_jobs_finish_and_refuses_new_work(server, tmp_path)
     assert queued["id"]
 
 
-def _http_get(port: int, path: str, method: str = "GET") -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def _http_get(port: int, path: str, method: str = "GET", timeout: float = 30) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path)
         response = connection.getresponse()
@@ -326,6 +328,124 @@ def test_event_streams_do_not_take_the_request_threads(server) -> None:
         cancel.close()
         for sock, _ in streams:
             sock.close()
+
+
+def _nginx_front(root: Path, upstream: int) -> tuple[subprocess.Popen, int]:
+    """nginx with deploy/nginx.conf (the README's recommended front), on a free port."""
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else ""
+    )
+    if not binary:
+        pytest.skip("nginx is missing: run `bash scripts/install-system-deps.sh`")
+    port = _free_port()
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in (
+        ("server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream};"),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+    ):
+        assert old in site, old
+        site = site.replace(old, new)
+    prefix = root / "nginx"
+    prefix.mkdir()
+    (prefix / "site.conf").write_text(site)
+    temporary = "".join(
+        f"    {kind}_temp_path {prefix / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (prefix / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")  # its workers write to this test's folder
+        + f"worker_processes 1;\ndaemon off;\npid {prefix / 'nginx.pid'};\n"
+        + f"error_log {prefix / 'error.log'} warn;\nevents {{ worker_connections 256; }}\n"
+        + f"http {{\n    access_log off;\n{temporary}    include {prefix / 'site.conf'};\n}}\n"
+    )
+    process = subprocess.Popen(
+        [
+            binary,
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-e",
+            str(prefix / "error.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, (prefix / "error.log").read_text()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return process, port
+        assert time.monotonic() < deadline, "nginx did not start"
+        time.sleep(0.05)
+
+
+def _slow_uploads(port: int, count: int, stop: threading.Event) -> list[threading.Thread]:
+    """``count`` clients that send an upload's headers, then its body a byte every 0.3 s."""
+
+    def upload() -> None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"POST /transcribe-audio HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n--b"
+            )
+            while not stop.wait(0.3):
+                sock.sendall(b"-")
+
+    threads = [threading.Thread(target=upload, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.slow
+def test_slow_uploads_hold_no_request_thread_behind_the_recommended_front(server, tmp_path):
+    # Issue 18.7: eight slow uploads held every request thread of the main port. gunicorn's
+    # threaded worker reads a body at the client's pace in a request thread, and has no option
+    # to buffer it first; a buffering proxy does (README, Running in production).
+    running = server(S2I_THREADS="4", S2I_EVENT_STREAMS="4", S2I_TRUSTED_PROXIES="1")
+    assert running.generate(steps=1)[0] == 200  # the model is resident
+    # Straight at gunicorn: eight slow uploads hold all 4 + 4 threads, requests wait.
+    stop = threading.Event()
+    uploads = _slow_uploads(running.port, 8, stop)
+    time.sleep(1.5)
+    with pytest.raises(OSError):
+        running.get("/images", timeout=3)
+    assert running.get("/health", port=running.health_port, timeout=3)[0] == 200
+    stop.set()
+    for thread in uploads:
+        thread.join(10)
+    _wait_until(lambda: _answers(running.port, "/health"), 30)
+
+    nginx, port = _nginx_front(tmp_path, running.port)
+    stop = threading.Event()
+    try:
+        uploads = _slow_uploads(port, 8, stop)  # the same eight, through nginx
+        time.sleep(1.5)
+        assert _http_get(port, "/images", timeout=10)[0] == 200
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request(
+            "POST",
+            "/generate-image",
+            json.dumps({"prompt": "a lighthouse", "steps": 1}),
+            {"Content-Type": "application/json"},
+        )
+        generated = connection.getresponse()
+        assert generated.status == 200, generated.read()
+        connection.close()
+        assert _http_get(port, "/health", timeout=10)[0] == 200
+    finally:
+        stop.set()
+        nginx.terminate()
+        nginx.wait(20)
+
+
+def _answers(port: int, path: str) -> bool:
+    try:
+        return _http_get(port, path, timeout=2)[0] == 200
+    except OSError:
+        return False
 
 
 def _wait_until(condition: Any, seconds: float = 120) -> None:
