@@ -2,8 +2,9 @@
 # Installs the Debian packages the test suite needs: espeak-ng synthesizes the speech the
 # transcription tests listen to; chromium is the browser the page's end-to-end tests drive
 # through Playwright (whose own browser downloads are never used); redis-server is the private
-# Redis a test starts and kills (rate limits that outlive their storage). The server itself
-# needs none: PyAV wheels bundle FFmpeg. Only missing packages are installed. The dpkg lock may
+# Redis a test starts and kills (rate limits that outlive their storage); nginx is the buffering
+# front of deploy/nginx.conf that a test puts before the server. The server itself needs none:
+# PyAV wheels bundle FFmpeg. Only missing packages are installed. The dpkg lock may
 # be held by another apt run on the same machine: then this waits and retries.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

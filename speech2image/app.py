@@ -213,8 +213,7 @@ def create_app(
 def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     """The HTTP API: limits, identity, blueprints, error handlers, CORS, /metrics."""
     loader: ModelLoader = app.extensions["model_loader"]
-    # Each event stream holds a request thread for the whole job: keep half of them free.
-    jobs.StreamSlots(max(1, settings.threads // 2)).init_app(app)
+    jobs.StreamSlots(settings.event_streams, settings.event_streams_per_key).init_app(app)
     request_stats = RequestStats()
     app.extensions["request_stats"] = request_stats
     metrics.watch(
@@ -279,11 +278,14 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     errors.register_error_handlers(app)
     if settings.cors_origins:
         any_origin = "*" in settings.cors_origins
+        if not any_origin:  # registered first, so it runs after flask-cors's hook
+            app.after_request(_vary_on_origin)
         CORS(
             app,
             origins="*" if any_origin else settings.cors_origins,
             # Browsers refuse credentials with a wildcard origin: only for listed origins.
             supports_credentials=not any_origin,
+            send_wildcard=any_origin,  # "*" itself: the same answer whatever the Origin
             expose_headers=CORS_EXPOSED_HEADERS,
             max_age=600,
         )
@@ -444,6 +446,12 @@ def worker_models(loader: ModelLoader, wanted: list[str]) -> list[str]:
             raise ValueError(f"S2I_WORKER_MODELS names {item!r}, which is not configured")
         names.extend(m for m in matches if m not in names)
     return names
+
+
+def _vary_on_origin(response: Response) -> Response:
+    """Listed origins: the CORS headers depend on the request's Origin, so caches must too."""
+    response.vary.add("Origin")  # one Vary: Origin, also when flask-cors set it already
+    return response
 
 
 def counts_against_work_limits(response: Response) -> bool:

@@ -27,7 +27,9 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         "workers": 1,  # more processes would each load every model
         "worker_class": "gthread",
-        "threads": settings.threads,
+        # Event streams wait in threads of their own (api/jobs.py StreamSlots caps them), so
+        # they never take the S2I_THREADS that requests need.
+        "threads": settings.threads + settings.event_streams,
         "timeout": 600,  # long transcriptions and generations are normal
         # On SIGTERM running jobs get this long before the worker is killed (speech2image.server).
         "graceful_timeout": math.ceil(settings.shutdown_grace_seconds),
@@ -417,11 +419,13 @@ def cleanup() -> None:
 
 def _history_engine() -> Any:
     from .storage import make_engine
+    from .storage.layout import history_location
 
     settings = _settings()
-    if not settings.database_url:  # the default SQLite file lives in the image folder
-        settings.image_dir.mkdir(parents=True, exist_ok=True)
-    return make_engine(settings.resolved_database_url())
+    if not settings.database_url:  # the default SQLite file lives in the data folder
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # An older release's history in the image folder is moved first, as `serve` would.
+    return make_engine(history_location(settings.resolved_database_url(), settings.image_dir))
 
 
 @main.group()

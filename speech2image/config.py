@@ -179,6 +179,15 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, let running jobs finish this long."
     )
+    event_streams: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Event streams open at once, in threads of their own beside S2I_THREADS.",
+    )
+    event_streams_per_key: int = Field(
+        4, ge=1, le=1024, description="Event streams one client (key or address) may hold."
+    )
 
     # --- files and logs -----------------------------------------------------------------
     log_dir: Path = Field(Path("logs"), description="Folder of app.log.")
@@ -251,8 +260,11 @@ class Settings(BaseSettings):
         True, description="Fetch hub checkpoints not in the cache on first use."
     )
     image_dir: Path = Field(Path("generated_images"), description="Folder of generated PNGs.")
+    data_dir: Path = Field(
+        Path("data"), description="Folder of the default SQLite history, apart from the images."
+    )
     database_url: str = Field(
-        "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_IMAGE_DIR."
+        "", description="SQLAlchemy URL of the history; empty: SQLite in S2I_DATA_DIR."
     )
     # --- image store ------------------------------------------------------------------
     image_store: Literal["local", "s3"] = Field(
@@ -281,6 +293,10 @@ class Settings(BaseSettings):
     )
     ready_min_free_bytes: ByteSize = Field(
         ByteSize(100 * 1024**2), description="/ready fails below this much free space for images."
+    )
+    disk_reserve_bytes: ByteSize = Field(
+        ByteSize(100 * 1024**2),
+        description="New work is refused (507) below this much free space; 0: no reserve.",
     )
     # The S2I_DEFAULT_* values apply to every model; empty: each model's own (its preset's,
     # else its family's: 512 px for SD 1.x, 1024 for SDXL and FLUX; 4 steps when few-step).
@@ -418,6 +434,12 @@ class Settings(BaseSettings):
     ratelimit_auth_failures: str = Field(
         "20/minute", description="Failed authentications per address before 429."
     )
+    trusted_proxies: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Reverse proxies in front that set X-Forwarded-For/-Proto; 0: trust none.",
+    )
 
     @field_validator(
         "preload_models",
@@ -520,8 +542,8 @@ class Settings(BaseSettings):
         return self.health_port
 
     def resolved_database_url(self) -> str:
-        """S2I_DATABASE_URL, or SQLite inside the image folder."""
-        return self.database_url or f"sqlite:///{(self.image_dir / 'history.sqlite3').resolve()}"
+        """S2I_DATABASE_URL, or SQLite in S2I_DATA_DIR (see ``speech2image.storage.layout``)."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'history.sqlite3').resolve()}"
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, *args, **kw):  # type: ignore[no-untyped-def]

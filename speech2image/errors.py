@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import sqlalchemy.exc
@@ -41,11 +42,27 @@ __all__ = [
     "ServiceError",
     "ShuttingDown",
     "StorageFull",
+    "StorageReadOnly",
     "StorageUnavailable",
+    "TooManyStreams",
     "UnsupportedAudio",
     "error_body",
     "error_from_body",
+    "redact_paths",
 ]
+
+# An absolute or home-relative path: not part of a word, a hub id ("org/model") or a URL.
+_SERVER_PATH = re.compile(r"""(?<![\w.~/:-])~?/[^\s'"()\[\],;]*[^\s'"()\[\],;.]""")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with each file system path cut to ``.../<last part>``: the name, not the layout."""
+    return _SERVER_PATH.sub(_last_part, text)
+
+
+def _last_part(match: re.Match[str]) -> str:
+    parts = [part for part in match.group().split("/") if part not in ("", "~")]
+    return ".../" + parts[-1] if parts else "..."
 
 
 class ServiceError(HTTPException):
@@ -100,15 +117,28 @@ class AudioTooLong(InvalidAudio):
 
 
 class ModelUnavailable(ServiceError, ServiceUnavailable):
-    """A model cannot be loaded or has no room; others may still serve."""
+    """A model cannot be loaded or has no room; others may still serve.
+
+    The engines explain with server paths (the model cache, a local checkpoint); the message
+    goes to clients, so the paths are taken out here (the loader keeps them for /status).
+    """
 
     error = "model_unavailable"
+
+    def __init__(self, description: str | None = None, **kwargs: Any) -> None:
+        super().__init__(redact_paths(description) if description else description, **kwargs)
 
 
 class QueueFull(ServiceError, TooManyRequests):
     """The caller has too much work waiting; retry later."""
 
     error = "queue_full"
+
+
+class TooManyStreams(ServiceError, TooManyRequests):
+    """The caller already holds as many event streams as one client may."""
+
+    error = "too_many_streams"
 
 
 class ServiceBusy(ServiceError, ServiceUnavailable):
@@ -140,6 +170,12 @@ class StorageFull(ServiceError):
 
     code = 507  # Insufficient Storage (werkzeug has no class for it)
     error = "storage_full"
+
+
+class StorageReadOnly(ServiceError, ServiceUnavailable):
+    """The image folder or the history cannot be written (read-only, or no permission)."""
+
+    error = "storage_read_only"
 
 
 class StorageUnavailable(ServiceError, ServiceUnavailable):

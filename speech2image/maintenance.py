@@ -40,7 +40,8 @@ class Maintenance:
                 max_age=max_age, max_count=s.image_max_count, max_bytes=int(s.image_max_bytes)
             )
             unloaded = self.loader.unload_idle()
-            jobs_expired = self.storage.jobs.expire(dt.timedelta(seconds=s.job_keep_seconds))
+            keep = dt.timedelta(seconds=s.job_keep_seconds)
+            jobs_expired = self.storage.with_room(lambda: self.storage.jobs.expire(keep))
         report = {**removed, "models_unloaded": unloaded, "jobs_expired": jobs_expired}
         self.last_run = {"at": dt.datetime.now(dt.UTC).isoformat(), **report}
         if removed["images_removed"] or unloaded or removed["orphan_files_removed"] or jobs_expired:

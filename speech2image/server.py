@@ -4,7 +4,7 @@ Gunicorn's threaded worker pins one request thread per connection, for as long a
 client takes to send its headers and as long as a synchronous generation runs. With every
 thread held, a liveness probe on the main port waits in the queue and the process gets
 restarted, losing its jobs. The probe listener answers ``/health`` on a port of its own
-(``S2I_HEALTH_PORT``), in a thread of its own.
+(``S2I_HEALTH_PORT``), in a thread of its own, and ``/ready`` in one more thread.
 
 On SIGTERM the server refuses new work (503 ``shutting_down``), lets running and queued jobs
 finish for up to ``S2I_SHUTDOWN_GRACE_SECONDS`` (gunicorn's ``graceful_timeout``), then stops.
@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Flask, request
@@ -40,6 +41,7 @@ MAX_PROBE_REQUEST = 8192
 # (schedulers, small models) each take can wait a whole switch interval (5 ms by default).
 GIL_SWITCH_INTERVAL = 0.001
 DRAIN_MARGIN = 1.0  # stop draining this long before gunicorn's arbiter kills the worker
+MAX_READY_WAITING = 8  # /ready probes waiting for the readiness thread; more get 503 at once
 
 
 def health_body(app: Flask) -> dict[str, Any]:
@@ -103,11 +105,14 @@ class ServerState:
 
 
 class ProbeServer:
-    """A tiny listener that answers ``GET /health`` in one thread of its own.
+    """A tiny listener that answers ``GET /health`` in one thread of its own, and ``/ready``.
 
     One selector loop, no thread per connection and no trip through the WSGI stack: few
     Python steps per probe, so it stays fast while request and job threads compete for the
     GIL. A client that never finishes its request is dropped after ``PROBE_READ_TIMEOUT``.
+    ``/ready`` asks the database and the model files (bounded by their timeouts), so it runs
+    in a readiness thread of its own, never in the loop that answers ``/health``; like
+    ``/health`` here it needs no API key (keep the port private).
     """
 
     def __init__(self, app: Flask, host: str, port: int) -> None:
@@ -120,11 +125,14 @@ class ProbeServer:
         self._pending: dict[socket.socket, tuple[bytearray, float]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="probe-listener", daemon=True)
+        self._readiness = ThreadPoolExecutor(1, thread_name_prefix="probe-ready")
+        self._ready_waiting = 0
+        self._ready_lock = threading.Lock()
 
     def start(self) -> ProbeServer:
         """Serve in a daemon thread."""
         self._thread.start()
-        log.info("probe listener on port %d (GET /health)", self.port)
+        log.info("probe listener on port %d (GET /health, GET /ready)", self.port)
         return self
 
     def close(self) -> None:
@@ -132,6 +140,7 @@ class ProbeServer:
         self._stopping = True
         self._wake_writer.send(b"x")
         self._thread.join(5)
+        self._readiness.shutdown(wait=False, cancel_futures=True)
 
     def _serve(self) -> None:
         self._selector.register(self._listener, selectors.EVENT_READ)
@@ -185,10 +194,56 @@ class ProbeServer:
     def _answer(self, conn: socket.socket, raw: bytes) -> None:
         method, _, rest = raw.partition(b" ")
         target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method in (b"GET", b"HEAD") and target == b"/ready":
+            self._hand_to_readiness(conn, method)
+            return
         if method in (b"GET", b"HEAD") and target == b"/health":
             status, body = "200 OK", json.dumps(health_body(self._app)).encode()
         else:
-            status, body = "404 Not Found", b'{"error": "the probe port serves GET /health only"}'
+            status = "404 Not Found"
+            body = b'{"error": "the probe port serves GET /health and GET /ready only"}'
+        self._send(conn, method, status, body)
+        self._drop(conn)
+
+    def _hand_to_readiness(self, conn: socket.socket, method: bytes) -> None:
+        """Leave the loop: the readiness thread answers ``conn`` and closes it."""
+        self._pending.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
+        with self._ready_lock:
+            busy = self._ready_waiting >= MAX_READY_WAITING
+            if not busy:
+                self._ready_waiting += 1
+        if busy:
+            body = b'{"ready": false, "problem": "too many readiness probes at once"}'
+            self._send(conn, method, "503 Service Unavailable", body)
+            conn.close()
+            return
+        try:
+            self._readiness.submit(self._ready, conn, method)
+        except RuntimeError:  # closing
+            with self._ready_lock:
+                self._ready_waiting -= 1
+            conn.close()
+
+    def _ready(self, conn: socket.socket, method: bytes) -> None:
+        from .api.system import readiness  # the app's own /ready, outside any request
+
+        try:
+            body, code = readiness(self._app)
+            status = "200 OK" if code == 200 else "503 Service Unavailable"
+            self._send(conn, method, status, json.dumps(body).encode())
+        except Exception:  # a probe must get an answer, never a hang
+            log.exception("probe listener: /ready failed")
+            problem = b'{"ready": false, "problem": "the readiness check failed; see the log"}'
+            self._send(conn, method, "503 Service Unavailable", problem)
+        finally:
+            with self._ready_lock:
+                self._ready_waiting -= 1
+            conn.close()
+
+    @staticmethod
+    def _send(conn: socket.socket, method: bytes, status: str, body: bytes) -> None:
         head = (
             f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
@@ -200,7 +255,6 @@ class ProbeServer:
             conn.sendall(head if method == b"HEAD" else head + body)
         except OSError:
             pass
-        self._drop(conn)
 
     def _drop(self, conn: socket.socket) -> None:
         self._pending.pop(conn, None)

@@ -19,6 +19,7 @@ from .config import Settings
 from .engines.whisper import Transcript, WhisperFactory, transcribe
 from .errors import InvalidRequest
 from .model_loader import ModelLoader
+from .storage.space import storage_error
 
 __all__ = [
     "SpeechService",
@@ -241,14 +242,17 @@ class SpeechService:
 
         The caller owns the file: the job that uses it removes it when it ends.
         """
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
         path = self.upload_dir / f"upload-{uuid.uuid4().hex}"
         try:
+            self.upload_dir.mkdir(parents=True, exist_ok=True)
             with open(path, "xb") as out:
                 while chunk := stream.read(1 << 16):
                     out.write(chunk)
-        except BaseException:
+        except BaseException as exc:
             discard_upload(path)
+            refusal = storage_error(exc, "the upload")  # a full or read-only S2I_UPLOAD_DIR
+            if refusal is not None:
+                raise refusal from None
             raise
         return path
 

@@ -76,6 +76,7 @@ def _test_settings(
         "log_dir": root / "logs",
         "upload_dir": root / "uploads",
         "image_dir": root / "images",
+        "data_dir": root / "data",
         "model_cache_dir": model_cache,
         "ratelimit_default": "10000/minute",
         "ratelimit_transcribe": "10000/minute",

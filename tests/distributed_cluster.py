@@ -95,7 +95,11 @@ class Cluster(LocalCluster):
     def env(self, **extra: Any) -> dict[str, str]:
         """A process's environment: the cluster's settings, folders of its own, ``extra``."""
         own = self.root / f"process-{uuid.uuid4().hex[:8]}"
-        folders = {"S2I_IMAGE_DIR": own / "images", "S2I_UPLOAD_DIR": own / "uploads"}
+        folders = {
+            "S2I_IMAGE_DIR": own / "images",
+            "S2I_DATA_DIR": own / "data",
+            "S2I_UPLOAD_DIR": own / "uploads",
+        }
         return super().env(**{**folders, **extra})
 
     def create_schema(self) -> None:

@@ -36,6 +36,7 @@ def cli_env(tmp_path: Path, model_cache: Path, tiny_models: dict[str, Path]):  #
             S2I_LOG_DIR=str(tmp_path / "logs"),
             S2I_UPLOAD_DIR=str(tmp_path / "uploads"),
             S2I_IMAGE_DIR=str(tmp_path / "images"),
+            S2I_DATA_DIR=str(tmp_path / "data"),
             S2I_IMAGE_MODELS=json.dumps(models),
             S2I_STYLE_MODELS=json.dumps({"artistic": "tiny-art", "photographic": "tiny-photo"}),
             S2I_DEFAULT_WIDTH="64",

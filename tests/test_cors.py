@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
+
 ORIGIN = "https://app.example"
 PREFLIGHT = {
     "Origin": ORIGIN,
@@ -85,11 +87,26 @@ def test_no_cors_headers_by_default(make_app) -> None:
 
 
 def test_any_origin_without_credentials(make_app) -> None:
+    # Issue 18.8: with "*" the origin was echoed back (with Vary); "*" says what is meant.
     client = make_app(cors_origins=["*"]).test_client()
     response = client.options("/transcribe-audio", headers=PREFLIGHT)
-    # flask-cors reflects the origin for "*"; without credentials that grants no more than "*".
-    assert response.headers["Access-Control-Allow-Origin"] in ("*", ORIGIN)
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "Access-Control-Allow-Credentials" not in response.headers
+    answer = client.get("/images", headers={"Origin": ORIGIN})
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in answer.headers
+
+
+@pytest.mark.parametrize("origins", [[ORIGIN], [ORIGIN, "http://localhost:3000"]])
+def test_listed_origins_make_caches_vary_on_origin(make_app, origins) -> None:
+    # Issue 18.8: one listed origin sent no Vary: Origin, so a shared cache could hand the
+    # answer made for one origin (with its Allow-Origin) to a page of another, or none.
+    client = make_app(cors_origins=origins).test_client()
+    for headers in ({"Origin": ORIGIN}, {"Origin": "https://evil.example"}, {}):
+        for response in (client.get("/images", headers=headers), client.get("/nope")):
+            assert response.headers.getlist("Vary") == ["Origin"], (headers, response.headers)
+    preflight = client.options("/generate-image", headers=PREFLIGHT)
+    assert preflight.headers.getlist("Vary") == ["Origin"]
 
 
 def test_a_cross_origin_upload_can_read_its_answer(make_app) -> None:

@@ -201,6 +201,7 @@ def test_kill_9_mid_job_then_restart_finishes_or_fails_every_job(
     }
     env.update(
         S2I_IMAGE_DIR=str(tmp_path / "images"),
+        S2I_DATA_DIR=str(tmp_path / "data"),
         S2I_LOG_DIR=str(tmp_path / "logs"),
         S2I_UPLOAD_DIR=str(tmp_path / "uploads"),
         S2I_MODEL_CACHE_DIR=str(model_cache),
@@ -256,7 +257,7 @@ def test_kill_9_mid_job_then_restart_finishes_or_fails_every_job(
         first.send_signal(signal.SIGKILL)
         first.wait()
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'images' / 'history.sqlite3'}")
+    engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'history.sqlite3'}")
     with engine.connect() as connection:
         states = dict(connection.execute(text("SELECT id, state FROM jobs")).all())
     engine.dispose()

@@ -53,6 +53,7 @@ def test_eight_concurrent_first_requests_all_succeed(
         "S2I_DEFAULT_HEIGHT": "64",
         "S2I_DEFAULT_STEPS": "2",
         "S2I_IMAGE_DIR": str(tmp_path / "images"),
+        "S2I_DATA_DIR": str(tmp_path / "data"),
         "S2I_LOG_DIR": str(tmp_path / "logs"),
         "S2I_UPLOAD_DIR": str(tmp_path / "uploads"),
         "S2I_RATELIMIT_ENABLED": "false",

@@ -401,7 +401,7 @@ def test_disconnect_does_not_cancel_a_job_another_client_watches(make_app, live_
 
 
 def test_event_streams_are_capped_so_health_keeps_a_thread(make_app) -> None:
-    app = make_app(threads=2)  # one stream slot
+    app = make_app(event_streams=1)  # one stream slot
     client = app.test_client()
     job = submit(client, prompt="a castle", steps=LONG).json
     first = client.get(f"/jobs/{job['id']}/events", buffered=False)

@@ -78,6 +78,7 @@ def test_release_sqlite_history_upgrades_in_place(make_app, tmp_path) -> None:
 
 def test_db_upgrade_command_and_current(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("S2I_IMAGE_DIR", str(tmp_path / "images"))
+    monkeypatch.setenv("S2I_DATA_DIR", str(tmp_path / "data"))
     runner = CliRunner()
     before = runner.invoke(main, ["db", "current"])
     assert before.exit_code == 0 and "current: none" in before.output

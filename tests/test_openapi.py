@@ -288,3 +288,25 @@ def test_a_poisoned_prompt_among_good_ones_fails_alone(make_app) -> None:
     for thread in threads:
         thread.join(timeout=600)
     assert results == {"good0": 200, "good1": 200, "good2": 200, "evil": 400}
+
+
+def test_concurrent_first_requests_for_the_spec_all_get_it(make_app, live_server) -> None:
+    # Issue 18.4: two threads built the request models at once, and most of a dozen concurrent
+    # first requests after a start answered 500 (a KeyError in build_spec).
+    import concurrent.futures
+    import threading
+    import urllib.request
+
+    base = live_server(make_app())  # a fresh app: nothing built yet
+    start = threading.Barrier(12)
+
+    def fetch(_: int) -> tuple[int, bytes]:
+        start.wait(10)
+        with urllib.request.urlopen(f"{base}/openapi.json", timeout=60) as response:
+            return response.status, response.read()
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(fetch, range(12)))
+    assert [status for status, _ in answers] == [200] * 12
+    assert len({body for _, body in answers}) == 1  # one document, built once
+    assert json.loads(answers[0][1])["openapi"] == "3.1.0"

@@ -17,7 +17,8 @@ from sqlalchemy.engine import make_url
 
 
 class FaultyProxy:
-    """A TCP proxy in front of a server that can start to hang (accept, never answer) or refuse."""
+    """A TCP proxy in front of a server that can start to hang (accept, never answer), stall
+    (stop relaying, every connection kept open) or refuse."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -33,7 +34,7 @@ class FaultyProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            self._open.append(client)
+            self._open.append(client)  # kept open, answered or not
             if self.mode == "forward":
                 upstream = socket.create_connection(self.target)
                 self._open.append(upstream)
@@ -41,11 +42,17 @@ class FaultyProxy:
                     threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
             # "hang": the connection is accepted and then nothing is ever sent back
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if self.mode == "stall":
+                    return  # swallowed: both sides stay connected and hear nothing more
                 sink.sendall(data)
+
+    def stall(self) -> None:
+        """Stop relaying mid-connection: sockets stay open (the kernel still acknowledges
+        every packet), nothing more gets through; new connections are never answered."""
+        self.mode = "stall"
 
     def hang(self) -> None:
         """Cut every open connection; new ones are accepted and never answered."""
@@ -99,6 +106,70 @@ def test_database_that_does_not_answer_gives_503_within_the_timeout(
     assert not_ready.status_code == 503
     assert not_ready.json["down"] == ["database"]
     assert not_ready.json["checks"]["database"]["problem"]
+
+
+@pytest.mark.postgres
+def test_a_database_that_stops_answering_mid_connection_gives_503_within_the_bound(
+    make_app, postgres_behind_proxy
+) -> None:
+    # Issue 18.2: a pooled connection whose server or path went silent held its request with
+    # no bound (115 s seen): the statement timeout is the server's, and TCP keepalives and the
+    # TCP user timeout cannot see a peer whose kernel still acknowledges every packet.
+    url, proxy = postgres_behind_proxy
+    app = make_app(
+        database_url=url,
+        database_connect_timeout_seconds=1,
+        database_statement_timeout_seconds=2,  # + 1: no answer for 3 s drops the connection
+    )
+    client = app.test_client()
+    assert client.get("/images").status_code == 200  # a pooled connection, idle now
+    proxy.stall()
+    answers: list = []
+
+    def request() -> None:
+        began = time.monotonic()
+        answers.append((client.get("/images"), time.monotonic() - began))
+
+    worker = threading.Thread(target=request, daemon=True)
+    worker.start()
+    worker.join(60)  # the request's thread is freed, with an answer
+    assert not worker.is_alive(), "the request still hangs after 60 s"
+    response, elapsed = answers[0]
+    assert response.status_code == 503, response.json
+    assert response.json["error"]["code"] == "database_unavailable"
+    assert int(response.headers["Retry-After"]) > 0
+    print(f"answered 503 after {elapsed:.1f} s (bound: 3 s, then a 1 s reconnect)")
+    assert elapsed < 20, f"took {elapsed:.1f}s"
+    assert client.get("/health").status_code == 200
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json["down"] == ["database"]
+
+
+def test_a_locked_sqlite_history_gives_503_within_its_busy_timeout(make_app) -> None:
+    # SQLite's busy timeout bounds a write that another connection blocks: 503, never a hang,
+    # and nothing is lost; the same request works once the lock is gone.
+    import sqlite3
+
+    from .test_images import generate
+
+    app = make_app(database_statement_timeout_seconds=1)
+    client = app.test_client()
+    image = generate(client, prompt="a lighthouse", steps=1).json["images"][0]
+    path = app.extensions["storage"].engine.url.database
+    blocker = sqlite3.connect(path, timeout=0)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")  # a writer that never finishes
+        began = time.monotonic()
+        refused = client.delete(f"/images/{image['id']}")
+        assert time.monotonic() - began < 20
+        assert refused.status_code == 503, refused.json
+        assert refused.json["error"]["code"] == "database_unavailable"
+        assert client.get("/images").json["total"] == 1  # reads go on meanwhile
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert client.delete(f"/images/{image['id']}").status_code == 204
+    assert client.get("/images").json["total"] == 0
 
 
 def test_ready_names_an_image_folder_that_cannot_be_written(make_app, tmp_path) -> None:

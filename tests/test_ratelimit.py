@@ -164,10 +164,38 @@ def test_failed_authentication_is_limited_per_address(make_app) -> None:
     assert limited.status_code == 429
     assert limited.json["error"]["code"] == "rate_limited"
     assert int(limited.headers["Retry-After"]) > 0
-    # Even the right key is refused from that address now: the guesser learns nothing.
+    # Issue 18.5: the right key is not refused for the address's failures (behind a proxy or
+    # a NAT, everyone shares it); wrong and missing ones still are.
     right = {"X-API-Key": "alpha"}
-    assert client.get("/images", headers=right, environ_base=guesser).status_code == 429
-    # Another address, with or without the right key, is not affected.
+    assert client.get("/images", headers=right, environ_base=guesser).status_code == 200
+    assert client.get("/images", environ_base=guesser).status_code == 429
+    # Another address is not affected.
     other = {"REMOTE_ADDR": "10.0.0.10"}
     assert client.get("/images", headers=right, environ_base=other).status_code == 200
     assert client.get("/images", environ_base=other).status_code == 401
+
+
+def test_behind_trusted_proxies_limits_see_each_clients_address(make_app) -> None:
+    # Issue 18.5: behind a reverse proxy every client had the proxy's address, so one guesser
+    # locked every client out. S2I_TRUSTED_PROXIES=1 reads the address the proxy appended.
+    app = make_app(api_keys="alpha", ratelimit_auth_failures="3/minute", trusted_proxies=1)
+    client = app.test_client()
+    proxy = {"REMOTE_ADDR": "127.0.0.1"}
+
+    def via_proxy(forwarded_for: str, key: str | None = None) -> int:
+        headers = {"X-Forwarded-For": forwarded_for, **({"X-API-Key": key} if key else {})}
+        return client.get("/images", headers=headers, environ_base=proxy).status_code
+
+    # The guesser forges an address of its own; the proxy appends the real one, which counts.
+    assert [via_proxy("10.9.9.9, 203.0.113.7", f"guess{n}") for n in range(4)] == [401] * 3 + [429]
+    assert via_proxy("203.0.113.7", "guess") == 429
+    assert via_proxy("203.0.113.7", "alpha") == 200  # a right key from there still works
+    assert via_proxy("10.9.9.9", "wrong") == 401  # the forged address was never counted
+    assert via_proxy("198.51.100.4", "wrong") == 401  # nor was any other client
+    assert via_proxy("198.51.100.4", "alpha") == 200
+    # Without the setting the header is the client's word, and it is ignored.
+    plain = make_app(api_keys="alpha", ratelimit_auth_failures="1/minute").test_client()
+    spoofed = {"X-API-Key": "wrong", "X-Forwarded-For": "198.51.100.99"}
+    assert plain.get("/images", headers=spoofed, environ_base=proxy).status_code == 401
+    spoofed["X-Forwarded-For"] = "198.51.100.100"
+    assert plain.get("/images", headers=spoofed, environ_base=proxy).status_code == 429

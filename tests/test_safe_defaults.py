@@ -37,6 +37,7 @@ def _server_env(tmp_path: Path, tiny_models: dict[str, Path], **extra: str) -> d
         "S2I_LOG_DIR": str(tmp_path / "logs"),
         "S2I_UPLOAD_DIR": str(tmp_path / "uploads"),
         "S2I_IMAGE_DIR": str(tmp_path / "images"),
+        "S2I_DATA_DIR": str(tmp_path / "data"),
         "S2I_IMAGE_MODELS": json.dumps({"tiny": {"source": str(tiny_models["tiny-art"])}}),
         "S2I_STYLE_MODELS": json.dumps({"artistic": "tiny", "photographic": "tiny"}),
         "S2I_CLEANUP_INTERVAL_SECONDS": "0",

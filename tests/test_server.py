@@ -5,10 +5,12 @@ Liveness under load through the probe listener (S2I_HEALTH_PORT), and a graceful
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +44,7 @@ class Server:
             S2I_LOG_DIR=str(root / "logs"),
             S2I_UPLOAD_DIR=str(root / "uploads"),
             S2I_IMAGE_DIR=str(root / "images"),
+            S2I_DATA_DIR=str(root / "data"),
             S2I_IMAGE_MODELS=json.dumps({"tiny": {"source": str(tiny)}}),
             S2I_STYLE_MODELS=json.dumps({"artistic": "tiny", "photographic": "tiny"}),
             S2I_DEFAULT_WIDTH="64",
@@ -179,7 +182,10 @@ def _hold_every_thread(port: int, stop: Any, served: Any, failed: Any) -> None:
 def test_health_answers_fast_while_every_request_thread_is_held(server) -> None:
     # Every request thread is held whatever the jobs cost; one job thread with one torch
     # thread keeps the tiny CPU model from taking both cores of a small test machine.
-    running = server(S2I_THREADS="8", S2I_JOB_WORKERS="1", OMP_NUM_THREADS="1")
+    # (S2I_EVENT_STREAMS threads are request threads too while no stream holds them: keep one.)
+    running = server(
+        S2I_THREADS="8", S2I_EVENT_STREAMS="1", S2I_JOB_WORKERS="1", OMP_NUM_THREADS="1"
+    )
     assert running.generate(steps=2)[0] == 200  # the model is resident
     context = multiprocessing.get_context("spawn")
     stop, served, failed = context.Event(), context.Value("i", 0), context.Value("i", 0)
@@ -249,6 +255,201 @@ def test_sigterm_lets_running_jobs_finish_and_refuses_new_work(server, tmp_path)
     assert queued["id"]
 
 
+def _http_get(port: int, path: str, method: str = "GET", timeout: float = 30) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def test_the_probe_port_answers_ready_as_the_main_port_does(make_app, tmp_path) -> None:
+    # Issue 18.8: the README said the probe port answers /ready; it answered 404.
+    from speech2image.server import ProbeServer
+
+    app = make_app(api_keys=["k-user"])  # the probe port is private: no key there
+    probes = [ProbeServer(app, "127.0.0.1", 0).start()]
+    try:
+        status, body = _http_get(probes[0].port, "/ready")
+        main = app.test_client().get("/ready", headers={"Authorization": "Bearer k-user"})
+        assert (status, body) == (200, main.json)
+        assert _http_get(probes[0].port, "/ready", "HEAD") == (200, None)
+        assert _http_get(probes[0].port, "/health")[0] == 200
+        assert _http_get(probes[0].port, "/status")[0] == 404
+        # Not ready: the same 503 naming what is down.
+        full = make_app(ready_min_free_bytes=10 * 1024**5)  # more free space than any disk has
+        probes.append(ProbeServer(full, "127.0.0.1", 0).start())
+        status, body = _http_get(probes[1].port, "/ready")
+        assert status == 503 and body["down"] == ["image_dir"]
+        assert body == full.test_client().get("/ready").json
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:
+    """Start reading an event stream: the socket (kept open) and the answer's head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_event_streams_do_not_take_the_request_threads(server) -> None:
+    # Issue 18.6: each stream held one of S2I_THREADS, so streams were capped at half of them
+    # (4 by default). They now wait in S2I_EVENT_STREAMS threads of their own.
+    running = server(
+        S2I_THREADS="2",
+        S2I_EVENT_STREAMS="6",
+        S2I_EVENT_STREAMS_PER_KEY="10",
+        S2I_JOB_WORKERS="1",
+        S2I_MAX_STEPS="500",
+    )
+    status, job = _post_async(running, steps=500)  # runs while the streams watch it
+    assert status == 202, job
+    streams = [_open_stream(running.port, job["events"]) for _ in range(6)]
+    try:
+        assert all(head.startswith(b"HTTP/1.1 200") for _, head in streams), streams[0][1]
+        assert b"text/event-stream" in streams[0][1]
+        # Both request threads are still free: requests are answered at once.
+        assert running.get("/images", timeout=10)[0] == 200
+        assert running.get("/health", timeout=10)[0] == 200
+        status, refused = _http_get(running.port, job["events"], timeout=10)  # a seventh
+        assert status == 503 and refused["error"]["code"] == "service_busy", refused
+    finally:
+        cancel = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        cancel.request("DELETE", job["url"])
+        assert cancel.getresponse().status in (200, 202)
+        cancel.close()
+        for sock, _ in streams:
+            sock.close()
+
+
+def _nginx_front(root: Path, upstream: int) -> tuple[subprocess.Popen, int]:
+    """nginx with deploy/nginx.conf (the README's recommended front), on a free port."""
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else ""
+    )
+    if not binary:
+        pytest.skip("nginx is missing: run `bash scripts/install-system-deps.sh`")
+    port = _free_port()
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in (
+        ("server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream};"),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+    ):
+        assert old in site, old
+        site = site.replace(old, new)
+    prefix = root / "nginx"
+    prefix.mkdir()
+    (prefix / "site.conf").write_text(site)
+    temporary = "".join(
+        f"    {kind}_temp_path {prefix / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (prefix / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")  # its workers write to this test's folder
+        + f"worker_processes 1;\ndaemon off;\npid {prefix / 'nginx.pid'};\n"
+        + f"error_log {prefix / 'error.log'} warn;\nevents {{ worker_connections 256; }}\n"
+        + f"http {{\n    access_log off;\n{temporary}    include {prefix / 'site.conf'};\n}}\n"
+    )
+    process = subprocess.Popen(
+        [
+            binary,
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-e",
+            str(prefix / "error.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, (prefix / "error.log").read_text()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return process, port
+        assert time.monotonic() < deadline, "nginx did not start"
+        time.sleep(0.05)
+
+
+def _slow_uploads(port: int, count: int, stop: threading.Event) -> list[threading.Thread]:
+    """``count`` clients that send an upload's headers, then its body a byte every 0.3 s."""
+
+    def upload() -> None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"POST /transcribe-audio HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n--b"
+            )
+            while not stop.wait(0.3):
+                sock.sendall(b"-")
+
+    threads = [threading.Thread(target=upload, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.slow
+def test_slow_uploads_hold_no_request_thread_behind_the_recommended_front(server, tmp_path):
+    # Issue 18.7: eight slow uploads held every request thread of the main port. gunicorn's
+    # threaded worker reads a body at the client's pace in a request thread, and has no option
+    # to buffer it first; a buffering proxy does (README, Running in production).
+    running = server(S2I_THREADS="4", S2I_EVENT_STREAMS="4", S2I_TRUSTED_PROXIES="1")
+    assert running.generate(steps=1)[0] == 200  # the model is resident
+    # Straight at gunicorn: eight slow uploads hold all 4 + 4 threads, requests wait.
+    stop = threading.Event()
+    uploads = _slow_uploads(running.port, 8, stop)
+    time.sleep(1.5)
+    with pytest.raises(OSError):
+        running.get("/images", timeout=3)
+    assert running.get("/health", port=running.health_port, timeout=3)[0] == 200
+    stop.set()
+    for thread in uploads:
+        thread.join(10)
+    _wait_until(lambda: _answers(running.port, "/health"), 30)
+
+    nginx, port = _nginx_front(tmp_path, running.port)
+    stop = threading.Event()
+    try:
+        uploads = _slow_uploads(port, 8, stop)  # the same eight, through nginx
+        time.sleep(1.5)
+        assert _http_get(port, "/images", timeout=10)[0] == 200
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request(
+            "POST",
+            "/generate-image",
+            json.dumps({"prompt": "a lighthouse", "steps": 1}),
+            {"Content-Type": "application/json"},
+        )
+        generated = connection.getresponse()
+        assert generated.status == 200, generated.read()
+        connection.close()
+        assert _http_get(port, "/health", timeout=10)[0] == 200
+    finally:
+        stop.set()
+        nginx.terminate()
+        nginx.wait(20)
+
+
+def _answers(port: int, path: str) -> bool:
+    try:
+        return _http_get(port, path, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
 def _wait_until(condition: Any, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -256,10 +457,10 @@ def _wait_until(condition: Any, seconds: float = 120) -> None:
         time.sleep(0.1)
 
 
-def _post_async(server: Server) -> tuple[int, dict[str, Any]]:
+def _post_async(server: Server, steps: int = 1) -> tuple[int, dict[str, Any]]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        body = json.dumps({"prompt": "a harbour", "steps": 1, "async": True})
+        body = json.dumps({"prompt": "a harbour", "steps": steps, "async": True})
         connection.request("POST", "/generate-image", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, json.loads(response.read())

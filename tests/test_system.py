@@ -101,8 +101,26 @@ def test_missing_model_is_503_naming_it(make_app, speech) -> None:
     response = post_audio(app.test_client(), speech["english"])
     assert response.status_code == 503
     assert response.json["error"]["code"] == "model_unavailable"
-    assert "/nonexistent/whisper" in response.json["error"]["message"]
+    # Named by its last part: a client learns which model, not the server's folders.
+    assert ".../whisper" in response.json["error"]["message"]
+    assert "/nonexistent" not in response.json["error"]["message"]
     assert app.test_client().get("/health").status_code == 200
+
+
+def test_ready_and_model_unavailable_do_not_show_the_model_cache_path(make_app, model_cache):
+    # Issue 18.8: both said "hub model Lykon/dreamshaper-8 is not in /<cache>/hub".
+    app = make_app(style_models={"artistic": "dreamshaper", "photographic": "tiny-photo"})
+    client = app.test_client()
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json["down"] == ["models"]
+    (problem,) = [m["problem"] for m in ready.json["models"] if m["name"] == "sd:dreamshaper"]
+    assert "Lykon/dreamshaper-8 is not in .../hub" in problem
+    refused = client.post("/generate-image", json={"prompt": "a castle", "model": "dreamshaper"})
+    assert refused.status_code == 503, refused.json
+    assert refused.json["error"]["code"] == "model_unavailable"
+    assert "pre-download it into .../hub" in refused.json["error"]["message"]
+    for answer in (ready, refused):
+        assert str(model_cache) not in answer.get_data(as_text=True)
 
 
 def test_request_id_is_returned_and_logged(make_app) -> None:

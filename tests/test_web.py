@@ -20,6 +20,7 @@ STATIC_FILES = {
     "/static/app.js": "text/javascript",
     "/static/app.css": "text/css",
 }
+PAGE_FILES = {"/": "text/html", **STATIC_FILES}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,13 @@ def test_static_files_have_their_content_types(web_app, path: str, mimetype: str
     assert response.headers["Cache-Control"] == "no-cache"
     again = fetch(client, path, headers={"If-None-Match": response.headers["ETag"]})
     assert again.status_code == 304
+
+
+@pytest.mark.parametrize(("path", "mimetype"), PAGE_FILES.items())
+def test_text_files_name_their_charset_once(web_app, path: str, mimetype: str) -> None:
+    # Issue 18.8: the page went out as "text/html; charset=utf-8; charset=utf-8".
+    response = fetch(web_app.test_client(), path)
+    assert response.headers.getlist("Content-Type") == [f"{mimetype}; charset=utf-8"]
 
 
 @pytest.mark.parametrize(

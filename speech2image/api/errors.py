@@ -11,6 +11,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from ..errors import DATABASE_ERRORS, DatabaseUnavailable, ServiceError, error_body
+from ..storage.space import storage_error
 from . import openai
 
 __all__ = ["error_response", "register_error_handlers"]
@@ -91,6 +92,12 @@ def _http_error(exc: HTTPException) -> ResponseReturnValue:
 
 
 def _handle_database_down(exc: Exception) -> ResponseReturnValue:
+    # A full disk (SQLite's "database or disk is full") is 507, a read-only one 503: the
+    # database answers, but cannot store. Neither is what a retry in a moment fixes.
+    refusal = storage_error(exc, "the request's data")
+    if refusal is not None:
+        log.error("the history database cannot store: %s", str(exc).splitlines()[0])
+        return _handle_http(refusal)
     # A refused connection, a connect or statement timeout, an exhausted pool: the database,
     # not this request, is the problem; the client may retry.
     log.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)

@@ -64,14 +64,18 @@ def _identify() -> None:
         return
     if request.method == "OPTIONS":  # a CORS preflight never carries credentials
         return
-    _refuse_if_guessing(settings.ratelimit_auth_failures)
     presented = _presented_key()
     given = (presented or "").encode("utf-8", "surrogateescape")
-    if presented is None or not _matches(given, keys):
-        _count_auth_failure(settings.ratelimit_auth_failures)
-        raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
-    g.owner = _owner_for(presented)
-    g.is_admin = _matches(given, settings.admin_api_keys)
+    if presented is not None and _matches(given, keys):
+        # A valid key is never refused for others' failures: behind one proxy or NAT, every
+        # client shares the address, and anyone could lock everyone out. Keys are long random
+        # secrets; the failure limit only slows a client that keeps sending wrong ones.
+        g.owner = _owner_for(presented)
+        g.is_admin = _matches(given, settings.admin_api_keys)
+        return
+    _refuse_if_guessing(settings.ratelimit_auth_failures)
+    _count_auth_failure(settings.ratelimit_auth_failures)
+    raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
 
 
 def _auth_failure_counter(limit_text: str) -> tuple[Any, Any, tuple[str, ...]] | None:
@@ -85,7 +89,7 @@ def _auth_failure_counter(limit_text: str) -> tuple[Any, Any, tuple[str, ...]] |
 
 
 def _refuse_if_guessing(limit_text: str) -> None:
-    """429 for an address past its failed-authentication limit, whatever key it sends now."""
+    """429 for a wrong or missing key from an address past its failed-authentication limit."""
     counter = _auth_failure_counter(limit_text)
     if counter is None:
         return
@@ -140,5 +144,15 @@ def rate_limit_key() -> str:
 
 
 def register_identity(app: Flask) -> None:
-    """Authenticate every request before its view (register before the rate limiter)."""
+    """Authenticate every request before its view (register before the rate limiter).
+
+    With ``S2I_TRUSTED_PROXIES`` set, the client's address (for limits, failed-authentication
+    counts and logs) and scheme come from the ``X-Forwarded-For`` and ``X-Forwarded-Proto``
+    entries those proxies appended; the entries a client wrote itself are never trusted.
+    """
+    proxies = app.config["S2I_SETTINGS"].trusted_proxies
+    if proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     app.before_request(_identify)

@@ -16,11 +16,18 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
-from ..errors import DATABASE_ERRORS, InvalidRequest, ResourceNotFound, ServiceBusy, ServiceError
+from ..errors import (
+    DATABASE_ERRORS,
+    InvalidRequest,
+    ResourceNotFound,
+    ServiceBusy,
+    ServiceError,
+    TooManyStreams,
+)
 from ..jobs import Job, JobState, get_job_runner
 from ..jobs.inputs import discard_file
 from ..kinds import get_job_kinds
-from .identity import client_owner
+from .identity import client_owner, rate_limit_key
 from .openapi import Content, endpoint
 from .responses import JobPage, JobView
 
@@ -45,22 +52,48 @@ KEEPALIVE_SECONDS = 15.0
 
 
 class StreamSlots:
-    """Caps open SSE streams: each holds a server thread, and /health must keep one free."""
+    """Caps open SSE streams in all and per client (API key, or address when auth is off).
 
-    def __init__(self, limit: int) -> None:
-        self._free = threading.BoundedSemaphore(limit)
+    Each stream holds a thread while it is open, idle on its job's condition: the production
+    server runs ``S2I_EVENT_STREAMS`` threads for them beside the ``S2I_THREADS`` request
+    threads (see ``cli.gunicorn_options``), so streams never take the threads requests need.
+    """
+
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
 
     def init_app(self, app: Any) -> None:
         """Store on the app as ``app.extensions['sse_slots']``."""
         app.extensions["sse_slots"] = self
 
-    def acquire(self) -> bool:
-        """Take a slot if one is free."""
-        return self._free.acquire(blocking=False)
+    def acquire(self, client: str) -> None:
+        """Take a slot for ``client``; 429 past its own share, 503 when all are taken."""
+        with self._lock:
+            held = self._held.get(client, 0)
+            if held >= self.per_client:
+                raise TooManyStreams(
+                    f"this client already has {held} event streams open (the most one client "
+                    "may hold); close one, or poll GET /jobs/<id> instead",
+                    retry_after=5,
+                )
+            if sum(self._held.values()) >= self.limit:
+                raise ServiceBusy(
+                    "too many event streams are open; poll GET /jobs/<id> instead",
+                    retry_after=5,
+                )
+            self._held[client] = held + 1
 
-    def release(self) -> None:
-        """Give a slot back."""
-        self._free.release()
+    def release(self, client: str) -> None:
+        """Give ``client``'s slot back."""
+        with self._lock:
+            held = self._held.get(client, 0) - 1
+            if held > 0:
+                self._held[client] = held
+            else:
+                self._held.pop(client, None)
 
 
 class JobCancelledConflict(ServiceError, Conflict):
@@ -153,25 +186,48 @@ class ClientGone(ServiceError):
 
 
 def _client_gone() -> bool:
-    """True when the request's socket was closed by the peer (dev server and gunicorn).
+    """True when the request's client is gone: its connection was reset or fully closed.
 
-    Unknown (no socket, TLS, anything odd) counts as still connected: never cancel by doubt.
+    Dev server and gunicorn. A FIN alone is ambiguous: the client closed the connection, or
+    it only half-closed it (``shutdown(SHUT_WR)``) after sending its request and still waits
+    for the answer. An HTTP/1.1 client is then asked once with an interim ``100 Continue``,
+    which every HTTP/1.1 client must accept before the final answer: a closed socket answers
+    it with a reset (gone at the next check), a half-closed one just reads it later. Unknown
+    (no socket, TLS, HTTP/1.0, anything odd) counts as still connected: never cancel by doubt.
     """
     sock = request.environ.get("werkzeug.socket") or request.environ.get("gunicorn.socket")
     if type(sock) is not socket.socket:  # TLS sockets cannot peek
         return False
+    peer_ended = getattr(select, "POLLRDHUP", 0)  # Linux: the peer sent its FIN
+    asked = "speech2image.asked_if_gone"  # environ key: the 100 Continue was sent
     try:
         poller = select.poll()  # no FD_SETSIZE limit, unlike select.select
-        poller.register(sock, select.POLLIN | select.POLLHUP)
-        if not poller.poll(0):
+        poller.register(sock, select.POLLIN | peer_ended)
+        events = poller.poll(0)
+        if not events:
             return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        flags = events[0][1]
+        if flags & (select.POLLHUP | select.POLLERR):
+            return True  # reset, or shut down both ways
+        if peer_ended and not flags & peer_ended:
+            return False  # bytes of a pipelined request, not an end
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            return False
     except BlockingIOError:
         return False
     except (ConnectionError, OSError):
         return True
     except ValueError:
         return False
+    if request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1" and not request.environ.get(asked):
+        request.environ[asked] = True
+        try:
+            sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
+        except ConnectionError:
+            return True
+        except OSError:  # a full send buffer, or anything odd
+            return False
+    return False
 
 
 def _owned(job_id: str) -> Job:
@@ -250,7 +306,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
             "`cancelled` with the job as JSON data",
         )
     },
-    errors=(404, 503),
+    errors=(404, 429, 503),
     tags=("jobs",),
     path=JOB_ID,
 )
@@ -259,11 +315,8 @@ def job_events(job_id: str) -> ResponseReturnValue:
     job = _owned(job_id)
     runner = get_job_runner(current_app)
     streams: StreamSlots = current_app.extensions["sse_slots"]
-    if not streams.acquire():
-        raise ServiceBusy(
-            "too many event streams are open; poll GET /jobs/<id> instead",
-            retry_after=5,
-        )
+    holder = rate_limit_key()  # the key, or the address when auth is off
+    streams.acquire(holder)
 
     def stream() -> Iterator[str]:
         with job.waiting():
@@ -280,5 +333,5 @@ def job_events(job_id: str) -> ResponseReturnValue:
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-    response.call_on_close(streams.release)  # also when the stream never started
+    response.call_on_close(lambda: streams.release(holder))  # also if it never started
     return response

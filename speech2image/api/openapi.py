@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any
 
@@ -174,18 +175,34 @@ class Endpoint:
 
 
 class _Models:
-    """Request models built from the app (its settings), once per app."""
+    """Request models built from the app (its settings), once per app; and its spec, once."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self._built: dict[Any, type[BaseModel]] = {}
+        self._spec: dict[str, Any] | None = None
+        # Concurrent first requests must share one class per source: the spec's schema refs
+        # are keyed by class, and a second class built meanwhile has none (a KeyError, 500).
+        self._lock = threading.RLock()
 
     def get(self, source: ModelSource) -> type[BaseModel]:
         if isinstance(source, type) and issubclass(source, BaseModel):
             return source
-        if source not in self._built:
-            self._built[source] = source(self.app)
-        return self._built[source]
+        built = self._built.get(source)
+        if built is None:
+            with self._lock:
+                built = self._built.get(source)
+                if built is None:
+                    built = self._built[source] = source(self.app)
+        return built
+
+    def spec(self) -> dict[str, Any]:
+        """The app's OpenAPI document, built by the first caller while the others wait."""
+        if self._spec is None:
+            with self._lock:
+                if self._spec is None:
+                    self._spec = build_spec(self.app)
+        return self._spec
 
 
 def _models(app: Flask) -> _Models:
@@ -424,6 +441,10 @@ def build_spec(app: Flask) -> dict[str, Any]:
         for status, answer in sorted(spec.responses.items()):
             responses[str(status)] = _response(status, answer, schema_of)
         statuses = set(spec.errors) | {500}
+        if method != "get":
+            # Writes meet a database that does not answer or a read-only disk (503), and new
+            # work a full disk (507, before anything is written).
+            statuses |= {503, 507} if method == "post" else {503}
         if spec.body or spec.form or spec.query or rule.arguments:
             statuses.add(400)
         if spec.body or spec.form:
@@ -504,10 +525,7 @@ def _response(status: int, answer: Any, schema_of: Callable[..., Any]) -> dict[s
 )
 def spec() -> ResponseReturnValue:
     """The OpenAPI 3.1 description of this server, with its configured ranges and models."""
-    cached = current_app.extensions.get("openapi_spec")
-    if cached is None:
-        cached = current_app.extensions["openapi_spec"] = build_spec(current_app)
-    return jsonify(cached)
+    return jsonify(_models(current_app).spec())
 
 
 def register_openapi(app: Flask) -> None:

@@ -11,11 +11,12 @@ import time
 from typing import Any
 
 import sqlalchemy.exc
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Flask, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from .. import __version__
+from ..errors import redact_paths
 from ..image_service import get_image_service, required_models
 from ..jobs import get_job_runner
 from ..maintenance import get_maintenance
@@ -27,7 +28,7 @@ from .identity import operators_only
 from .openapi import Content, endpoint
 from .responses import Cleanup, Health, Ready, ServerConfig, ServerStatus
 
-__all__ = ["bp"]
+__all__ = ["bp", "readiness"]
 
 bp = Blueprint("system", __name__)
 log = logging.getLogger(__name__)
@@ -51,8 +52,19 @@ def ready() -> ResponseReturnValue:
     In the distributed mode: the broker, the database and the image store answer, and a live
     worker serves every model the default flow needs.
     """
-    if current_app.config.get("S2I_ROLE") == "api":
-        return _ready_distributed()
+    body, status = readiness(current_app._get_current_object())  # type: ignore[attr-defined]
+    return jsonify(body), status
+
+
+def readiness(app: Flask) -> tuple[dict[str, Any], int]:
+    """The body and status of /ready (also answered on the probe port, outside any request)."""
+    with app.app_context():
+        if app.config.get("S2I_ROLE") == "api":
+            return _ready_distributed()
+        return _ready_embedded()
+
+
+def _ready_embedded() -> tuple[dict[str, Any], int]:
     settings = current_app.config["S2I_SETTINGS"]
     storage = get_storage(current_app)
     models = _model_readiness(settings)
@@ -68,7 +80,7 @@ def ready() -> ResponseReturnValue:
     down = [name for name, check in checks.items() if not check["ok"] and name in CRITICAL]
     degraded = [name for name, check in checks.items() if not check["ok"] and name not in CRITICAL]
     body = {"ready": not down, "down": down, "degraded": degraded, "checks": checks}
-    return jsonify(body | {"models": models}), 503 if down else 200
+    return body | {"models": models}, 503 if down else 200
 
 
 # A failing check in this set makes the instance not ready; the others only degrade it.
@@ -87,7 +99,8 @@ def _model_readiness(settings: Any) -> list[dict[str, Any]]:
                 "required": row["name"] in required,
                 "loaded": row["loaded"],
                 "available": info["available"],
-                "problem": info.get("problem"),
+                # Why, without the server's paths (the model cache, a checkpoint's folder).
+                "problem": redact_paths(info["problem"]) if info.get("problem") else None,
             }
         )
     return models
@@ -156,7 +169,7 @@ def _check_ratelimit_storage(settings: Any) -> dict[str, Any]:
     }
 
 
-def _ready_distributed() -> ResponseReturnValue:
+def _ready_distributed() -> tuple[dict[str, Any], int]:
     runner = get_job_runner(current_app)
     checks: dict[str, Any] = dict(runner.health())
     stats = runner.stats() if checks.get("broker", {}).get("ok") else None
@@ -177,7 +190,7 @@ def _ready_distributed() -> ResponseReturnValue:
     checks["workers"] = {"ok": all(m["served"] for m in models), "live": len(workers)}
     down = [name for name, check in checks.items() if not check["ok"]]
     body = {"ready": not down, "down": down, "degraded": [], "checks": checks, "models": models}
-    return jsonify(body), 503 if down else 200
+    return body, 503 if down else 200
 
 
 @bp.get("/config")

@@ -30,11 +30,11 @@ CONTENT_SECURITY_POLICY = "; ".join(
 )
 
 # Explicit types: mimetypes reads the host's tables, and a module script served as
-# text/plain is refused by browsers.
+# text/plain is refused by browsers. Flask adds "; charset=utf-8" to text/* types itself.
 CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
     ".png": "image/png",
     ".svg": "image/svg+xml",
 }

@@ -316,8 +316,8 @@ async function follow(job) {
     }
   } catch (error) {
     if (stream.signal.aborted) return;
-    if (!(error instanceof ApiError && error.status === 503)) throw error;
-    // Too many streams open on the server: poll instead.
+    if (!(error instanceof ApiError && [429, 503].includes(error.status))) throw error;
+    // Too many streams open on the server (503), or for this key (429): poll instead.
   }
   if (!FINAL_STATES.has(last.state)) await poll(job.id, stream.signal);
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import migrate
+from . import layout, migrate, space
 from .base import Base, keyed_id, new_id, utcnow
 from .history import (
     FILENAME_PATTERN,
@@ -32,8 +32,10 @@ __all__ = [
     "TranscriptRecord",
     "get_storage",
     "keyed_id",
+    "layout",
     "make_engine",
     "migrate",
     "new_id",
+    "space",
     "utcnow",
 ]

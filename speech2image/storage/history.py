@@ -2,20 +2,22 @@
 
 Files are named by server-made ids. A batch of images is written to the image store (each
 write atomic), then its rows are committed in one transaction; any failure removes every file
-of the batch and rolls the rows back, so nothing half-written is left.
+of the batch and rolls the rows back, so nothing half-written is left. New work stops at the
+disk reserve, and deleting and cleaning up work on a full disk (see :mod:`.space`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import errno
 import hashlib
 import logging
 import math
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -33,14 +35,16 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from ..errors import StorageFull
+from ..errors import StorageReadOnly
 from ..imagestore import ImageStore, LocalImageStore
 from . import migrate
 from .base import Base, aware, new_id, utcnow
 from .jobs import JobStore
+from .layout import history_location
+from .space import SpareFile, check_room, spare_path, storage_error
 
 __all__ = [
     "FILENAME_PATTERN",
@@ -59,6 +63,8 @@ log = logging.getLogger(__name__)
 FILENAME_PATTERN = re.compile(r"^[0-9a-f]{32}\.png$")
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 ORPHAN_GRACE_SECONDS = 600
+
+T = TypeVar("T")
 
 
 class TranscriptRecord(Base):
@@ -166,21 +172,68 @@ class Storage:
         migrate_schema: bool = True,
         connect_timeout: float = 5.0,
         statement_timeout: float = 10.0,
+        reserve_bytes: int = 0,
     ) -> None:
-        self.image_dir = Path(image_dir).resolve()  # the local store's folder, the SQLite file's
+        self.image_dir = Path(image_dir).resolve()  # the local store's folder
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.images: ImageStore = images or LocalImageStore(self.image_dir)
+        # An older release kept the SQLite history in the image folder: moved out if it can be.
+        database_url = history_location(database_url, self.image_dir)
+        self.sqlite_path = _sqlite_file(database_url)
+        self.spare: SpareFile | None = None
+        if self.sqlite_path is not None:
+            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            self.spare = SpareFile(spare_path(self.sqlite_path))
+        #: New work is refused (507) below this many free bytes; see :meth:`check_room`.
+        self.reserve_bytes = reserve_bytes
         self.engine = make_engine(
             database_url, connect_timeout=connect_timeout, statement_timeout=statement_timeout
         )
         if migrate_schema:
-            migrate.upgrade(self.engine)
+            self.with_room(lambda: migrate.upgrade(self.engine))
+        if self.spare is not None:
+            self.spare.ensure(reserve_bytes)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.jobs = JobStore(self.engine)
+        self.jobs = JobStore(self.engine, check_room=self.check_room)
 
     def init_app(self, app: Any) -> None:
-        """Store on a Flask app as ``app.extensions['storage']``."""
+        """Store on a Flask app as ``app.extensions['storage']``; take S2I_DISK_RESERVE_BYTES."""
         app.extensions["storage"] = self
+        settings = app.config.get("S2I_SETTINGS")
+        if settings is not None:
+            self.reserve_bytes = int(settings.disk_reserve_bytes)
+
+    # --- the disk ------------------------------------------------------------------------
+    def places(self) -> list[Path]:
+        """The local folders new work writes to: the SQLite history's and the image folder."""
+        found = [self.sqlite_path.parent] if self.sqlite_path is not None else []
+        folder = getattr(self.images, "folder", None)
+        return found + ([Path(folder)] if folder is not None else [])
+
+    def check_room(self) -> None:
+        """Refuse new work before it writes anything: 507 below the disk reserve, 503 read-only.
+
+        Job rows (``JobStore.add``) and image batches (:meth:`save_images`) call it; a runner
+        that writes rows some other way must call it before writing them.
+        """
+        check_room(self.places(), self.reserve_bytes)
+        if self.spare is not None:
+            self.spare.ensure(self.reserve_bytes)  # back once there is room for it
+
+    def with_room(self, work: Callable[[], T]) -> T:
+        """Run ``work``, a write that frees space (a delete, a cleanup), even on a full disk."""
+        if self.spare is None:
+            return work()
+        return self.spare.with_room(work, reserve=self.reserve_bytes)
+
+    def _check_images_writable(self) -> None:
+        """503 when the image folder cannot be written, before a row whose file must go goes."""
+        folder = getattr(self.images, "folder", None)
+        if folder is not None and Path(folder).is_dir() and not os.access(folder, os.W_OK):
+            raise StorageReadOnly(
+                "the image folder cannot be written (a read-only file system, or no "
+                "permission): images cannot be removed until it is writable again"
+            )
 
     def close(self) -> None:
         """Dispose of the connection pool."""
@@ -198,6 +251,7 @@ class Storage:
         existing = self._stored(images)
         if images and len(existing) == len(images):
             return [existing[image.id] for image in images]
+        self.check_room()  # before the first byte
         transcript_id = transcript.id if transcript is not None else None
         now = utcnow()
         records = [image.record(owner, now, transcript_id) for image in images]
@@ -229,13 +283,10 @@ class Storage:
             raise
         except BaseException as exc:
             self._discard(written)
-            if _out_of_space(exc):
-                log.error("no space left to store %d image(s): %s", len(images), exc)
-                raise StorageFull(
-                    "no space left to store the images (the image folder or the history "
-                    "database is full); nothing was stored. Free space, or lower "
-                    "S2I_IMAGE_MAX_BYTES / S2I_IMAGE_RETENTION_DAYS and run cleanup"
-                ) from None
+            refusal = storage_error(exc, "the images")
+            if refusal is not None:
+                log.error("cannot store %d image(s): %s", len(images), exc)
+                raise refusal from None
             raise
         return records
 
@@ -363,13 +414,19 @@ class Storage:
         """
         if not FILENAME_PATTERN.fullmatch(filename):
             return False
-        with self._sessions.begin() as session:
-            deleted = session.execute(
-                delete(ImageRecord).where(
-                    ImageRecord.filename == filename, ImageRecord.owner == owner
+        self._check_images_writable()
+
+        def delete_row() -> int:
+            with self._sessions.begin() as session:
+                return int(
+                    session.execute(
+                        delete(ImageRecord).where(
+                            ImageRecord.filename == filename, ImageRecord.owner == owner
+                        )
+                    ).rowcount  # type: ignore[attr-defined]
                 )
-            ).rowcount
-        if not deleted:
+
+        if not self.with_room(delete_row):  # works on a full disk too
             return False
         try:
             self.images.delete(filename)
@@ -415,11 +472,16 @@ class Storage:
                 kept_bytes += size
         removed_files = 0
         if doomed:
-            with self._sessions.begin() as session:
-                for chunk in _chunks(list(doomed), 500):
-                    session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk)))
+            self._check_images_writable()
+
+            def delete_rows() -> None:
+                with self._sessions.begin() as session:
+                    for chunk in _chunks(list(doomed), 500):
+                        session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk)))
+
+            self.with_room(delete_rows)  # works on a full disk too
             for filename, _ in doomed.values():
-                if self.images.delete(filename):
+                if self._delete_file(filename):
                     removed_files += 1
         orphans = self._remove_orphans()
         return {
@@ -443,15 +505,22 @@ class Storage:
             return 0
         with self._sessions() as session:
             known = set(session.scalars(select(ImageRecord.filename)))
-        return sum(1 for name in candidates if name not in known and self.images.delete(name))
+        return sum(1 for name in candidates if name not in known and self._delete_file(name))
+
+    def _delete_file(self, name: str) -> bool:
+        try:
+            return self.images.delete(name)
+        except OSError as exc:  # the next cleanup's orphan sweep tries again
+            log.error("could not remove %s: %s", name, exc)
+            return False
 
 
-def _out_of_space(exc: BaseException) -> bool:
-    """True for a write that failed because the disk or a quota is full."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    # SQLite reports SQLITE_FULL as "database or disk is full".
-    return isinstance(exc, OperationalError) and "disk is full" in str(exc.orig)
+def _sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
@@ -463,12 +532,15 @@ def make_engine(
 ) -> Engine:
     """An engine for the history database whose every wait is bounded.
 
-    PostgreSQL gets a connect timeout and a server-side statement timeout; SQLite gets WAL,
-    foreign keys and a busy timeout. A database that does not answer then fails the call
-    within the timeouts (an OperationalError, answered 503) instead of hanging a thread.
+    PostgreSQL gets a connect timeout and a server-side statement timeout, and on the client
+    side TCP keepalives, a TCP user timeout and a bound on every wait for the server (see
+    ``answer_timeout``); SQLite gets WAL, foreign keys and a busy timeout. A database that does
+    not answer then fails the call within the timeouts (an OperationalError, answered 503)
+    instead of hanging a thread.
     """
     url = make_url(database_url)
     connect_args: dict[str, Any] = {}
+    answer_within = answer_timeout(connect_timeout, statement_timeout)
     if url.get_backend_name() == "sqlite":
         connect_args = {"check_same_thread": False, "timeout": statement_timeout}
     elif url.get_backend_name() == "postgresql":
@@ -476,6 +548,15 @@ def make_engine(
         options = url.query.get("options")
         timeout_option = f"-c statement_timeout={int(statement_timeout * 1000)}"
         connect_args["options"] = f"{options} {timeout_option}" if options else timeout_option
+        # libpq: a network path that drops packets fails the connection (the kernel gives up
+        # on unacknowledged data, or on keepalive probes of an idle pooled connection).
+        connect_args |= {
+            "keepalives": 1,
+            "keepalives_idle": max(1, math.ceil(statement_timeout)),
+            "keepalives_interval": max(1, math.ceil(connect_timeout / 3)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(answer_within * 1000),
+        }
     engine = create_engine(
         url,
         connect_args=connect_args,
@@ -485,7 +566,47 @@ def make_engine(
     if url.get_backend_name() == "sqlite":
         busy_ms = int(statement_timeout * 1000)
         event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, busy_ms))
+    elif url.get_backend_name() == "postgresql" and url.get_driver_name() == "psycopg":
+        bounded = _bounded_psycopg_connection(answer_within)
+        event.listen(
+            engine, "do_connect", lambda _dialect, _record, args, kw: bounded.connect(*args, **kw)
+        )
     return engine
+
+
+def answer_timeout(connect_timeout: float, statement_timeout: float) -> float:
+    """How long a client waits for any answer of PostgreSQL before it drops the connection.
+
+    The server stops a statement at ``statement_timeout`` and says so; this bound is for a
+    server or a network path that stops answering altogether (a stalled proxy, a frozen host),
+    which the TCP options cannot see when the peer's kernel still acknowledges every packet.
+    """
+    return statement_timeout + connect_timeout
+
+
+def _bounded_psycopg_connection(seconds: float) -> Any:
+    """A psycopg connection class whose every wait for the server ends after ``seconds``."""
+    import psycopg
+    from psycopg import errors as pg_errors
+
+    # psycopg raises this (an OperationalError) when a wait's timeout expires.
+    wait_timeout = getattr(pg_errors, "_WaitTimeout", psycopg.OperationalError)
+
+    class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            if len(args) < 2:  # (interval, timeout) may come by position
+                kwargs.setdefault("timeout", seconds)
+            try:
+                return super().wait(gen, *args, **kwargs)
+            except wait_timeout:
+                # A statement is in flight and its answer may still come: the connection is
+                # in an unknown state. Close it (the pool then drops it) and free the thread.
+                self.close()
+                raise psycopg.OperationalError(
+                    f"the database did not answer within {seconds:g} s; connection closed"
+                ) from None
+
+    return BoundedConnection
 
 
 def _sqlite_pragmas(connection: Any, busy_ms: int) -> None:

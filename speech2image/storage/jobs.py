@@ -10,7 +10,7 @@ Any runner (local threads, Celery workers) writes through :class:`JobStore`.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import (
@@ -28,10 +28,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from .base import Base, aware, utcnow
+from .space import storage_error
 
 __all__ = ["ACTIVE_STATES", "FINISHED_STATES", "DuplicateJob", "JobRecord", "JobStore"]
 
@@ -96,16 +97,21 @@ class DuplicateJob(Exception):
 class JobStore:
     """Reads and writes job rows; every method is one short transaction."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, check_room: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._check_room = check_room
 
     def add(self, **fields: Any) -> JobRecord:
         """Insert a new job row (state ``queued`` unless given).
 
         Raises :class:`DuplicateJob` with the existing row when the owner already used the
-        row's ``idempotency_key``.
+        row's ``idempotency_key``. New work: refused before the row is written when the disk is
+        below its reserve (507 ``storage_full``) or cannot be written (503), and 507 if the
+        database finds no room.
         """
+        if self._check_room is not None:
+            self._check_room()
         now = utcnow()
         fields.setdefault("state", "queued")
         fields.setdefault("created_at", now)
@@ -120,6 +126,11 @@ class JobStore:
             if existing is None:
                 raise
             raise DuplicateJob(existing) from None
+        except OperationalError as exc:
+            refusal = storage_error(exc, "the job")
+            if refusal is not None:
+                raise refusal from exc
+            raise
         return record
 
     def by_idempotency_key(self, owner: str, key: str) -> JobRecord | None:
