@@ -244,7 +244,9 @@ class LiveCollector(Collector):
             yield queues
         if stats.workers is not None:
             per_model = GaugeMetricFamily(
-                "s2i_workers", "Live workers serving each model (distributed mode).", ["model"]
+                "s2i_workers",
+                "Live workers serving each model (distributed mode).",
+                labels=["model"],
             )
             counts: dict[str, int] = {}
             for worker in stats.workers:
