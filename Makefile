@@ -38,7 +38,7 @@ cluster: install-test
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: install-test
 	$(BIN)/ruff check .

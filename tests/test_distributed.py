@@ -71,6 +71,8 @@ def cluster(
         "S2I_BATCH_MAX_WAIT_MS": 100,
         "S2I_BROKER_VISIBILITY_TIMEOUT": 6,
         "S2I_JOB_MAX_ATTEMPTS": 2,
+        "S2I_JOB_LEASE_SECONDS": 4,  # a dead worker's job is queued again within seconds
+        "S2I_RECONCILE_INTERVAL_SECONDS": 1,
     }
     cluster = Cluster(root, settings)
     cluster.create_schema()
@@ -450,24 +452,6 @@ def test_kill_9_mid_generation_redelivers_to_another_worker_without_duplicates(
         f"images/{i}.png" for i in ids
     )
     cluster.restart_worker(victim)
-    cluster.wait_ready()
-
-
-def test_a_poison_job_fails_after_the_bounded_attempts(cluster: Cluster) -> None:
-    first, second = _urls(cluster)
-    job = _submit(first, prompt="a poisoned painting", model="tiny-art", steps=300)
-    for _ in range(2):  # S2I_JOB_MAX_ATTEMPTS: the job kills every worker that runs it
-        victim = _running_on(cluster, second, job["id"])
-        time.sleep(0.5)
-        cluster.kill(victim)
-        cluster.worker(victim).popen.wait()
-    for name in ("a", "b"):
-        if not cluster.worker(name).alive():
-            cluster.restart_worker(name)
-    done = _wait_job(first, job["id"], ("succeeded", "failed"), timeout=240)
-    assert done["state"] == "failed", done
-    assert done["error"]["code"] == "job_failed_repeatedly"
-    assert _row(cluster, job["id"])["state"] == "failed"
     cluster.wait_ready()
 
 

@@ -130,7 +130,7 @@ def cluster(
         cluster.stop()
 
 
-def _burst(cluster: Cluster, speech: Path, n: int = 16) -> dict[str, dict[str, Any]]:
+def _burst(cluster: Cluster, speech: Path, n: int = 12) -> dict[str, dict[str, Any]]:
     """Accepted jobs by id: generations of varied length and a few transcriptions."""
     accepted: dict[str, dict[str, Any]] = {}
     urls = [api.url for api in cluster.apis]

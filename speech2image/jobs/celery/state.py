@@ -22,7 +22,7 @@ __all__ = ["REDIS_ERRORS", "BrokerState", "redis_client"]
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.RedisError, OSError)
-WORKER_TTL = 10  # a worker silent this long is gone
+WORKER_TTL = 6  # a worker silent this long is gone (it beats every 2 s)
 
 # Admit a job unless its owner or everyone is at the limit: 0 admitted, 1 owner full, 2 full.
 _ADMIT = """

@@ -55,7 +55,9 @@ class LeaseKeeper:
         self.worker = worker
         self.lease_seconds = lease_seconds
         self._held: dict[str, str | None] = {}  # job id -> the task's delivery tag
-        self.stop_asked: set[str] = set()  # cancelled, or no longer this worker's
+        self.cancel_asked: set[str] = set()  # an API process asked to cancel them
+        self.lost: set[str] = set()  # no longer this worker's (taken over after a lapse)
+        self._touch_after = 0.0  # Redis back-off: touching tasks must never delay leases
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._outage = False
@@ -70,7 +72,8 @@ class LeaseKeeper:
         """The job ended (or went back to the queue)."""
         with self._lock:
             self._held.pop(job_id, None)
-            self.stop_asked.discard(job_id)
+            self.cancel_asked.discard(job_id)
+            self.lost.discard(job_id)
 
     def held(self) -> list[str]:
         """The ids held now."""
@@ -98,11 +101,18 @@ class LeaseKeeper:
                 log.info("leases renewed again")
                 self._outage = False
             with self._lock:
-                self.stop_asked |= (set(held) - still) | cancel
+                self.cancel_asked |= cancel
+                self.lost |= set(held) - still
+            if time.monotonic() < self._touch_after:
+                continue
             for tag in held.values():  # and keep the tasks invisible to kombu's restore
-                if tag is not None:
-                    with contextlib.suppress(*REDIS_ERRORS):
-                        self.broker.touch_unacked(tag)
+                if tag is None:
+                    continue
+                try:
+                    self.broker.touch_unacked(tag)
+                except REDIS_ERRORS:
+                    self._touch_after = time.monotonic() + 5.0  # Redis is away: later
+                    break
 
 
 class JobWorker:
@@ -274,7 +284,13 @@ class JobWorker:
         for snapshot in self.local.watch(job, timeout=1.0):
             if job.done:
                 break
-            if job.id in self.keeper.stop_asked:
+            if job.id in self.keeper.lost:
+                # Its lease lapsed and another delivery holds it now: stop here without a
+                # word to its row, which is no longer this worker's to write.
+                log.warning("job %s: lost its lease; stopping this copy", job.id)
+                job.listener = None
+                self.local.cancel(owner, job.id)
+            elif job.id in self.keeper.cancel_asked:
                 self.local.cancel(owner, job.id)
             # Not started when the worker stops: leave it to another worker.
             if self.shutting_down.is_set() and self.local.withdraw(job):
@@ -290,6 +306,9 @@ class JobWorker:
             if snapshot is not None:
                 self._publish(job)
         job.wait()
+        if job.listener is None:  # lost: the delivery that holds it now reports its end
+            discard_file(job.input)
+            return
         self._publish(job)
         self._release(row, owner)
 
