@@ -415,3 +415,32 @@ def test_event_streams_are_capped_so_health_keeps_a_thread(make_app) -> None:
     third = client.get(f"/jobs/{job['id']}/events")
     assert third.status_code == 200
     third.close()
+
+
+def test_an_idempotency_key_makes_one_job_however_often_it_is_sent(make_app, speech) -> None:
+    app = make_app()
+    client = app.test_client()
+    key = {"Idempotency-Key": "order-7731-img"}
+    first = client.post("/generate-image", json={"prompt": "a kite", "async": True}, headers=key)
+    again = client.post("/generate-image", json={"prompt": "a kite", "async": True}, headers=key)
+    assert first.status_code == again.status_code == 202
+    assert first.json["id"] == again.json["id"]
+    done = wait_state(client, first.json["id"], {"succeeded"})
+    sync = client.post("/generate-image", json={"prompt": "a kite"}, headers=key)
+    assert sync.status_code == 200 and sync.json == done["result"]  # the same images
+    assert client.get("/images").json["total"] == 1
+    with open(speech["english"], "rb") as audio:  # the key of another kind of request
+        reused = client.post("/transcribe-audio", data={"audio": (audio, "a.wav")}, headers=key)
+    assert reused.status_code == 409 and reused.json["error"]["code"] == "idempotency_key_reused"
+    assert list(Path(app.config["S2I_SETTINGS"].upload_dir).iterdir()) == []  # no upload left
+    bad = client.post("/generate-image", json={"prompt": "x"}, headers={"Idempotency-Key": "é"})
+    assert bad.status_code == 400 and bad.json["error"]["details"]["field"] == "Idempotency-Key"
+    other_owner = make_app(api_keys="alpha,beta").test_client()
+    for api_key in ("alpha", "beta"):  # keys are per caller: the same key, two callers, two jobs
+        body = {"prompt": "a kite", "async": True, "steps": 1}
+        answer = other_owner.post(
+            "/generate-image", json=body, headers={**key, "X-API-Key": api_key}
+        )
+        assert answer.status_code == 202
+        wait_state(other_owner, answer.json["id"], {"succeeded"}, headers={"X-API-Key": api_key})
+    assert other_owner.get("/jobs", headers={"X-API-Key": "alpha"}).json["total"] == 1
