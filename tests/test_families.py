@@ -237,6 +237,50 @@ def test_what_a_family_cannot_do_is_a_400_that_says_why(app, body, field, needle
     assert loaded_models(app) == {} and image_files(app) == []
 
 
+@pytest.mark.parametrize("scheduler", ["lcm", "tcd", "euler"])
+def test_few_step_models_start_at_the_last_timestep_with_their_schedulers(
+    app, family_models, scheduler
+) -> None:
+    from diffusers import AutoPipelineForText2Image
+
+    from speech2image.engines.diffusers_sd import GenerationSpec, _scheduler_for
+
+    client = app.test_client()
+    first = generate(client, prompt="a kite", model="tiny-xl-fast", scheduler=scheduler, seed=3)
+    assert first.status_code == 200, first.json
+    assert first.json["parameters"]["scheduler"] == scheduler
+    again = generate(client, prompt="a kite", model="tiny-xl-fast", scheduler=scheduler, seed=3)
+    assert np.array_equal(
+        pixels(client, first.json["images"][0]["url"]),
+        pixels(client, again.json["images"][0]["url"]),
+    )
+    # The schedulers the engine configures: "trailing" spacing for a few-step model, so its
+    # first of 4 steps is the last training timestep (where a distilled model starts).
+    pipe = AutoPipelineForText2Image.from_pretrained(str(family_models["tiny-xl"]))
+
+    def first_timestep(few_step: bool) -> int:
+        spec = GenerationSpec(
+            prompts=["a kite"],
+            negative_prompts=[None],
+            seeds=[3],
+            width=64,
+            height=64,
+            steps=4,
+            guidance_scale=1.0,
+            scheduler=scheduler,
+            few_step=few_step,
+        )
+        made = _scheduler_for(pipe, spec)
+        made.set_timesteps(4)
+        assert (made.config.timestep_spacing == "trailing") is few_step
+        return int(made.timesteps[0])
+
+    last = pipe.scheduler.config.num_train_timesteps - 1
+    assert first_timestep(True) == last
+    if scheduler == "euler":
+        assert first_timestep(False) < last  # a full-step model keeps its own spacing
+
+
 def test_loras_are_refused_where_no_folder_is_configured(
     make_app, tiny_models, family_models
 ) -> None:
