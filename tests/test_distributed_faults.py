@@ -112,6 +112,7 @@ def cluster(
         "S2I_STORAGE_RETRY_SECONDS": 40,
     }
     cluster = Cluster(root, settings)
+    cluster.s3_endpoint = s3_server.endpoint_url  # type: ignore[attr-defined]
     cluster.create_schema()
     via_proxy = cluster.database_url.replace(
         "127.0.0.1:5432", f"127.0.0.1:{proxies['database'].port}"
@@ -234,7 +235,27 @@ def _settle(
     )
     counts["duplicated"] = stored - images_before - made
     counts["seconds"] = round(took, 1)
+    # A job's stored input (its uploaded audio) is removed when the job ends.
+    deadline = time.monotonic() + 15
+    while left := _inputs_left(cluster, final):
+        assert time.monotonic() < deadline, f"inputs outlived their jobs: {left}"
+        time.sleep(0.3)
     return counts
+
+
+def _bucket(cluster: Cluster) -> tuple[Any, str]:
+    """A boto3 client straight to the object store (not through the proxy) and the bucket."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(endpoint_url=cluster.s3_endpoint, stack=cluster)
+    return server.client(), cluster.settings["S2I_S3_BUCKET"]
+
+
+def _inputs_left(cluster: Cluster, jobs: Any) -> list[str]:
+    client, bucket = _bucket(cluster)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="input-").get("Contents", [])
+    names = {f"input-{job_id}.upload" for job_id in jobs}
+    return [o["Key"] for o in listed if o["Key"] in names]
 
 
 def _still_works(cluster: Cluster) -> None:
@@ -597,4 +618,40 @@ def test_object_store_down_during_jobs(
     _scenario("object store down", _settle(cluster, jobs, time.monotonic(), before))
     time.sleep(2.5)
     assert _metric(url, "s2i_dependency_up", dependency="image_store") == 1
+    _still_works(cluster)
+
+
+def test_a_queued_job_whose_input_vanished_with_the_broker_fails_with_a_reason(
+    cluster: Cluster, broker: RedisServer, speech: dict[str, Path]
+) -> None:
+    """The broker loses its data while a transcription waits, and its stored audio is gone
+    too: reconciliation fails the job `upload_expired` instead of leaving it queued."""
+    import signal
+
+    url = cluster.apis[1].url
+    cluster.kill("b", signal.SIGSTOP)  # the only Whisper worker holds nothing and takes nothing
+    try:
+        body, content_type = multipart({"async": "true"}, {"audio": speech["english"]})
+        status, _, job = http(
+            "POST",
+            f"{url}/transcribe-audio",
+            data=body,
+            headers={"Content-Type": content_type, **_as(KEYS[5])},
+        )
+        assert status == 202, job
+        client, bucket = _bucket(cluster)
+        client.delete_object(Bucket=bucket, Key=f"input-{job['id']}.upload")
+        broker.stop()
+        for path in broker.root.glob("appendonly*"):
+            for part in path.iterdir() if path.is_dir() else [path]:
+                part.unlink()
+        broker.start()
+    finally:
+        cluster.kill("b", signal.SIGCONT)
+    deadline = time.monotonic() + BOUND
+    while (state := _state(url, job["id"], KEYS[5]))["state"] != "failed":
+        assert state["state"] == "queued" and time.monotonic() < deadline, state
+        time.sleep(0.3)
+    assert state["error"]["code"] == "upload_expired", state
+    assert _rows(cluster, [job["id"]])[job["id"]].state == "failed"
     _still_works(cluster)

@@ -140,3 +140,44 @@ def test_the_bucket_can_be_created_at_start_up(make_app, s3_server) -> None:
 def test_s3_store_needs_a_bucket() -> None:
     with pytest.raises(SettingsError, match="S2I_S3_BUCKET"):
         load_settings(image_store="s3")
+
+
+def test_a_store_outage_is_retried_within_the_window_then_fails_with_a_reason(
+    make_app, s3_server
+) -> None:
+    """A job that cannot store its images retries with back-off for S2I_STORAGE_RETRY_SECONDS:
+    a store back within the window loses nothing; one that stays away fails the job with
+    ``storage_unavailable`` and leaves no object and no row."""
+    import threading
+    import time
+    from urllib.parse import urlparse
+
+    from .distributed_cluster import TcpProxy
+    from .test_jobs import submit, wait_state
+
+    endpoint = urlparse(s3_server.endpoint_url)
+    proxy = TcpProxy((endpoint.hostname or "127.0.0.1", endpoint.port or 80))
+    proxy.start()
+    settings = s3_server.settings(s3_server.new_bucket())
+    settings["s3_endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
+    app = make_app(storage_retry_seconds=3, **settings)
+    client = app.test_client()
+    assert generate(client, prompt="a castle", steps=1).status_code == 200
+    kept = _objects(app)
+    try:
+        proxy.stop()
+        started = time.monotonic()
+        lost = submit(client, prompt="a lost castle", steps=1).json["id"]
+        failed = wait_state(client, lost, {"succeeded", "failed"}, timeout=60)
+        assert failed["state"] == "failed" and time.monotonic() - started >= 1.5, failed
+        assert failed["error"]["code"] == "storage_unavailable", failed
+        back = submit(client, prompt="a patient castle", steps=1).json["id"]
+        threading.Timer(1.0, proxy.start).start()
+        done = wait_state(client, back, {"succeeded", "failed"}, timeout=60)
+        assert done["state"] == "succeeded", done
+    finally:
+        proxy.stop()
+        proxy.start()
+    assert len(_objects(app)) == len(kept) + 1
+    assert client.get("/images").json["total"] == 2
+    proxy.stop()
