@@ -12,6 +12,7 @@ lost (none) and duplicated (none).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 import time
@@ -251,11 +252,19 @@ def _bucket(cluster: Cluster) -> tuple[Any, str]:
     return server.client(), cluster.settings["S2I_S3_BUCKET"]
 
 
+def _input_key(job_id: str) -> str:
+    """The object that holds a job's upload (the store's key prefix, then its name)."""
+    from speech2image.config import Settings
+    from speech2image.jobs.inputs import StoreInputs
+
+    return Settings.model_fields["s3_prefix"].default + StoreInputs.name(job_id)
+
+
 def _inputs_left(cluster: Cluster, jobs: Any) -> list[str]:
     client, bucket = _bucket(cluster)
-    listed = client.list_objects_v2(Bucket=bucket, Prefix="input-").get("Contents", [])
-    names = {f"input-{job_id}.upload" for job_id in jobs}
-    return [o["Key"] for o in listed if o["Key"] in names]
+    listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    keys = {_input_key(job_id) for job_id in jobs}
+    return [o["Key"] for o in listed if o["Key"] in keys]
 
 
 def _still_works(cluster: Cluster) -> None:
@@ -629,7 +638,8 @@ def test_a_queued_job_whose_input_vanished_with_the_broker_fails_with_a_reason(
     import signal
 
     url = cluster.apis[1].url
-    cluster.kill("b", signal.SIGSTOP)  # the only Whisper worker holds nothing and takes nothing
+    for name in ("a", "b"):  # the workers hold nothing and take nothing
+        cluster.kill(name, signal.SIGSTOP)
     try:
         body, content_type = multipart({"async": "true"}, {"audio": speech["english"]})
         status, _, job = http(
@@ -640,14 +650,17 @@ def test_a_queued_job_whose_input_vanished_with_the_broker_fails_with_a_reason(
         )
         assert status == 202, job
         client, bucket = _bucket(cluster)
-        client.delete_object(Bucket=bucket, Key=f"input-{job['id']}.upload")
+        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        assert _input_key(job["id"]) in {o["Key"] for o in listed}  # kept until the job ends
+        client.delete_object(Bucket=bucket, Key=_input_key(job["id"]))
         broker.stop()
         for path in broker.root.glob("appendonly*"):
             for part in path.iterdir() if path.is_dir() else [path]:
                 part.unlink()
         broker.start()
     finally:
-        cluster.kill("b", signal.SIGCONT)
+        for name in ("a", "b"):
+            cluster.kill(name, signal.SIGCONT)
     deadline = time.monotonic() + BOUND
     while (state := _state(url, job["id"], KEYS[5]))["state"] != "failed":
         assert state["state"] == "queued" and time.monotonic() < deadline, state
@@ -655,3 +668,42 @@ def test_a_queued_job_whose_input_vanished_with_the_broker_fails_with_a_reason(
     assert state["error"]["code"] == "upload_expired", state
     assert _rows(cluster, [job["id"]])[job["id"]].state == "failed"
     _still_works(cluster)
+
+
+def test_an_ack_after_the_broker_connection_was_torn_down_does_not_stop_a_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis dies while a finished task's ack waits: kombu tears the connection down, and the
+    ack then raised AttributeError, which Celery treats as unrecoverable (the worker exited).
+    The worker's Celery app skips such an ack; the message stays for redelivery."""
+    import logging
+
+    from kombu import Connection
+    from kombu.message import Message
+
+    from speech2image.jobs.celery.app import guard_acks_on_a_lost_connection
+
+    broker = RedisServer(tmp_path)
+    broker.start()
+    connection = Connection(broker.url, transport_options={"socket_timeout": 1})
+    try:
+        queue = connection.SimpleQueue("s2i-ack-test")
+        queue.put({"job": 1})
+        message = queue.get(timeout=5)
+        broker.stop()
+        with contextlib.suppress(Exception):
+            connection.collect(socket_timeout=1)  # what Celery does on a connection error
+        connection.close()
+        message.channel._disconnect_pools()  # the channel's half of the teardown
+        logger = logging.getLogger("test")
+        unguarded = getattr(Message.ack_log_error, "__wrapped__", Message.ack_log_error)
+        with pytest.raises(AttributeError):  # kombu as it is
+            unguarded(message, logger, connection.connection_errors)
+        guard_acks_on_a_lost_connection()
+        guard_acks_on_a_lost_connection()  # once is enough; twice changes nothing
+        with caplog.at_level(logging.WARNING):
+            message.ack_log_error(logger, connection.connection_errors)
+            message.reject_log_error(logger, connection.connection_errors, requeue=True)
+        assert "its broker connection is gone" in caplog.text
+    finally:
+        broker.stop()

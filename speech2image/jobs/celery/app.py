@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 from celery import Celery, Task
+from kombu.message import Message
 
 from ...config import Settings
 
-__all__ = ["TASK_NAME", "celery_init_app", "send_job"]
+__all__ = ["TASK_NAME", "celery_init_app", "guard_acks_on_a_lost_connection", "send_job"]
+
+log = logging.getLogger(__name__)
 
 TASK_NAME = "speech2image.run_job"
 
@@ -16,6 +21,7 @@ TASK_NAME = "speech2image.run_job"
 def celery_init_app(app: Any) -> Celery:
     """Build the Celery app from the Flask settings; each task runs in the app context."""
     settings: Settings = app.config["S2I_SETTINGS"]
+    guard_acks_on_a_lost_connection()
 
     class FlaskTask(Task):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -93,3 +99,44 @@ def send_job(
         task_id=job_id,
         retry=False,
     )
+
+
+def _connection_gone(message: Message) -> bool:
+    transport = getattr(message.channel, "connection", None)
+    return transport is None or getattr(transport, "client", None) is None
+
+
+def guard_acks_on_a_lost_connection() -> None:
+    """Let an ack or reject that finds its broker connection torn down be skipped, not fatal.
+
+    When Redis goes away while a finished task's ack waits in the worker's event loop, kombu
+    (5.7) tears the connection down first and the ack then raises ``AttributeError`` (its
+    transport has no client any more). Celery takes that for an unrecoverable error and the
+    worker exits. A message left unacked is safe here: the broker gives it back after the
+    visibility timeout, or the reconciler resends the job, and a delivery of a finished job
+    is dropped by its row. So such an ack is logged and skipped. Idempotent.
+    """
+    if getattr(Message.ack_log_error, "_s2i_guarded", False):
+        return
+
+    def guarded(method: Any) -> Any:
+        @functools.wraps(method)
+        def call(self: Message, logger: Any, errors: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, logger, errors, *args, **kwargs)
+            except AttributeError:
+                if not _connection_gone(self):
+                    raise
+                log.warning(
+                    "could not %s task message %s: its broker connection is gone; the broker "
+                    "or the reconciler gives it back and its job's row decides what happens",
+                    method.__name__.split("_")[0],
+                    self.delivery_tag,
+                )
+                return None
+
+        call._s2i_guarded = True  # type: ignore[attr-defined]
+        return call
+
+    Message.ack_log_error = guarded(Message.ack_log_error)  # type: ignore[method-assign]
+    Message.reject_log_error = guarded(Message.reject_log_error)  # type: ignore[method-assign]
