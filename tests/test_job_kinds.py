@@ -67,6 +67,8 @@ def test_a_toy_kind_runs_through_the_local_runner(make_app) -> None:
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_a_toy_kind_runs_through_celery_workers(make_app, tmp_path: Path) -> None:
+    import threading
+
     from celery.contrib.testing.worker import start_worker
 
     problem = redis_problem() or postgres_problem()
@@ -84,8 +86,16 @@ def test_a_toy_kind_runs_through_celery_workers(make_app, tmp_path: Path) -> Non
     apps = []
     try:
         api = make_app(role="api", kinds=[EchoKind()], **settings)
-        worker = make_app(role="worker", kinds=[EchoKind()], **settings)
+        timers = {t for t in threading.enumerate() if t.name == "cleanup-timer"}
+        worker = make_app(
+            role="worker", kinds=[EchoKind()], cleanup_interval_seconds=3600, **settings
+        )
         apps += [api, worker]
+        # A worker gets the job side and nothing else: no HTTP routes, no cleanup timer.
+        assert {t for t in threading.enumerate() if t.name == "cleanup-timer"} <= timers
+        assert "images.generate_image" not in worker.view_functions
+        assert "images.generate_image" in api.view_functions
+        assert "job_worker" in worker.extensions and "job_worker" not in api.extensions
         client = api.test_client()
         kinds, runner = api.extensions["job_kinds"], api.extensions["jobs"]
         jobs = [runner.submit(_echo(kinds, "local", times)) for times in (1, 2)]
