@@ -12,7 +12,7 @@ import io
 import warnings
 from typing import Any
 
-from werkzeug.exceptions import UnsupportedMediaType
+from werkzeug.exceptions import UnprocessableEntity, UnsupportedMediaType
 
 from .errors import InvalidRequest, ResourceNotFound, ServiceError
 from .image_service import EditSource, ImageService, PreparedImage
@@ -41,8 +41,8 @@ class UnsupportedImage(ServiceError, UnsupportedMediaType):
     error = "unsupported_image"
 
 
-class InvalidImage(InvalidRequest):
-    """The upload is an image of an accepted format that cannot be used."""
+class InvalidImage(ServiceError, UnprocessableEntity):
+    """The upload is an image of an accepted format that cannot be used (as for audio: 422)."""
 
     error = "invalid_image"
 
@@ -75,7 +75,7 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Any:
     """The upload as a PIL image, safely: PNG, JPEG or WebP, at most ``max_pixels`` pixels.
 
     The header is read first and the size checked before any pixel is decoded; a truncated
-    or corrupt file is a 400 that names the field, another format a 415.
+    or corrupt file is a 422 that names the field, another format a 415.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -148,8 +148,11 @@ def unpack_input(data: bytes, work: EditWork) -> EditSource:
     return EditSource(rgba.convert("RGB"), mask, work.strength, work.mask_blur)
 
 
+MIN_SIDE = 64  # smaller sources are scaled up to this
+
+
 def _rounded(side: int, multiple: int, limit: int) -> int:
-    side = min(side, limit)
+    side = min(max(side, MIN_SIDE), limit)
     return max(multiple, side - side % multiple)
 
 

@@ -121,15 +121,13 @@ def test_edit_refuses_bad_input_clearly(edit_app) -> None:
 
     refused(400, "image", prompt="x")  # no source
     refused(404, "image", image_id="0" * 32, prompt="x")
-    refused(400, "image", files={"image": (png(Image.new("RGB", (8, 8))), "a.png")},
-            image_id="0" * 32, prompt="x")  # fmt: skip
     refused(415, "image", files={"image": (io.BytesIO(b"GIF89a not really"), "a.gif")}, prompt="x")
     gif = png(Image.new("RGB", (64, 64)), "GIF")
     refused(415, "image", files={"image": (gif, "a.gif")}, prompt="x")
     truncated = png(Image.new("RGB", (64, 64), "red")).getvalue()[:80]
-    refused(400, "image", files={"image": (io.BytesIO(truncated), "a.png")}, prompt="x")
+    refused(422, "image", files={"image": (io.BytesIO(truncated), "a.png")}, prompt="x")
     big = png(Image.new("RGB", (256, 256)))  # over S2I_MAX_IMAGE_PIXELS (128x128 here)
-    refused(400, "pixels", files={"image": (big, "a.png")}, prompt="x")
+    refused(422, "pixels", files={"image": (big, "a.png")}, prompt="x")
     refused(400, "mask", files={"image": (small(), "a.png"),
             "mask": (png(Image.new("L", (32, 32))), "m.png")}, prompt="x")  # fmt: skip
     refused(400, "strength", files={"image": (small(), "a.png")}, prompt="x", strength=0)

@@ -19,6 +19,7 @@ from .images import image_json
 from .jobs import respond, submit
 from .openapi import Upload, endpoint
 from .responses import Generation, ImageRow, JobAccepted, _Open
+from .speech import _without_none
 
 __all__ = ["bp", "image_fields", "read_upload", "submit_edit"]
 
@@ -50,7 +51,7 @@ def image_fields(app: Any, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     for name, info in request_model.model_fields.items():
         if name in ("async_", "loras", *exclude):
             continue
-        annotation = info.annotation
+        annotation = _without_none(info.annotation)  # a form field is left out, never null
         if info.metadata:
             annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[misc]
         required = name == "prompt"
@@ -62,9 +63,9 @@ def image_fields(app: Any, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def _one_source(form: Any) -> Any:
-    if (form.image is None) == (form.image_id is None):
+    if form.image is None and form.image_id is None:
         raise PydanticCustomError(
-            "source", "send exactly one of `image` (a file) and `image_id` (from your history)"
+            "source", "send `image` (a file) or `image_id` (an image of your history)"
         )
     return form
 
@@ -74,11 +75,18 @@ def _edit_form(app: Any) -> type[BaseModel]:
         "EditImageForm",
         __config__=ConfigDict(
             extra="forbid",
-            json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["image_id"]}]},
+            json_schema_extra={"anyOf": [{"required": ["image"]}, {"required": ["image_id"]}]},
         ),
         __validators__={"one_source": model_validator(mode="after")(_one_source)},
         image=(Upload, Field(None, description="The image to edit (PNG, JPEG or WebP).")),
-        image_id=(IMAGE_ID | None, Field(None, description="Or: an image of your history.")),
+        image_id=(
+            IMAGE_ID,
+            Field(
+                None,
+                description="Or: an image of your history. With `image` too, the upload is "
+                "edited and recorded as made from this image (e.g. retouched on the client).",
+            ),
+        ),
         mask=(
             Upload,
             Field(
@@ -135,7 +143,7 @@ def submit_edit(
 @endpoint(
     form=_edit_form,
     responses={200: EditResult, 202: JobAccepted},
-    errors=(404, 409, 415, 503, 507),
+    errors=(404, 409, 415, 422, 503, 507),
     idempotent=True,
     tags=("images",),
 )
@@ -145,7 +153,7 @@ def edit_image(form: Any) -> ResponseReturnValue:
     if form.image_id is not None:
         source = history_image(get_storage(current_app), client_owner(), form.image_id)
         parent_id = form.image_id
-    else:
+    if form.image is not None:
         source = read_upload(form.image, "image")
     mask = read_upload(form.mask, "mask") if form.mask is not None else None
     fields = form.model_dump(
