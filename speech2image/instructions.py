@@ -242,7 +242,23 @@ def _style_word(value: str) -> str | None:
 
 
 def parse_instruction(text: str, *, has_image: bool = True) -> Instruction:
-    """Read one English instruction: a new picture, or which edit it asks for."""
+    """Read one English instruction: a new picture, or which edit it asks for.
+
+    Speech often opens with something else ("Okay, listen. Add a boat."): when the whole
+    does not read as an edit, its last sentence or clause that does is taken.
+    """
+    found = _parse_one(text, has_image=has_image)
+    # Sentences, and clauses: Whisper often joins "Okay, listen, add a boat" with commas.
+    sentences = [s for s in re.split(r"(?<=[.!?,;])\s+", text.strip()) if re.search(r"\w", s)]
+    if found.decision == "new" and has_image and len(sentences) > 1:
+        for sentence in reversed(sentences):
+            one = _parse_one(sentence, has_image=True)
+            if one.decision == "edit":
+                return one
+    return found
+
+
+def _parse_one(text: str, *, has_image: bool) -> Instruction:
     cleaned, _ = clean_request(text)
     said = _norm(_ASKING.sub("", _norm(text)))
     line = _norm(cleaned) if cleaned.strip() else said

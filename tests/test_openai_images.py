@@ -45,7 +45,7 @@ def test_gpt_image_generation_edits_with_mask_and_variations(gpt_app, live_serve
     assert made.usage is not None and made.usage.total_tokens > 0
     raw = made.model_dump()
     assert raw["output_format"] == "jpeg" and raw["quality"] == "low"
-    with pytest.raises(openai.BadRequestError, match="transparent"):
+    with pytest.raises(openai.UnprocessableEntityError, match="transparent"):
         client.images.generate(model="gpt-image-1", prompt="x", background="transparent")
 
     source = Image.new("RGB", (64, 64), (200, 40, 40))
@@ -85,7 +85,7 @@ def test_gpt_image_generation_edits_with_mask_and_variations(gpt_app, live_serve
     assert decoded(varied.data[0]).size == (64, 64)
     assert varied.data[0].revised_prompt == "a variation of this picture"
 
-    with pytest.raises(openai.BadRequestError, match="alpha"):
+    with pytest.raises(openai.UnprocessableEntityError, match="alpha"):
         client.images.edit(
             image=("in.png", image_png.getvalue(), "image/png"),
             mask=("m.png", image_png.getvalue(), "image/png"),

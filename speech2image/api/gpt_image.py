@@ -12,7 +12,16 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from ..errors import InvalidRequest
+from werkzeug.exceptions import UnprocessableEntity
+
+from ..errors import ServiceError
+
+
+class TransparencyUnsupported(ServiceError, UnprocessableEntity):
+    """`background: transparent` asked of a model that paints every pixel."""
+
+    error = "transparent_background_unsupported"
+
 
 __all__ = [
     "GPT_IMAGE_MODELS",
@@ -49,17 +58,13 @@ def gpt_image_fields(
     moderation = fields.pop("moderation", None) or "auto"
     output_format = fields.pop("output_format", None) or "png"
     compression = fields.pop("output_compression", None)
-    if background == "transparent":
-        raise InvalidRequest(
+    if background == "transparent":  # well-formed, but not something these models can do
+        raise TransparencyUnsupported(
             "`background` `transparent` is not supported: these models paint every pixel; "
             "use `opaque` or `auto`",
             details={"field": "background"},
         )
-    if compression is not None and output_format == "png":
-        raise InvalidRequest(
-            "`output_compression` applies to `jpeg` and `webp` output only",
-            details={"field": "output_compression"},
-        )
+    # `output_compression` applies to jpeg and webp; with png it is ignored (PNG is lossless).
     if quality in QUALITY_STEPS and "steps" not in fields:
         fields["steps"] = max(1, min(max_steps, round(default_steps * QUALITY_STEPS[quality])))
     options = {

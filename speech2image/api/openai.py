@@ -619,8 +619,13 @@ def _mask_from_alpha(mask: Any) -> Any:
     """OpenAI's mask (transparent = edit) as a native one (white = edit)."""
     from PIL import ImageOps
 
+    from ..editing import InvalidImage
+
     if "A" not in mask.getbands():
-        raise _field("mask", "`mask` must be a PNG with an alpha channel (transparent = edit)")
+        raise InvalidImage(
+            "`mask` must be a PNG with an alpha channel (transparent = edit)",
+            details={"field": "mask"},
+        )
     return ImageOps.invert(mask.getchannel("A"))
 
 
