@@ -55,6 +55,7 @@ class Turn(_Open):
     source: str
     transcript: str
     decision: str
+    operation: str
     prompt: str
     negative_prompt: str | None
     changes: list[dict[str, Any]]
@@ -240,6 +241,7 @@ def take_turn(conversation_id: str, form: Any) -> ResponseReturnValue:
         source=source,
         transcript=transcript,
         decision=composed.decision,
+        operation=composed.operation,
         prompt=result["prompt"],
         negative_prompt=result["parameters"]["negative_prompt"],
         changes=[c.as_dict() for c in [*changes, *composed.changes]],
@@ -249,7 +251,7 @@ def take_turn(conversation_id: str, form: Any) -> ResponseReturnValue:
     )
     images = {i: storage.image_by_id(owner, i) for i in turn.image_ids}
     body = _turn_json(turn, {k: v for k, v in images.items() if v is not None})
-    return jsonify(body | {"operation": composed.operation, "english": english})
+    return jsonify(body | {"english": english})
 
 
 @bp.post("/conversations/<conversation_id>/undo")

@@ -50,6 +50,7 @@ class TurnRecord(Base):
     source: Mapped[str] = mapped_column(String(16))  # "speech" or "text"
     transcript: Mapped[str] = mapped_column(Text)
     decision: Mapped[str] = mapped_column(String(16))  # "new" or "edit"
+    operation: Mapped[str] = mapped_column(String(16))  # new, add, remove, replace, style, setting
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str | None] = mapped_column(Text)
     changes: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
@@ -67,6 +68,7 @@ class TurnRecord(Base):
             "source": self.source,
             "transcript": self.transcript,
             "decision": self.decision,
+            "operation": self.operation,
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "changes": self.changes,

@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=16), nullable=False),
         sa.Column("transcript", sa.Text(), nullable=False),
         sa.Column("decision", sa.String(length=16), nullable=False),
+        sa.Column("operation", sa.String(length=16), nullable=False),
         sa.Column("prompt", sa.Text(), nullable=False),
         sa.Column("negative_prompt", sa.Text(), nullable=True),
         sa.Column("changes", sa.JSON(), nullable=False),
