@@ -138,7 +138,9 @@ _SETTING = re.compile(
 
 
 _ASKING = re.compile(
-    r"^(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?|please\s+)|[,\s]+please$", re.I
+    r"^(?:(?:ok(?:ay)?|so|now|well|then|right|hmm+|um+)[,.]?\s+)*"
+    r"(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?|please\s+)?|[,\s]+please$",
+    re.I,
 )
 
 

@@ -46,30 +46,22 @@ def test_conversation_typed_and_spoken_turns_and_undo(talk_app, tmp_path) -> Non
     assert german["english"] == "add a dog" and german["changes"][0]["rule"] == "translate"
     assert german["prompt"].endswith(", a dog") and german["strength"] == 0.55
 
-    # Spoken turns (espeak-ng through Whisper): English as heard, German translated first.
-    spoken = {
-        "en": ("without the lighthouse", "remove"),
-        "de": ("Mach es mehr wie ein Aquarell.", "style"),
-    }
-    right = 0
-    for voice, (words, operation) in spoken.items():
-        audio = _espeak(tmp_path / f"{voice}.wav", words, voice=voice)
-        with open(audio, "rb") as handle:
-            heard = turn(client, cid, audio=(handle, f"{voice}.wav"))
-        assert heard["source"] == "speech" and heard["transcript"]
-        right += heard["operation"] == operation
-        if voice == "de":
-            assert heard["changes"][0]["rule"] == "translate"
-    print(f"\nspoken edit instructions: {right}/{len(spoken)} read as the labelled operation")
-    assert right >= 1
+    # A spoken turn (espeak-ng through Whisper); the page's test speaks another. (Spoken
+    # German is translated by Whisper first, as /speech-to-image does and tests.)
+    audio = _espeak(tmp_path / "en.wav", "Okay. Now without the dog.")
+    with open(audio, "rb") as handle:
+        heard = turn(client, cid, audio=(handle, "en.wav"))
+    assert heard["source"] == "speech" and "dog" in heard["transcript"].lower()
+    assert heard["operation"] == "remove" and heard["negative_prompt"] == "dog"
+    assert "dog" not in heard["prompt"]
 
     thread = client.get(f"/conversations/{cid}").json
-    assert len(thread["turns"]) == 5
+    assert len(thread["turns"]) == 4
     before_last = thread["turns"][-2]["images"][0]["id"]
     undone = client.post(f"/conversations/{cid}/undo")
     assert undone.status_code == 200
     assert undone.json["conversation"]["current_image"]["id"] == before_last
-    assert len(undone.json["conversation"]["turns"]) == 4
+    assert len(undone.json["conversation"]["turns"]) == 3
 
     # Refusals: no input, both inputs, an unknown conversation, nothing to undo.
     empty = client.post("/conversations").json["id"]
