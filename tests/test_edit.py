@@ -134,3 +134,23 @@ def test_edit_refuses_bad_input_clearly(edit_app) -> None:
     refused(400, "prompt", files={"image": (small(), "a.png")})
     uploads = edit_app.config["S2I_SETTINGS"].upload_dir
     assert not uploads.exists() or list(uploads.iterdir()) == []  # nothing left behind
+
+
+def test_compatible_edits_share_a_batch_key(edit_app) -> None:
+    from speech2image.editing import prepare_edit
+
+    images = edit_app.extensions["images"]
+    source = Image.new("RGB", (64, 64), "green")
+    mask = Image.new("L", (64, 64), 255)
+
+    def key(prompt: str, seed: int, strength: float, with_mask: bool = False):  # type: ignore[no-untyped-def]
+        fields = {"prompt": prompt, "seed": seed, "model": "tiny-art"}
+        work, _ = prepare_edit(
+            images, fields, source, mask if with_mask else None, strength=strength
+        )
+        return edit_app.extensions["job_kinds"]["edit"].schedule(work).batch_key
+
+    # Prompts and seeds may differ within a batch; strength and the kind of edit may not.
+    assert key("a boat", 1, 0.5) == key("a kite", 2, 0.5)
+    assert key("a boat", 1, 0.5) != key("a boat", 1, 0.6)
+    assert key("a boat", 1, 0.5) != key("a boat", 1, 0.5, with_mask=True)
