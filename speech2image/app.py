@@ -16,6 +16,8 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
+from .api import conversations as conversations_api
+from .api import edit as edit_api
 from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
@@ -249,6 +251,8 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
     limiter.limit(settings.ratelimit_transcribe, **counted)(openai.audio_bp)
     limiter.limit(settings.ratelimit_generate, **counted)(openai.images_bp)
+    limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(edit_api.bp)
+    limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(conversations_api.bp)
     limiter.exempt(system.health)
     limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     limiter.exempt(metrics_api.metrics)
@@ -273,6 +277,8 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(edit_api.bp)
+    app.register_blueprint(conversations_api.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)

@@ -209,6 +209,9 @@ class Settings(BaseSettings):
     # --- request limits -----------------------------------------------------------------
     max_upload_bytes: ByteSize = Field(ByteSize(25 * 1024**2), description="Largest upload.")
     max_audio_seconds: float = Field(600.0, gt=0, le=24 * 3600, description="Decoded-audio cap.")
+    max_image_pixels: int = Field(
+        16 * 1024 * 1024, ge=64 * 64, le=2**31, description="Largest uploaded image to edit."
+    )
 
     # --- speech recognition -------------------------------------------------------------
     whisper_model: str = Field(

@@ -27,6 +27,8 @@ from .engines.diffusers_sd import (
     prompt_overflows,
     public_source,
 )
+from .engines.editing import EditNotSupported, EditSpec
+from .engines.editing import edit as edit_images
 from .engines.families import ModelProfile, profile
 from .errors import InvalidRequest, ModelUnavailable
 from .loras import LoraCatalog, LoraRef, family_label, style_lora_hits
@@ -38,6 +40,7 @@ from .style import StyleChoice, StyleChooser
 __all__ = [
     "MAX_SEED",
     "BatchOutput",
+    "EditSource",
     "GenerationResult",
     "ImageRequest",
     "ImageService",
@@ -422,8 +425,11 @@ class ImageService:
         self,
         items: list[PreparedImage],
         on_step: Callable[[int, int], None] | None = None,
+        sources: list[EditSource] | None = None,
     ) -> BatchOutput:
         """One pipeline call for compatible items; each keeps its prompts and seeds.
+
+        ``sources``: one per item, the items are edits of those images (img2img, inpainting).
 
         A lone item's failure is raised. In a merged batch one request must not fail the
         others: an item whose prompt cannot be encoded is set aside with its error, and when
@@ -449,7 +455,7 @@ class ImageService:
                 try:
                     if live:
                         self._generate_into(
-                            lease, [items[i] for i in live], live, images, sizes, on_step
+                            lease, [items[i] for i in live], live, images, sizes, on_step, sources
                         )
                 except GenerationCancelled:
                     raise
@@ -466,7 +472,9 @@ class ImageService:
                         )
                         for i in live:
                             try:
-                                self._generate_into(lease, [items[i]], [i], images, sizes, on_step)
+                                self._generate_into(
+                                    lease, [items[i]], [i], images, sizes, on_step, sources
+                                )
                             except GenerationCancelled:
                                 raise
                             except Exception as alone:
@@ -507,12 +515,18 @@ class ImageService:
         images: list[list[Any]],
         sizes: list[int],
         on_step: Callable[[int, int], None] | None,
+        sources: list[EditSource] | None = None,
     ) -> None:
         """Generate ``items`` in one call; put each one's images at its position."""
         spec = self._spec(items)
+        edit_spec = None
+        if sources is not None:
+            edit_spec = edit_call(
+                [sources[p] for p in positions], [i.request.num_images for i in items]
+            )
         started = time.perf_counter()
         made = self._generate_with_retry(
-            lease.model, lease.device, items[0].choice.model, spec, on_step
+            lease.model, lease.device, items[0].choice.model, spec, on_step, edit_spec
         )
         self.loader.observer.denoised(
             model_key(items[0].choice.model),
@@ -536,6 +550,8 @@ class ImageService:
         timings: dict[str, float],
         transcript: NewTranscript | None = None,
         job_id: str | None = None,
+        parent_id: str | None = None,
+        edit: dict[str, Any] | None = None,
     ) -> GenerationResult:
         """Encode and store one item's images (files and rows together).
 
@@ -547,7 +563,13 @@ class ImageService:
             owner,
             [
                 self._encode(
-                    image, seed, request, choice, keyed_id(job_id, str(i)) if job_id else None
+                    image,
+                    seed,
+                    request,
+                    choice,
+                    keyed_id(job_id, str(i)) if job_id else None,
+                    parent_id=parent_id,
+                    edit=edit,
                 )
                 for i, (image, seed) in enumerate(zip(images, request.seeds(), strict=True))
             ],
@@ -572,17 +594,27 @@ class ImageService:
         model: str,
         spec: GenerationSpec,
         on_step: Callable[[int, int], None] | None = None,
+        edit_spec: EditSpec | None = None,
     ) -> list[Any]:
         """On out-of-memory, free every other model on the device and try once more."""
+
+        def call(pipe: Any, spec: GenerationSpec, on_step: Any) -> list[Any]:
+            if edit_spec is None:
+                return generate(pipe, spec, on_step=on_step)
+            try:
+                return edit_images(pipe, spec, edit_spec, on_step=on_step)
+            except EditNotSupported as exc:
+                raise InvalidRequest(str(exc), details={"field": "model"}) from None
+
         try:
-            return generate(pipe, spec, on_step=on_step)
+            return call(pipe, spec, on_step=on_step)
         except LoraNotApplicable as exc:
             raise InvalidRequest(str(exc), details={"field": "loras"}) from None
         except DeviceOutOfMemory:
             log.warning("out of memory generating with %s: freeing %s and retrying", model, device)
             self.loader.free_device(device, exclude=model_key(model))
         try:
-            return generate(pipe, spec, on_step=on_step)
+            return call(pipe, spec, on_step=on_step)
         except LoraNotApplicable as exc:
             raise InvalidRequest(str(exc), details={"field": "loras"}) from None
         except DeviceOutOfMemory:
@@ -598,6 +630,9 @@ class ImageService:
         request: ImageRequest,
         choice: StyleChoice,
         image_id: str | None = None,
+        *,
+        parent_id: str | None = None,
+        edit: dict[str, Any] | None = None,
     ) -> NewImage:
         """PNG bytes carrying the same parameters as the history row."""
         from PIL.PngImagePlugin import PngInfo
@@ -618,6 +653,8 @@ class ImageService:
             "height": request.height,
             "generator": "speech2image",
         }
+        if edit is not None:
+            parameters |= {"edit": edit, "parent_id": parent_id}
         info = PngInfo()
         info.add_text("parameters", json.dumps(parameters, ensure_ascii=False))
         buffer = io.BytesIO()
@@ -635,6 +672,7 @@ class ImageService:
             width=request.width,
             height=request.height,
             parameters=parameters,
+            parent_id=parent_id,
             **({"id": image_id} if image_id else {}),
         )
 
@@ -668,6 +706,26 @@ class ImageService:
             loras=tuple(loras),
             max_sequence_length=fit.max_sequence_length,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSource:
+    """What one edit starts from: its source image, its mask (None: img2img), how far to go."""
+
+    image: Any  # PIL RGB at the request's size
+    mask: Any | None  # PIL "L", 255 where the picture changes
+    strength: float
+    mask_blur: int = 0
+
+
+def edit_call(sources: list[EditSource], counts: list[int]) -> EditSpec:
+    """One call's edit inputs: each source once per image its request makes."""
+    first = sources[0]
+    images = [s.image for s, n in zip(sources, counts, strict=True) for _ in range(n)]
+    masks = None
+    if first.mask is not None:
+        masks = [s.mask for s, n in zip(sources, counts, strict=True) for _ in range(n)]
+    return EditSpec(images, masks, first.strength, first.mask_blur)
 
 
 def _lora_list(request: ImageRequest) -> list[dict[str, Any]]:

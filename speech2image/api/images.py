@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from flask import Blueprint, current_app, jsonify, redirect, request, send_file, url_for
 from flask.typing import ResponseReturnValue
@@ -96,11 +96,29 @@ def list_images(query: Any) -> ResponseReturnValue:
     )
 
 
+def _image_query(app: Any) -> type[BaseModel]:
+    from .gpt_image import OUTPUT_FORMATS
+
+    return create_model(
+        "ImageFileQuery",
+        __config__=ConfigDict(extra="ignore"),
+        format=(
+            Literal[OUTPUT_FORMATS],  # type: ignore[valid-type]
+            Field("png", description="png (the stored file), jpeg or webp (converted)."),
+        ),
+    )
+
+
 @bp.get("/images/<path:filename>")
 @endpoint(
+    query=_image_query,
     responses={
         200: Content(
-            {"image/png": {"type": "string", "format": "binary"}},
+            {
+                "image/png": {"type": "string", "format": "binary"},
+                "image/jpeg": {"type": "string", "format": "binary"},
+                "image/webp": {"type": "string", "format": "binary"},
+            },
             "The PNG (with its parameters in a `parameters` text chunk)",
             {"ETag": "SHA-256 of the file", "Cache-Control": "Immutable; private behind auth"},
         ),
@@ -115,13 +133,16 @@ def list_images(query: Any) -> ResponseReturnValue:
     tags=("images",),
     path={"filename": "The image's file name, as listed"},
 )
-def get_image(filename: str) -> ResponseReturnValue:
-    """Serve one PNG, only if the history records it for the caller."""
+def get_image(filename: str, query: Any = None) -> ResponseReturnValue:
+    """Serve one PNG (or it as JPEG/WebP: `format`), only if the history records it for the
+    caller."""
     storage = get_storage(current_app)
     settings = current_app.config["S2I_SETTINGS"]
     record = storage.get_image(client_owner(), filename)
     if record is None:
         raise ResourceNotFound("no such image")
+    if query is not None and query.format != "png":
+        return _converted(storage, record, query.format)
     # Files never change under their id. Behind auth, only private caches may keep them.
     scope = "private" if settings.api_keys or settings.admin_api_keys else "public"
     if request.if_none_match.contains(record.sha256):  # answered without touching the store
@@ -145,6 +166,21 @@ def get_image(filename: str) -> ResponseReturnValue:
     )
     response.headers["Cache-Control"] = f"{scope}, max-age={ONE_YEAR}, immutable"
     return response
+
+
+def _converted(storage: Any, record: ImageRecord, output_format: str) -> ResponseReturnValue:
+    """The stored PNG converted to ``output_format`` (made on request, not stored)."""
+    from .gpt_image import convert_image, media_type
+
+    data = storage.image_bytes(record)
+    if data is None:
+        raise ResourceNotFound("no such image")
+    response = current_app.response_class(
+        convert_image(data, output_format, 90), mimetype=media_type(output_format)
+    )
+    response.set_etag(f"{record.sha256}-{output_format}")
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response.make_conditional(request)
 
 
 @bp.delete("/images/<path:filename>")

@@ -16,19 +16,31 @@ from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 from werkzeug.exceptions import HTTPException
 
+from ..editing import DEFAULT_STRENGTH
 from ..errors import InvalidRequest, ResourceNotFound, ServiceError
 from ..image_service import get_image_service
 from ..kinds import TranscribeWork
 from ..schemas import MIN_SIDE, safe_text, whole
 from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
 from ..storage import get_storage
+from .gpt_image import (
+    BACKGROUNDS,
+    GPT_IMAGE_MODELS,
+    MODERATIONS,
+    OUTPUT_FORMATS,
+    QUALITIES,
+    convert_image,
+    gpt_image_fields,
+    usage,
+)
 from .identity import client_owner
 from .jobs import submit, wait_for
 from .openapi import Upload, endpoint
-from .speech import language_type, submit_with_upload
+from .speech import _without_none, language_type, submit_with_upload
 from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
 
 __all__ = [
@@ -49,11 +61,14 @@ audio_bp = Blueprint("openai_audio", __name__)
 images_bp = Blueprint("openai_images", __name__)
 
 WHISPER_ALIASES = ("whisper-1",)  # OpenAI's name for the default Whisper model
-IMAGE_ALIASES = ("dall-e-2", "dall-e-3")  # generate with the automatic model choice
+# Generate with the automatic model choice: the retired DALL·E names and today's gpt-image-*.
+IMAGE_ALIASES = ("dall-e-2", "dall-e-3", *GPT_IMAGE_MODELS)
 GRANULARITIES = ("word", "segment")
 IMAGE_FORMATS = ("url", "b64_json")
 # OpenAI fields with no meaning here: accepted and ignored, so stock clients work unchanged.
-IGNORED_IMAGE_FIELDS = ("quality", "style")
+IGNORED_IMAGE_FIELDS = ("style",)
+VARIATION_PROMPT = "a variation of this picture"
+VARIATION_STRENGTH = 0.6
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SEGMENT_FIELDS = (
     "id",
@@ -144,6 +159,11 @@ class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     model: str = Field(description="The model that made them (after the automatic choice).")
+    output_format: str | None = None
+    quality: str | None = None
+    background: str | None = None
+    size: str | None = None
+    usage: dict[str, Any] | None = Field(None, description="Tokens in and out (estimated).")
 
 
 class ModelObject(BaseModel):
@@ -230,7 +250,11 @@ def _image_body(app: Any) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True),
         model=(
             Literal[models] | None,  # type: ignore[valid-type]
-            Field(None, description="dall-e-2 or dall-e-3 (the automatic choice), or a model."),
+            Field(
+                None,
+                description="gpt-image-* (or the retired dall-e-2/3): the automatic choice; "
+                "or a configured model.",
+            ),
         ),
         n=(
             whole(ge=1, le=settings.max_num_images) | None,
@@ -243,10 +267,36 @@ def _image_body(app: Any) -> type[BaseModel]:
         ),
         response_format=(Literal[IMAGE_FORMATS], Field("url")),  # type: ignore[valid-type]
         user=(safe_text(256) | None, Field(None, description="Accepted; the API key is who.")),
-        quality=(str | None, Field(None, description="Accepted and ignored.")),
         style=(str | None, Field(None, description="Accepted and ignored.")),
+        **gpt_image_body_fields(),
         **extras,
     )
+
+
+def gpt_image_body_fields() -> dict[str, Any]:
+    """The gpt-image fields of /v1/images requests (see api/gpt_image.py)."""
+    return {
+        "quality": (
+            Literal[QUALITIES] | None,  # type: ignore[valid-type]
+            Field(None, description="low, medium, high, auto: fewer or more denoising steps."),
+        ),
+        "background": (
+            Literal[BACKGROUNDS] | None,  # type: ignore[valid-type]
+            Field(None, description="opaque or auto; transparent is refused (400)."),
+        ),
+        "moderation": (
+            Literal[MODERATIONS] | None,  # type: ignore[valid-type]
+            Field(None, description="auto or low; accepted."),
+        ),
+        "output_format": (
+            Literal[OUTPUT_FORMATS] | None,  # type: ignore[valid-type]
+            Field(None, description="png (default), jpeg or webp."),
+        ),
+        "output_compression": (
+            whole(ge=0, le=100) | None,
+            Field(None, description="jpeg/webp quality kept, 0-100 (default 100)."),
+        ),
+    }
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -407,6 +457,12 @@ def create_image(body: Any) -> ResponseReturnValue:
     """Generate images (OpenAI's createImage), plus this service's extra fields."""
     fields, response_format = _image_fields(body.model_dump(exclude_none=True))
     service = get_image_service(current_app)
+    settings = current_app.config["S2I_SETTINGS"]
+    default_steps = (
+        settings.default_steps
+        or service.profile(service.chooser.choose(fields["prompt"], fields["model"]).model).steps
+    )
+    fields, output = gpt_image_fields(fields, default_steps, settings.max_steps)
     try:
         item = service.prepare(service.validate(fields))
     except InvalidRequest as exc:
@@ -417,19 +473,44 @@ def create_image(body: Any) -> ResponseReturnValue:
             error["field"] = _openai_param(error["field"])
         raise InvalidRequest(exc.description, details=details or None) from None
     result = wait_for(submit("generate", item))
-    data = [_image_item(image, response_format, result["prompt"]) for image in result["images"]]
-    return jsonify(created=int(time.time()), data=data, model=result["model"])
+    return images_answer(result, response_format, output)
 
 
-def _image_item(image: dict[str, Any], response_format: str, prompt: str) -> dict[str, Any]:
+def images_answer(
+    result: dict[str, Any], response_format: str, output: dict[str, Any]
+) -> ResponseReturnValue:
+    """The /v1/images answer of a generation or edit result, in the asked output format."""
+    data = [
+        _image_item(image, response_format, result["prompt"], output) for image in result["images"]
+    ]
+    parameters = result["parameters"]
+    return jsonify(
+        created=int(time.time()),
+        data=data,
+        model=result["model"],
+        output_format=output["output_format"],
+        quality=output["quality"],
+        background="opaque",
+        size=f"{parameters['width']}x{parameters['height']}",
+        usage=usage(result["prompt"], len(data), parameters["width"], parameters["height"]),
+    )
+
+
+def _image_item(
+    image: dict[str, Any], response_format: str, prompt: str, output: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    output_format = (output or {}).get("output_format", "png")
     if response_format == "url":
         url = url_for("images.get_image", filename=image["filename"], _external=True)
+        if output_format != "png":
+            url += f"?format={output_format}"
         return {"url": url, "revised_prompt": prompt}
     storage = get_storage(current_app)
     record = storage.get_image(client_owner(), image["filename"])
     data = storage.image_bytes(record) if record is not None else None
     if data is None:  # removed between generation and answer (a cleanup ran)
         raise ResourceNotFound("the generated image is gone")
+    data = convert_image(data, output_format, (output or {}).get("output_compression", 100))
     return {"b64_json": base64.b64encode(data).decode(), "revised_prompt": prompt}
 
 
@@ -473,3 +554,148 @@ def get_model(model_id: str) -> ResponseReturnValue:
 
 bp.register_blueprint(audio_bp)
 bp.register_blueprint(images_bp)
+
+
+# --- image edits and variations -------------------------------------------------------------
+def _edit_form(app: Any, *, variations: bool = False) -> type[BaseModel]:
+    settings = app.config["S2I_SETTINGS"]
+    models = ("auto", *IMAGE_ALIASES, *sorted(get_image_service(app).models))
+    widths = "|".join(str(w) for w in range(MIN_SIDE, settings.max_width + 1, 8))
+    heights = "|".join(str(h) for h in range(MIN_SIDE, settings.max_height + 1, 8))
+    fields: dict[str, Any] = {
+        "image": (Upload, Field(None, description="The image to edit (PNG, JPEG or WebP).")),
+        "images": (
+            Upload,
+            Field(None, alias="image[]", description="Same as `image` (the first is edited)."),
+        ),
+        "model": (
+            Literal[models],  # type: ignore[valid-type]
+            Field(None, description="gpt-image-* (the automatic choice) or a configured model."),
+        ),
+        "n": (
+            Annotated[int, Field(ge=1, le=settings.max_num_images)],
+            Field(None, description="Images to make."),
+        ),
+        "size": (
+            Annotated[str, Field(pattern=f"^(auto|({widths})x({heights}))$")],
+            Field(None, description="WIDTHxHEIGHT or auto (the image's own size)."),
+        ),
+        "response_format": (Literal[IMAGE_FORMATS], Field("url")),  # type: ignore[valid-type]
+        "user": (safe_text(256), Field(None, description="Accepted; the API key is who.")),
+    }
+    if not variations:
+        native = get_image_service(app).request_model.model_fields["prompt"]
+        prompt_type = Annotated[(native.annotation, *native.metadata)]  # type: ignore[misc]
+        fields["prompt"] = (prompt_type, Field(description="What the edited image shows."))
+        fields["mask"] = (
+            Upload,
+            Field(
+                None,
+                description="A PNG the size of the image: its transparent pixels are edited, "
+                "the others come back unchanged.",
+            ),
+        )
+        for name, (annotation, info) in gpt_image_body_fields().items():
+            fields[name] = (_without_none(annotation), info)
+
+    def needs_image(form: Any) -> Any:
+        if form.image is None and form.images is None:
+            raise PydanticCustomError("missing", "send the image as multipart field `image`")
+        return form
+
+    return create_model(
+        "OpenAIImageVariationForm" if variations else "OpenAIImageEditForm",
+        __config__=ConfigDict(
+            extra="forbid",
+            populate_by_name=True,
+            json_schema_extra={"anyOf": [{"required": ["image"]}, {"required": ["image[]"]}]},
+        ),
+        __validators__={"needs_image": model_validator(mode="after")(needs_image)},
+        **fields,
+    )
+
+
+def _mask_from_alpha(mask: Any) -> Any:
+    """OpenAI's mask (transparent = edit) as a native one (white = edit)."""
+    from PIL import ImageOps
+
+    from ..editing import InvalidImage
+
+    if "A" not in mask.getbands():
+        raise InvalidImage(
+            "`mask` must be a PNG with an alpha channel (transparent = edit)",
+            details={"field": "mask"},
+        )
+    return ImageOps.invert(mask.getchannel("A"))
+
+
+def _edit_answer(form: Any, prompt: str, mask: Any | None, strength: float) -> ResponseReturnValue:
+    from ..editing import decode_image
+    from .edit import submit_edit
+
+    settings = current_app.config["S2I_SETTINGS"]
+    upload = form.image or form.images
+    source = decode_image(upload.read(), max_pixels=settings.max_image_pixels, field="image")
+    fields: dict[str, Any] = {"prompt": prompt}
+    payload = form.model_dump(exclude_none=True, by_alias=False)
+    payload.pop("prompt", None)
+    native, response_format = _image_fields(
+        {k: v for k, v in payload.items() if k not in ("image", "images", "mask")}
+    )
+    native.pop("prompt", None)
+    fields |= native
+    service = get_image_service(current_app)
+    default_steps = (
+        settings.default_steps
+        or service.profile(service.chooser.choose(prompt, fields["model"]).model).steps
+    )
+    fields, output = gpt_image_fields(fields, default_steps, settings.max_steps)
+    job = submit_edit(fields, source, mask, strength=strength)
+    return images_answer(wait_for(job), response_format, output)
+
+
+@images_bp.post("/images/edits")
+@endpoint(
+    form=_edit_form,
+    responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
+    tags=("openai",),
+    idempotent=True,
+)
+def create_image_edit(form: Any) -> ResponseReturnValue:
+    """Edit an image with a prompt; a mask's transparent pixels say where (createImageEdit)."""
+    from ..editing import decode_image
+
+    mask = None
+    if form.mask is not None:
+        settings = current_app.config["S2I_SETTINGS"]
+        decoded = decode_image(form.mask.read(), max_pixels=settings.max_image_pixels, field="mask")
+        mask = _mask_from_alpha(decoded)
+    return _edit_answer(form, form.prompt, mask, 1.0 if mask is not None else DEFAULT_STRENGTH)
+
+
+@images_bp.post("/images/variations")
+@endpoint(
+    form=lambda app: _edit_form(app, variations=True),
+    responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
+    tags=("openai",),
+    idempotent=True,
+)
+def create_image_variation(form: Any) -> ResponseReturnValue:
+    """Variations of an image (createImageVariation): its own prompt if it carries one."""
+    import io
+    import json
+
+    from PIL import Image
+
+    upload = form.image or form.images
+    data = upload.read()
+    upload.stream.seek(0)
+    prompt = VARIATION_PROMPT
+    try:
+        info = Image.open(io.BytesIO(data)).info.get("parameters")
+        found = json.loads(info).get("prompt") if info else None
+        if isinstance(found, str) and found.strip():
+            prompt = found.strip()
+    except Exception:  # not our PNG, or no parameters: the neutral prompt; decoded below
+        pass
+    return _edit_answer(form, prompt, None, VARIATION_STRENGTH)

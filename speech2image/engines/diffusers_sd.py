@@ -788,18 +788,22 @@ def generate(
     spec: GenerationSpec,
     *,
     on_step: Callable[[int, int], None] | None = None,
+    variant: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Run one isolated pipeline call; returns PIL images in the order of ``spec.prompts``.
 
     ``on_step(done, total)`` is called after each denoising step; raising
     :class:`GenerationCancelled` from it stops the call before the next step. ``spec.loras``
-    are active for this call only.
+    are active for this call only. ``variant``: a pipeline sharing ``pipe``'s modules that
+    runs the call instead (img2img, inpainting: see ``engines/editing.py``), with ``extra``
+    call arguments (a None value removes that argument).
     """
     import_diffusers()
     import torch
 
     family = spec.family or _pipeline_family(pipe) or "sd1"
-    request_pipe = _request_pipeline(pipe, _scheduler_for(pipe, spec))
+    request_pipe = _request_pipeline(variant or pipe, _scheduler_for(pipe, spec))
     # CPU generators: the same seed gives the same image whatever the device or batch.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in spec.seeds]
     guided = spec.guidance_scale > 1.0
@@ -819,6 +823,11 @@ def generate(
     }
     if family in ("flux", "sd3"):
         call["max_sequence_length"] = spec.max_sequence_length or FAMILIES[family].t5_tokens
+    for key, value in (extra or {}).items():
+        if value is None:
+            call.pop(key, None)
+        else:
+            call[key] = value
     try:
         with _gate(pipe).use(pipe, spec.loras), torch.inference_mode():
             with _tokenizer_lock(pipe):

@@ -74,6 +74,8 @@ class Family:
     few_step_guidance: float = 1.0
     few_step_scheduler: str = "euler"
     single_file: str = "all-in-one"  # "all-in-one", or "denoiser": the rest come from `config`
+    #: The edits its text-to-image pipeline can be turned into (diffusers ``from_pipe``).
+    edits: tuple[str, ...] = ("img2img", "inpaint")
 
     def weight_bytes(self, bytes_per_param: int = 2) -> int:
         """Bytes of the reference checkpoint's weights at ``bytes_per_param``."""

@@ -65,6 +65,8 @@ class JobKind(abc.ABC):
     name: ClassVar[str]
     #: True when the job needs an uploaded file (``Job.input``) that travels with it.
     takes_input: ClassVar[bool] = False
+    #: True when that input is audio (checked as such before a distributed job is accepted).
+    input_is_audio: ClassVar[bool] = True
 
     def schedule(self, work: Any) -> Schedule:
         """Model, batch key, image count and steps of a job with this ``work``."""

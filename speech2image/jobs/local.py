@@ -279,7 +279,8 @@ class LocalJobRunner:
         try:
             path = None
             location = record.input or (record.work or {}).get("path")  # rows of 0.1 named it
-            if self.kinds[record.kind].takes_input:
+            # Any kind whose row names an input gets it back (audio or an image to edit).
+            if self.kinds[record.kind].takes_input or record.input:
                 found = self.inputs.fetch(record.id, location) if self.inputs and location else None
                 if found is None:
                     raise InputGone("its uploaded audio is gone")

@@ -10,11 +10,13 @@ from __future__ import annotations
 from ..image_service import ImageService
 from ..jobs.kinds import JobKind, JobKinds
 from ..speech_service import SpeechService
+from .edit import EditKind
 from .generate import GenerateKind
 from .speech_to_image import SpeechToImageKind, SpeechToImageWork
 from .transcribe import TranscribeKind, TranscribeWork
 
 __all__ = [
+    "EditKind",
     "GenerateKind",
     "SpeechToImageKind",
     "SpeechToImageWork",
@@ -34,6 +36,7 @@ def service_kinds(
             TranscribeKind(speech),
             GenerateKind(images),
             SpeechToImageKind(speech, images),
+            EditKind(images),
             *(extra or []),
         ]
     )

@@ -1,6 +1,8 @@
 // The speak-to-image page: record, upload or type; follow the job; show the images and history.
 // Plain ES module, no dependencies, no build step. Talks only to this server's API.
 
+import { initConversation } from "./conversation.js";
+
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "speech2image.apiKey";
 const PER_PAGE = 8;
@@ -626,6 +628,7 @@ $("prompt-form").addEventListener("submit", (event) => {
 // --- start ------------------------------------------------------------------------------------
 
 showKeyForm(false);
+initConversation(api);
 await loadConfig();
 await loadGallery(1);
 document.documentElement.dataset.ready = "true";

@@ -42,6 +42,7 @@ from ..errors import StorageReadOnly
 from ..imagestore import ImageStore, LocalImageStore
 from . import migrate
 from .base import Base, aware, new_id, utcnow
+from .conversations import ConversationStore
 from .jobs import JobStore
 from .layout import history_location
 from .space import SpareFile, check_room, spare_path, storage_error
@@ -105,6 +106,8 @@ class ImageRecord(Base):
     transcript_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("transcripts.id", ondelete="SET NULL"), index=True
     )
+    # The image an edit started from (no foreign key: deleting a parent keeps its children).
+    parent_id: Mapped[str | None] = mapped_column(String(32), index=True, nullable=True)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready row (the API adds the URL): every column but the owner and the hash."""
@@ -133,6 +136,7 @@ class NewImage:
     height: int
     parameters: dict[str, Any]
     id: str = dataclasses.field(default_factory=new_id)
+    parent_id: str | None = None  # the image it was edited from
 
     def record(self, owner: str, created_at: dt.datetime, transcript_id: str | None) -> ImageRecord:
         """Its history row: every field but the PNG, which the row names, sizes and hashes."""
@@ -195,6 +199,7 @@ class Storage:
             self.spare.ensure(reserve_bytes)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.jobs = JobStore(self.engine, check_room=self.check_room)
+        self.conversations = ConversationStore(self.engine)
 
     def init_app(self, app: Any) -> None:
         """Store on a Flask app as ``app.extensions['storage']``; take S2I_DISK_RESERVE_BYTES."""
@@ -317,6 +322,22 @@ class Storage:
                     ImageRecord.filename == filename, ImageRecord.owner == owner
                 )
             )
+
+    def image_by_id(self, owner: str, image_id: str) -> ImageRecord | None:
+        """The caller's image with this id (its file name without ``.png``), else None."""
+        if not ID_PATTERN.fullmatch(image_id):
+            return None
+        return self.get_image(owner, f"{image_id}.png")
+
+    def child_images(self, owner: str, parent_id: str) -> list[ImageRecord]:
+        """The caller's images edited from ``parent_id``, oldest first."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(ImageRecord)
+                .where(ImageRecord.owner == owner, ImageRecord.parent_id == parent_id)
+                .order_by(ImageRecord.created_at, ImageRecord.id)
+            )
+            return list(rows)
 
     def transcripts(self, owner: str, ids: list[str]) -> dict[str, TranscriptRecord]:
         """The owner's transcripts among ``ids``, by id (for the history listing)."""

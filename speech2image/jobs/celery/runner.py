@@ -107,7 +107,7 @@ class CeleryJobRunner:
             record = self.recorder.by_idempotency_key(job.owner, job.idempotency_key)
             if record is not None:
                 return self._earlier(job, record)
-        if job.input is not None:
+        if job.input is not None and self.kinds[job.kind].input_is_audio:
             self.check_upload(job.input)  # hostile audio is refused here, before any worker
         self.check_store()  # images (and uploads) go there: refuse while it is down
         job.model = job.model or self.default_model
