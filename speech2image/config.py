@@ -226,6 +226,31 @@ class Settings(BaseSettings):
         False, description="Let faster-whisper fetch hub models not found locally."
     )
 
+    # --- live: long audio in batches, image previews --------------------------------------
+    whisper_batch_seconds: float = Field(
+        300.0,
+        ge=0,
+        le=86_400,
+        description="Audio longer than this goes through faster-whisper's batched pipeline "
+        "(VAD-cut segments decoded in batches); 0: never.",
+    )
+    whisper_batch_size: int = Field(8, ge=1, le=64, description="Segments per batched decode.")
+    preview_every_steps: int = Field(
+        1, ge=1, le=1000, description="A preview frame at most every N denoising steps."
+    )
+    preview_max_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Previews may take at most this fraction of a generation's time "
+        "(measured); 0: no previews.",
+    )
+    preview_tiny_vaes: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON: family -> AutoencoderTiny folder (e.g. taesd) for sharper previews; "
+        "without one a family's latent->RGB projection is used (no extra weights).",
+    )
+
     # --- model residency ----------------------------------------------------------------
     max_models_in_memory: int = Field(4, ge=1, le=64)
     cpu_memory_budget: ByteSize = Field(

@@ -29,7 +29,8 @@ from .identity import client_owner
 from .jobs import submit, wait_for
 from .openapi import Upload, endpoint
 from .speech import language_type, submit_with_upload
-from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
+from .streams import TRANSCRIPT_OR_STREAM, transcript_stream
+from .transcript_formats import RESPONSE_FORMATS, render_transcript
 
 __all__ = [
     "IMAGE_ALIASES",
@@ -204,6 +205,14 @@ def _audio_form(app: Any) -> type[BaseModel]:
                 description="word and/or segment (repeat the field); word adds `words`.",
             ),
         ),
+        stream=(
+            bool,
+            Field(
+                False,
+                description="Server-sent events: `transcript.text.delta` as segments are "
+                "decoded, then `transcript.text.done`.",
+            ),
+        ),
     )
 
 
@@ -320,6 +329,8 @@ def _audio(task: str, form: Any) -> ResponseReturnValue:
         form.language or None, task, "word" in granularities, form.prompt, form.temperature
     )
     job = submit_with_upload(form.file, "transcribe", TranscribeWork(options))
+    if form.stream:
+        return transcript_stream(job)
     return _render_transcript(wait_for(job), response_format, "word" in granularities)
 
 
@@ -349,7 +360,7 @@ def _render_transcript(body: dict[str, Any], response_format: str, words: bool) 
 _AUDIO_ENDPOINT = {
     "form": _audio_form,
     "responses": {
-        200: TRANSCRIPT_RESPONSE,
+        200: TRANSCRIPT_OR_STREAM,
         **_errors(*ERROR_STATUSES),
     },
     "tags": ("openai",),

@@ -56,12 +56,19 @@ def transcribe_input(
     path: Path | None = job.input
     assert path is not None, f"a {job.kind} job needs its upload"
     job.progress("transcribing", 0, 0)  # the stage is known before the audio is decoded
+    heard: list[str] = []
+
+    def show_text(text: str) -> None:  # the transcript so far, for streams (api/streams.py)
+        heard.append(text)
+        job.show(text="".join(heard).lstrip())
+
     return speech.transcribe_file(
         path,
         options,
         on_progress=lambda done, total: job.progress("transcribing", done, total),
         english=english,
         on_english_progress=lambda done, total: job.progress("translating", done, total),
+        on_text=show_text,
     )
 
 
