@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import urllib.request
 
 import openai
+from PIL import Image
 
 from .test_openai import sdk
 
@@ -63,3 +66,38 @@ def test_transcription_streams_in_openai_shapes_and_natively(
         assert exc.body["param"] == "model"
     else:
         raise AssertionError("an unknown model must be refused")
+
+
+def test_image_previews_in_job_events_and_openai_stream(shared_app, live_server) -> None:
+    base = live_server(shared_app)
+    native = shared_app.test_client()
+    job = native.post(
+        "/generate-image", json={"prompt": "a red fox", "steps": 4, "seed": 3, "async": True}
+    ).get_json()
+    with urllib.request.urlopen(base + job["events"] + "?previews=true", timeout=120) as response:
+        frames = [
+            e["partial"]["preview"] for e in _events(response.read().decode()) if "partial" in e
+        ]
+    # The last frame stays on the job: a stream that opens late still gets one.
+    assert frames and frames[-1]["method"] == "projection" and frames[-1]["step"] < 4
+    preview = Image.open(io.BytesIO(base64.b64decode(frames[-1]["b64_png"])))
+    assert preview.size == (64, 64) and preview.mode == "RGB"
+    # Without asking (and in GET /jobs/<id>) there are no frames.
+    with urllib.request.urlopen(base + job["events"], timeout=120) as response:
+        assert "b64_png" not in response.read().decode()
+    assert "preview" not in (native.get(job["url"]).get_json().get("partial") or {})
+    assert native.get(job["events"] + "?previews=maybe").status_code == 400
+
+    # OpenAI's streamed generation: partial images, then the completed image.
+    client = sdk(base)
+    events = list(
+        client.images.generate(
+            model="tiny-art", prompt="a red fox", size="64x64", stream=True, partial_images=2
+        )
+    )
+    partial = [e for e in events if e.type == "image_generation.partial_image"]
+    (completed,) = [e for e in events if e.type == "image_generation.completed"]
+    assert events[-1] is completed and 1 <= len(partial) <= 2
+    assert [e.partial_image_index for e in partial] == list(range(len(partial)))
+    final = Image.open(io.BytesIO(base64.b64decode(completed.b64_json)))
+    assert final.size == (64, 64) and completed.size == "64x64"

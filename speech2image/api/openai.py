@@ -27,9 +27,9 @@ from ..speech_service import MAX_PROMPT_CHARS, get_speech_service
 from ..storage import get_storage
 from .identity import client_owner
 from .jobs import submit, wait_for
-from .openapi import Upload, endpoint
+from .openapi import Content, Upload, endpoint
 from .speech import language_type, submit_with_upload
-from .streams import TRANSCRIPT_OR_STREAM, transcript_stream
+from .streams import SSE_STREAM, TRANSCRIPT_OR_STREAM, image_stream, transcript_stream
 from .transcript_formats import RESPONSE_FORMATS, render_transcript
 
 __all__ = [
@@ -55,6 +55,7 @@ GRANULARITIES = ("word", "segment")
 IMAGE_FORMATS = ("url", "b64_json")
 # OpenAI fields with no meaning here: accepted and ignored, so stock clients work unchanged.
 IGNORED_IMAGE_FIELDS = ("quality", "style")
+MAX_PARTIAL_IMAGES = 3  # as OpenAI
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SEGMENT_FIELDS = (
     "id",
@@ -254,6 +255,18 @@ def _image_body(app: Any) -> type[BaseModel]:
         user=(safe_text(256) | None, Field(None, description="Accepted; the API key is who.")),
         quality=(str | None, Field(None, description="Accepted and ignored.")),
         style=(str | None, Field(None, description="Accepted and ignored.")),
+        stream=(
+            bool | None,
+            Field(
+                None,
+                description="Server-sent events: `image_generation.partial_image` per preview "
+                "frame, then `image_generation.completed` per image (as b64_json).",
+            ),
+        ),
+        partial_images=(
+            whole(ge=0, le=MAX_PARTIAL_IMAGES) | None,
+            Field(None, description="Preview frames to stream (with `stream`); default 0."),
+        ),
         **extras,
     )
 
@@ -410,13 +423,22 @@ def _openai_param(field: str | None) -> str | None:
 @images_bp.post("/images/generations")
 @endpoint(
     body=_image_body,
-    responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
+    responses={
+        200: Content(
+            {"application/json": ImagesResponse, "text/event-stream": SSE_STREAM},
+            "The images; with `stream`, server-sent events (`image_generation.partial_image`, "
+            "then `image_generation.completed`)",
+        ),
+        **_errors(*ERROR_STATUSES),
+    },
     tags=("openai",),
     idempotent=True,
 )
 def create_image(body: Any) -> ResponseReturnValue:
     """Generate images (OpenAI's createImage), plus this service's extra fields."""
-    fields, response_format = _image_fields(body.model_dump(exclude_none=True))
+    payload = body.model_dump(exclude_none=True)
+    stream, partial_images = payload.pop("stream", False), payload.pop("partial_images", 0)
+    fields, response_format = _image_fields(payload)
     service = get_image_service(current_app)
     try:
         item = service.prepare(service.validate(fields))
@@ -427,9 +449,18 @@ def create_image(body: Any) -> ResponseReturnValue:
         for error in details.get("errors") or []:
             error["field"] = _openai_param(error["field"])
         raise InvalidRequest(exc.description, details=details or None) from None
-    result = wait_for(submit("generate", item))
+    job = submit("generate", item)
+    if stream:
+        size = f"{item.request.width}x{item.request.height}"
+        return image_stream(job, partial_images, size, _b64_images)
+    result = wait_for(job)
     data = [_image_item(image, response_format, result["prompt"]) for image in result["images"]]
     return jsonify(created=int(time.time()), data=data, model=result["model"])
+
+
+def _b64_images(result: dict[str, Any]) -> list[str]:
+    """The images of a generation result as base64 PNGs (for streamed answers)."""
+    return [_image_item(image, "b64_json", "")["b64_json"] for image in result["images"]]
 
 
 def _image_item(image: dict[str, Any], response_format: str, prompt: str) -> dict[str, Any]:
