@@ -372,6 +372,7 @@ class SpeechService:
         }
         if response_format == "verbose_json":
             body["duration_after_vad"] = transcript.duration_after_vad
+            body["batch_size"] = transcript.batch_size
             body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
             words = [w for s in transcript.segments for w in (s.words or [])]
             body["words"] = [dataclasses.asdict(w) for w in words] if words else None

@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import urllib.request
 
 import openai
+import pytest
 from PIL import Image
 
-from .test_openai import sdk
+from speech2image.app import create_app
+
+from .conftest import _test_settings
+from .test_openai import sdk, words
 
 
 def _events(raw: str) -> list[dict]:
@@ -19,45 +22,63 @@ def _events(raw: str) -> list[dict]:
     return [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
 
 
-def test_transcription_streams_in_openai_shapes_and_natively(
-    shared_app, live_server, speech
-) -> None:
-    base = live_server(shared_app)
-    client = sdk(base)
-    with open(speech["long"], "rb") as fh:
-        stream = client.audio.transcriptions.create(model="whisper-1", file=fh, stream=True)
-        events = list(stream)
-    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
-    (done,) = [e for e in events if e.type == "transcript.text.done"]
-    assert events[-1] is done and len(deltas) >= 2  # segment by segment, then the whole
-    assert "".join(deltas) == done.text and "lighthouse" in done.text.lower()
-    assert done.usage.output_tokens > 0 and done.usage.input_tokens > 0
+@pytest.fixture(scope="module")
+def batching_app(tmp_path_factory, model_cache, tiny_models):
+    """Audio longer than 10 s goes through faster-whisper's batched pipeline."""
+    root = tmp_path_factory.mktemp("live-app")
+    return create_app(_test_settings(root, model_cache, tiny_models, whisper_batch_seconds=10))
 
-    # The native endpoint: the same events; the done event also has the whole result.
-    boundary = "----s2i"
+
+def _multipart(boundary: str, fields: dict[str, str], audio: bytes) -> bytes:
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    ]
+    head = "".join(parts) + (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    )
+    return head.encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_transcription_streams_in_openai_shapes_and_natively(
+    batching_app, live_server, speech
+) -> None:
+    base = live_server(batching_app)
+    client = sdk(base)
     with open(speech["politeness"], "rb") as fh:
         audio = fh.read()
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
-            "Content-Type: audio/wav\r\n\r\n"
-        ).encode()
-        + audio
-        + f"\r\n--{boundary}--\r\n".encode()
+    stream = client.audio.transcriptions.create(
+        model="whisper-1", file=("p.wav", audio), stream=True
     )
+    events = list(stream)
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert events[-1].type == "transcript.text.done", events
+    done = events[-1]
+    assert deltas  # segment by segment, then the whole
+    assert "".join(deltas) == done.text and {"thank", "you"} <= words(done.text)
+    assert done.usage.output_tokens > 0 and done.usage.input_tokens > 0
+
+    # The native endpoint: the same events; the done event also has the whole result. The
+    # long recording (17 s) goes through the batched pipeline: same shape, word timestamps.
+    with open(speech["long"], "rb") as fh:
+        body = _multipart("s2i", {"stream": "true", "word_timestamps": "true"}, fh.read())
     request = urllib.request.Request(
         base + "/transcribe-audio",
         data=body,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        headers={"Content-Type": "multipart/form-data; boundary=s2i"},
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         native = _events(response.read().decode())
     assert native[-1]["type"] == "transcript.text.done"
     text = "".join(e["delta"] for e in native if e["type"] == "transcript.text.delta")
-    assert text == native[-1]["text"] == native[-1]["result"]["text"]
-    assert {"thank", "you"} <= set(re.findall(r"[a-z]+", text.lower()))
+    result = native[-1]["result"]
+    assert text == native[-1]["text"] == result["text"]
+    assert {"painter", "lighthouse", "harbour"} <= words(text)
+    assert result["batch_size"] == 8 and result["segments"][0]["start"] >= 0
+    assert {"painter", "beach"} <= {w["word"].strip(" .,").lower() for w in result["words"]}
+    assert all(w["start"] <= w["end"] <= result["duration"] for w in result["words"])
 
     # Bad input is refused before any stream starts, in OpenAI's error shape.
     try:

@@ -44,7 +44,7 @@ bp = Blueprint("speech", __name__)
 # Its own blueprint, so it carries the generation rate limit rather than transcription's.
 pipeline_bp = Blueprint("pipeline", __name__)
 
-VERBOSE_ONLY = ("segments", "words", "duration_after_vad")
+VERBOSE_ONLY = ("segments", "words", "duration_after_vad", "batch_size")
 
 
 def _language(value: Any) -> Any:

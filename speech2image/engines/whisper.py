@@ -84,6 +84,7 @@ class Transcript:
     duration_after_vad: float
     segments: list[TranscriptSegment]
     task: str
+    batch_size: int = 0  # segments decoded per batch (0: sequential)
 
 
 def _assemble_base(cache_dir: Path) -> Path:
@@ -381,4 +382,5 @@ def transcribe(
         duration_after_vad=round(info.duration_after_vad, 3),
         segments=segments,
         task=task,
+        batch_size=batch_size,
     )
