@@ -16,7 +16,7 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
+from .api import errors, identity, images, jobs, openai, openapi, realtime, speech, system, web
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .dependencies import Dependencies
@@ -214,6 +214,9 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     """The HTTP API: limits, identity, blueprints, error handlers, CORS, /metrics."""
     loader: ModelLoader = app.extensions["model_loader"]
     jobs.StreamSlots(settings.event_streams, settings.event_streams_per_key).init_app(app)
+    realtime.RealtimeSlots(settings.realtime_sessions, settings.realtime_sessions_per_key).init_app(
+        app
+    )
     request_stats = RequestStats()
     app.extensions["request_stats"] = request_stats
     metrics.watch(
@@ -272,6 +275,7 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(realtime.bp, url_prefix=openai.PREFIX)
     app.register_blueprint(web.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect

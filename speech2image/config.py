@@ -245,6 +245,21 @@ class Settings(BaseSettings):
         description="Previews may take at most this fraction of a generation's time "
         "(measured); 0: no previews.",
     )
+    realtime_sessions: int = Field(
+        8, ge=0, le=1024, description="Realtime WebSocket sessions open at once (0: none)."
+    )
+    realtime_sessions_per_key: int = Field(
+        2, ge=1, le=1024, description="Realtime sessions one client may hold at once."
+    )
+    realtime_max_seconds: float = Field(
+        300.0, gt=0, le=24 * 3600, description="Longest realtime session (wall clock)."
+    )
+    realtime_max_audio_seconds: float = Field(
+        240.0, gt=0, le=24 * 3600, description="Most audio one realtime session may send."
+    )
+    realtime_silence_ms: int = Field(
+        600, ge=100, le=10_000, description="Silence that ends an utterance (voice activity)."
+    )
     preview_tiny_vaes: dict[str, str] = Field(
         default_factory=dict,
         description="JSON: family -> AutoencoderTiny folder (e.g. taesd) for sharper previews; "
