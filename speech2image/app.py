@@ -16,7 +16,19 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
-from .api import errors, identity, images, jobs, openai, openapi, realtime, speech, system, web
+from .api import (
+    drafts,
+    errors,
+    identity,
+    images,
+    jobs,
+    openai,
+    openapi,
+    realtime,
+    speech,
+    system,
+    web,
+)
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .dependencies import Dependencies
@@ -252,6 +264,7 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     limiter.limit(settings.ratelimit_generate, **counted)(speech.pipeline_bp)
     limiter.limit(settings.ratelimit_transcribe, **counted)(openai.audio_bp)
     limiter.limit(settings.ratelimit_generate, **counted)(openai.images_bp)
+    limiter.limit(settings.ratelimit_generate, **counted)(drafts.bp)
     limiter.exempt(system.health)
     limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     limiter.exempt(metrics_api.metrics)
@@ -276,6 +289,7 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(realtime.bp, url_prefix=openai.PREFIX)
+    app.register_blueprint(drafts.bp)
     app.register_blueprint(web.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect

@@ -260,6 +260,12 @@ class Settings(BaseSettings):
     realtime_silence_ms: int = Field(
         600, ge=100, le=10_000, description="Silence that ends an utterance (voice activity)."
     )
+    drafts_max_active: int = Field(
+        2, ge=0, le=1024, description="Drafts queued or running at once, all clients (0: none)."
+    )
+    draft_steps: int = Field(4, ge=1, le=50, description="Denoising steps of a draft.")
+    draft_size: int = Field(256, ge=64, le=1024, multiple_of=8, description="Draft side, px.")
+    draft_seed: int = Field(1, ge=0, le=2**32 - 1, description="A draft's seed unless given.")
     preview_tiny_vaes: dict[str, str] = Field(
         default_factory=dict,
         description="JSON: family -> AutoencoderTiny folder (e.g. taesd) for sharper previews; "

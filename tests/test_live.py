@@ -11,6 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
+from speech2image.api.identity import LOCAL_OWNER
 from speech2image.app import create_app
 
 from .conftest import _test_settings
@@ -122,3 +123,35 @@ def test_image_previews_in_job_events_and_openai_stream(shared_app, live_server)
     assert [e.partial_image_index for e in partial] == list(range(len(partial)))
     final = Image.open(io.BytesIO(base64.b64decode(completed.b64_json)))
     assert final.size == (64, 64) and completed.size == "64x64"
+
+
+def test_drafts_run_last_and_supersede_each_other(make_app) -> None:
+    app = make_app(job_workers=1, draft_size=64, draft_steps=2)
+    client = app.test_client()
+    runner = app.extensions["jobs"]
+    busy = client.post(
+        "/generate-image", json={"prompt": "a lighthouse", "steps": 8, "async": True}
+    ).get_json()
+    first = client.post("/drafts", json={"prompt": "a red"}).get_json()
+    second = client.post("/drafts", json={"prompt": "a red fox"})
+    assert second.status_code == 202 and second.headers["Location"] == second.get_json()["url"]
+    second = second.get_json()
+    later = client.post(
+        "/generate-image", json={"prompt": "a boat", "steps": 2, "async": True}
+    ).get_json()
+    jobs = {
+        name: runner.get(LOCAL_OWNER, j["id"])
+        for name, j in (("busy", busy), ("first", first), ("second", second), ("later", later))
+    }
+    for job in jobs.values():
+        assert job.wait(120)
+    # The earlier draft was superseded; the full-quality job queued after the draft ran first.
+    assert jobs["first"].state.value == "cancelled"
+    assert jobs["second"].state.value == "succeeded" and jobs["later"].state.value == "succeeded"
+    assert jobs["later"].started_at < jobs["second"].started_at
+    result = client.get(second["url"]).get_json()["result"]
+    (image,) = result["images"]
+    assert image["seed"] == 1 and result["parameters"]["steps"] == 2
+    assert (image["width"], image["height"]) == (64, 64)
+    assert client.post("/drafts", json={"prompt": " "}).status_code == 400
+    assert client.post("/drafts", json={"prompt": "x", "steps": 30}).status_code == 400

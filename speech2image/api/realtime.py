@@ -475,4 +475,5 @@ def _socket() -> ResponseReturnValue:
     return realtime()  # type: ignore[call-arg]  # @endpoint passes the query
 
 
+_socket.__openapi__ = realtime.__openapi__  # type: ignore[attr-defined]  # the same operation
 bp.add_url_rule("/realtime", endpoint="realtime_socket", view_func=_socket, websocket=True)

@@ -75,6 +75,7 @@ class Job:
     batch_key: Hashable | None = None
     images: int = 1  # how much of a batch it takes
     steps: int = 1  # expected denoising steps (for estimates)
+    priority: int = 0  # started before lower ones (drafts: -1)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     created_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
     input: Path | None = None

@@ -1,4 +1,4 @@
-"""The service's job kinds: transcribe, generate, speech-to-image.
+"""The service's job kinds: transcribe, generate, speech-to-image, draft.
 
 Each kind is one object (see :class:`~speech2image.jobs.kinds.JobKind`): how a job is made
 from a validated request, its work as JSON, its queue, and how a batch of it runs.
@@ -10,11 +10,13 @@ from __future__ import annotations
 from ..image_service import ImageService
 from ..jobs.kinds import JobKind, JobKinds
 from ..speech_service import SpeechService
+from .draft import DraftKind
 from .generate import GenerateKind
 from .speech_to_image import SpeechToImageKind, SpeechToImageWork
 from .transcribe import TranscribeKind, TranscribeWork
 
 __all__ = [
+    "DraftKind",
     "GenerateKind",
     "SpeechToImageKind",
     "SpeechToImageWork",
@@ -34,6 +36,7 @@ def service_kinds(
             TranscribeKind(speech),
             GenerateKind(images),
             SpeechToImageKind(speech, images),
+            DraftKind(images),
             *(extra or []),
         ]
     )
