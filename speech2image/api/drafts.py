@@ -63,7 +63,7 @@ def create_draft(body: DraftRequest) -> ResponseReturnValue:
     fields: dict[str, Any] = {
         "prompt": body.prompt,
         "model": body.model or "auto",
-        "steps": settings.draft_steps,
+        "steps": min(settings.draft_steps, settings.max_steps),
         "width": size,
         "height": size,
         "seed": settings.draft_seed if body.seed is None else body.seed,

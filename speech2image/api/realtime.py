@@ -46,6 +46,7 @@ from ..kinds import TranscribeWork
 from ..speech_service import get_speech_service
 from .identity import rate_limit_key
 from .jobs import StreamSlots, submit
+from .openai import OpenAIErrorBody
 from .openapi import Content, endpoint
 
 __all__ = ["EnergyVad", "RealtimeSlots", "bp"]
@@ -431,8 +432,8 @@ class Session:
     query=RealtimeQuery,
     responses={
         101: Content({}, "Switching to the WebSocket protocol: a transcription session"),
+        **{status: OpenAIErrorBody for status in (400, 401, 426, 429, 500, 503)},
     },
-    errors=(426, 429, 503),
     tags=("openai",),
 )
 def realtime(query: RealtimeQuery) -> ResponseReturnValue:
