@@ -150,8 +150,10 @@ def test_drafts_run_last_and_supersede_each_other(make_app) -> None:
     assert jobs["second"].state.value == "succeeded" and jobs["later"].state.value == "succeeded"
     assert jobs["later"].started_at < jobs["second"].started_at
     result = client.get(second["url"]).get_json()["result"]
-    (image,) = result["images"]
-    assert image["seed"] == 1 and result["parameters"]["steps"] == 2
-    assert (image["width"], image["height"]) == (64, 64)
+    assert result["seed"] == 1 and result["steps"] == 2 and result["prompt"] == "a red fox"
+    draft = Image.open(io.BytesIO(base64.b64decode(result["b64_png"])))
+    assert draft.size == (64, 64)
+    # Drafts are not kept: only the two full-quality images are in the history.
+    assert client.get("/images").get_json()["total"] == 2
     assert client.post("/drafts", json={"prompt": " "}).status_code == 400
     assert client.post("/drafts", json={"prompt": "x", "steps": 30}).status_code == 400

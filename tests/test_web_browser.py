@@ -347,9 +347,12 @@ def test_live_words_and_draft_while_speaking(server, page, spoken_wav, artifacts
     sync_api.expect(page.locator("#stop")).to_be_enabled()  # still recording
     draft = page.locator("#draft-image")
     sync_api.expect(draft).to_have_attribute("data-state", "draft", timeout=60_000)
-    sync_api.expect(draft).to_have_attribute("src", BLOB)
+    sync_api.expect(draft).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
     assert "cliff" in page.locator("#draft-caption").inner_text().lower()
     page.screenshot(path=artifacts / "3-live-draft.png", full_page=True)
+    before = _gallery_size(page)
     page.click("#stop")
     sync_api.expect(page.locator("#stage")).to_have_text("Done", timeout=60_000)
     sync_api.expect(page.locator("#images img")).to_have_attribute("src", BLOB)
+    # Drafts are not kept: the history gains the final image only.
+    sync_api.expect(page.locator("#gallery figure")).to_have_count(before + 1)

@@ -4,21 +4,22 @@ Each draft is a ``draft`` job (kinds/draft.py): few steps (``S2I_DRAFT_STEPS``),
 (``S2I_DRAFT_SIZE``, within the configured limits), a fixed seed so successive drafts differ
 only by the words, the lowest priority. A new draft supersedes the caller's earlier ones: those
 still queued or running are cancelled. At most ``S2I_DRAFTS_MAX_ACTIVE`` drafts are queued or
-running at once across all clients; past it, 503 (the page simply skips that draft).
+running at once across all clients; past it, 429 `drafts_busy` (the page skips that draft).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from flask import Blueprint, current_app, jsonify, url_for
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field
+from werkzeug.exceptions import TooManyRequests
 
-from ..errors import ServiceBusy
+from ..errors import ServiceError
 from ..image_service import get_image_service
 from ..jobs import JobState, get_job_runner
-from ..schemas import safe_text
+from ..schemas import safe_text, whole
 from .identity import client_owner
 from .jobs import submit
 from .openapi import endpoint
@@ -29,9 +30,15 @@ __all__ = ["bp"]
 bp = Blueprint("drafts", __name__)
 
 
+class DraftsBusy(ServiceError, TooManyRequests):
+    """As many drafts as allowed are queued or running (all clients): skip this one."""
+
+    error = "drafts_busy"
+
+
 DraftPrompt = safe_text(1000, required=True)
 ModelName = safe_text(200)
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Seed = whole(ge=0, le=2**32 - 1)
 
 
 class DraftRequest(BaseModel):
@@ -52,7 +59,7 @@ class DraftRequest(BaseModel):
 @endpoint(
     body=DraftRequest,
     responses={202: JobAccepted},
-    errors=(409, 422, 503),
+    errors=(409, 422, 429, 503),
     tags=("images",),
 )
 def create_draft(body: DraftRequest) -> ResponseReturnValue:
@@ -78,7 +85,7 @@ def create_draft(body: DraftRequest) -> ResponseReturnValue:
             runner.cancel(owner, job.id)
     active = runner.stats().by_kind.get("draft", {})
     if sum(active.values()) >= settings.drafts_max_active:
-        raise ServiceBusy(
+        raise DraftsBusy(
             f"{settings.drafts_max_active} drafts are being drawn already; skip this one",
             retry_after=1,
         )

@@ -145,15 +145,12 @@ async function maybeDraft() {
   }
 }
 
-async function showDraft(snapshot) {
+function showDraft(snapshot) {
   const figure = $("draft");
   const img = $("draft-image");
   const preview = snapshot.partial?.preview;
   if (snapshot.state === "succeeded") {
-    const response = await fetch(snapshot.result.images[0].url, { headers: live.headers() });
-    if (!response.ok) return;
-    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
-    img.src = URL.createObjectURL(await response.blob());
+    img.src = `data:image/png;base64,${snapshot.result.b64_png}`;
     img.dataset.state = "draft";
     $("draft-caption").textContent = `Draft: “${snapshot.result.prompt}”`;
     figure.hidden = false;
