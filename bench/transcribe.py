@@ -32,6 +32,14 @@ against the service's decoding (same run, interleaved, medians). It prints the r
 factor (processing seconds / audio seconds) of each and the ratio default / service: above 1
 means the service's options stop the hallucination loops sooner.
 
+Part C - long audio (``--long``, or ``--only-long`` to run it alone). A 5-minute and a
+20-minute recording (espeak-ng reading generated English sentences; the text read is the
+reference), side by side in one run: the whole service over HTTP with the batched pipeline
+(``S2I_WHISPER_BATCH_SECONDS`` below both lengths, ``--batch-size``) against faster-whisper
+called directly and sequentially with the service's options. It prints both times, the ratio
+batched / sequential (goal <= 0.5 on 2 CPU cores) and the word error rate of each against the
+reference (goal: batched no worse by more than 1 point).
+
 Timings on a small shared machine drift between runs; compare the ratios, not the seconds.
 """
 
@@ -309,11 +317,169 @@ def part_b(repeats: int, clip: Clip, cache_dir: Path) -> None:
     )
 
 
+LONG_WORDS = {
+    "adjective": [
+        "small",
+        "old",
+        "green",
+        "quiet",
+        "busy",
+        "bright",
+        "heavy",
+        "narrow",
+        "famous",
+        "gentle",
+    ],
+    "noun": [
+        "farmer",
+        "river",
+        "market",
+        "teacher",
+        "bridge",
+        "garden",
+        "window",
+        "village",
+        "doctor",
+        "station",
+    ],
+    "verb": [
+        "visited",
+        "painted",
+        "repaired",
+        "watched",
+        "cleaned",
+        "opened",
+        "followed",
+        "found",
+        "built",
+        "sold",
+    ],
+    "place": [
+        "morning",
+        "evening",
+        "winter",
+        "summer",
+        "harbour",
+        "valley",
+        "forest",
+        "kitchen",
+        "library",
+        "square",
+    ],
+}
+
+
+def long_text(minutes: float, words_per_minute: int, seed: int) -> str:
+    """Plain English sentences, about ``minutes`` of speech at ``words_per_minute``."""
+    import random
+
+    pick = random.Random(seed).choice
+    words: list[str] = []
+    sentences = []
+    while len(words) < minutes * words_per_minute:
+        sentence = (
+            f"The {pick(LONG_WORDS['adjective'])} {pick(LONG_WORDS['noun'])} "
+            f"{pick(LONG_WORDS['verb'])} the {pick(LONG_WORDS['noun'])} in the "
+            f"{pick(LONG_WORDS['place'])}."
+        )
+        sentences.append(sentence)
+        words += sentence.split()
+    return " ".join(sentences)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / reference words (lower case, no punctuation)."""
+    import re
+
+    ref = re.findall(r"[a-z']+", reference.lower())
+    hyp = re.findall(r"[a-z']+", hypothesis.lower())
+    previous = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        current = [i] + [0] * len(hyp)
+        for j, other in enumerate(hyp, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other))
+        previous = current
+    return previous[-1] / max(len(ref), 1)
+
+
+def part_c(model_name: str, batch_size: int, threads: int, tmp: Path) -> None:
+    """Long audio: the batched service against sequential direct faster-whisper."""
+    import faster_whisper
+
+    from speech2image.app import create_app
+    from speech2image.config import load_settings
+    from speech2image.engines.whisper import resolve_whisper_model
+
+    settings = load_settings(
+        log_dir=tmp / "logs",
+        upload_dir=tmp / "uploads",
+        ratelimit_enabled=False,
+        whisper_model=model_name,
+        whisper_device="cpu",
+        whisper_compute_type="int8",
+        whisper_cpu_threads=threads,
+        whisper_batch_seconds=60,
+        whisper_batch_size=batch_size,
+        max_audio_seconds=3600,
+        max_upload_bytes=256 * 1024 * 1024,
+    )
+    folder = resolve_whisper_model(model_name, Path(settings.model_cache_dir))
+    model = faster_whisper.WhisperModel(
+        str(folder), device="cpu", compute_type="int8", cpu_threads=threads
+    )
+    clips = []
+    for minutes, seed in ((5, 1), (20, 2)):
+        text = long_text(minutes, 175, seed)
+        path = tmp / f"long-{minutes}.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", "en", "-s", "175", "-w", str(path), text],
+            check=True,
+            capture_output=True,
+        )
+        samples = faster_whisper.decode_audio(str(path))
+        clips.append((Clip(f"{minutes} min", path, len(samples) / 16_000), text))
+
+    app = create_app(settings)
+    server = Server(app)
+    try:
+        with quiet_service_logs():
+            print(
+                f"Part C - long audio, model {model_name!r}, batch size {batch_size}, cpu "
+                f"threads {threads or 'auto'}, beam {settings.whisper_beam_size}"
+            )
+            header = (
+                f"{'clip':<8} {'audio s':>8} {'sequential s':>13} {'batched s':>10} "
+                f"{'batched/seq':>12} {'WER seq':>8} {'WER batched':>12}"
+            )
+            print(header)
+            print("-" * len(header))
+            for clip, reference in clips:
+                start = time.perf_counter()
+                samples = faster_whisper.decode_audio(str(clip.path))
+                _, sequential_text = service_transcribe(model, samples, settings)
+                sequential = time.perf_counter() - start
+                batched, body = upload(server, clip)
+                ratio = batched / sequential
+                print(
+                    f"{clip.name:<8} {clip.seconds:8.1f} {sequential:13.1f} {batched:10.1f} "
+                    f"{ratio:12.3f} {word_error_rate(reference, sequential_text):8.3f} "
+                    f"{word_error_rate(reference, body['text']):12.3f}",
+                    flush=True,
+                )
+            print("goal: batched/seq <= 0.5; WER batched <= WER seq + 0.01")
+    finally:
+        server.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, synthesise the clips, run both parts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="base", help="service model for part A (base, tiny.en)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and clip")
+    parser.add_argument("--long", action="store_true", help="also part C (5 and 20 minutes)")
+    parser.add_argument("--only-long", action="store_true", help="part C alone")
+    parser.add_argument("--batch-size", type=int, default=8, help="part C: batched decode size")
+    parser.add_argument("--threads", type=int, default=0, help="part C: CPU threads (0: auto)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -324,10 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="s2i-bench-") as name:
         tmp = Path(name)
-        clips = synthesise(tmp)
-        part_a(args.model, args.repeats, clips, tmp)
-        unintelligible = next(c for c in clips if c.name == UNINTELLIGIBLE)
-        part_b(args.repeats, unintelligible, Path(load_settings().model_cache_dir))
+        if not args.only_long:
+            clips = synthesise(tmp)
+            part_a(args.model, args.repeats, clips, tmp)
+            unintelligible = next(c for c in clips if c.name == UNINTELLIGIBLE)
+            part_b(args.repeats, unintelligible, Path(load_settings().model_cache_dir))
+        if args.long or args.only_long:
+            part_c(args.model, args.batch_size, args.threads, tmp)
     print(f"\nwall time: {time.perf_counter() - started:.1f} s")
     return 0
 

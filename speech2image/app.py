@@ -17,8 +17,20 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 
 from .api import conversations as conversations_api
+from .api import (
+    drafts,
+    errors,
+    identity,
+    images,
+    jobs,
+    openai,
+    openapi,
+    realtime,
+    speech,
+    system,
+    web,
+)
 from .api import edit as edit_api
-from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
 from .dependencies import Dependencies
@@ -216,6 +228,9 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     """The HTTP API: limits, identity, blueprints, error handlers, CORS, /metrics."""
     loader: ModelLoader = app.extensions["model_loader"]
     jobs.StreamSlots(settings.event_streams, settings.event_streams_per_key).init_app(app)
+    realtime.RealtimeSlots(settings.realtime_sessions, settings.realtime_sessions_per_key).init_app(
+        app
+    )
     request_stats = RequestStats()
     app.extensions["request_stats"] = request_stats
     metrics.watch(
@@ -253,6 +268,7 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     limiter.limit(settings.ratelimit_generate, **counted)(openai.images_bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(edit_api.bp)
     limiter.limit(settings.ratelimit_generate, methods=["POST"], **counted)(conversations_api.bp)
+    limiter.limit(settings.ratelimit_generate, **counted)(drafts.bp)
     limiter.exempt(system.health)
     limiter.exempt(web.bp)  # loading the page spends none of the API's budget
     limiter.exempt(metrics_api.metrics)
@@ -276,6 +292,8 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(realtime.bp, url_prefix=openai.PREFIX)
+    app.register_blueprint(drafts.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(edit_api.bp)
     app.register_blueprint(conversations_api.bp)

@@ -229,6 +229,52 @@ class Settings(BaseSettings):
         False, description="Let faster-whisper fetch hub models not found locally."
     )
 
+    # --- live: long audio in batches, image previews --------------------------------------
+    whisper_batch_seconds: float = Field(
+        300.0,
+        ge=0,
+        le=86_400,
+        description="Audio longer than this goes through faster-whisper's batched pipeline "
+        "(VAD-cut segments decoded in batches); 0: never.",
+    )
+    whisper_batch_size: int = Field(8, ge=1, le=64, description="Segments per batched decode.")
+    preview_every_steps: int = Field(
+        1, ge=1, le=1000, description="A preview frame at most every N denoising steps."
+    )
+    preview_max_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Previews may take at most this fraction of a generation's time "
+        "(measured); 0: no previews.",
+    )
+    realtime_sessions: int = Field(
+        8, ge=0, le=1024, description="Realtime WebSocket sessions open at once (0: none)."
+    )
+    realtime_sessions_per_key: int = Field(
+        2, ge=1, le=1024, description="Realtime sessions one client may hold at once."
+    )
+    realtime_max_seconds: float = Field(
+        300.0, gt=0, le=24 * 3600, description="Longest realtime session (wall clock)."
+    )
+    realtime_max_audio_seconds: float = Field(
+        240.0, gt=0, le=24 * 3600, description="Most audio one realtime session may send."
+    )
+    realtime_silence_ms: int = Field(
+        600, ge=100, le=10_000, description="Silence that ends an utterance (voice activity)."
+    )
+    drafts_max_active: int = Field(
+        2, ge=0, le=1024, description="Drafts queued or running at once, all clients (0: none)."
+    )
+    draft_steps: int = Field(4, ge=1, le=50, description="Denoising steps of a draft.")
+    draft_size: int = Field(256, ge=64, le=1024, multiple_of=8, description="Draft side, px.")
+    draft_seed: int = Field(1, ge=0, le=2**32 - 1, description="A draft's seed unless given.")
+    preview_tiny_vaes: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON: family -> AutoencoderTiny folder (e.g. taesd) for sharper previews; "
+        "without one a family's latent->RGB projection is used (no extra weights).",
+    )
+
     # --- model residency ----------------------------------------------------------------
     max_models_in_memory: int = Field(4, ge=1, le=64)
     cpu_memory_budget: ByteSize = Field(

@@ -268,6 +268,7 @@ class SpeechService:
         *,
         english: bool = False,
         on_english_progress: Callable[[int, int], None] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> TranscriptionResult:
         """Decode ``path`` safely, then transcribe it with the leased Whisper model.
 
@@ -298,6 +299,8 @@ class SpeechService:
                     initial_prompt=options.prompt,
                     temperature=options.temperature,
                     on_segment=_follow(on_progress, audio.duration),
+                    on_text=on_text,
+                    batch_size=self._batch_size(audio.duration),
                 )
                 inference_done = time.perf_counter()
                 translation = None
@@ -317,6 +320,7 @@ class SpeechService:
                         beam_size=self.settings.whisper_beam_size,
                         vad=self.settings.whisper_vad,
                         on_segment=_follow(on_english_progress, audio.duration),
+                        batch_size=self._batch_size(audio.duration),
                     )
             done = time.perf_counter()
             self.loader.observer.transcribed(
@@ -348,6 +352,11 @@ class SpeechService:
             with self._lock:
                 self._active -= 1
 
+    def _batch_size(self, duration: float) -> int:
+        """Batch size for audio of ``duration`` seconds: 0 (sequential) up to the threshold."""
+        threshold = self.settings.whisper_batch_seconds
+        return self.settings.whisper_batch_size if 0 < threshold < duration else 0
+
     def result_json(self, result: TranscriptionResult, response_format: str = "json") -> dict:
         """The JSON answer of a transcription (``json`` or ``verbose_json``)."""
         transcript = result.transcript
@@ -363,6 +372,7 @@ class SpeechService:
         }
         if response_format == "verbose_json":
             body["duration_after_vad"] = transcript.duration_after_vad
+            body["batch_size"] = transcript.batch_size
             body["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
             words = [w for s in transcript.segments for w in (s.words or [])]
             body["words"] = [dataclasses.asdict(w) for w in words] if words else None

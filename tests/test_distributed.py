@@ -6,7 +6,9 @@ PostgreSQL; skipped with the reason when either does not answer.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -580,3 +582,25 @@ def test_every_distributed_job_is_a_row_that_answers_after_redis_forgets_it(
     status, _, body = http("GET", f"{second}/jobs/{job['id']}")
     assert status == 200, body
     assert body["state"] == "succeeded" and body["result"] == done["result"]
+
+
+def test_realtime_session_on_an_api_process_transcribes_on_a_worker(
+    cluster: Cluster, speech: dict[str, Path]
+) -> None:
+    """The API process (no model library) cuts utterances; a worker's Whisper transcribes."""
+    import simple_websocket
+
+    from .test_realtime import pcm24k, receive
+
+    url = cluster.apis[1].url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+    ws = simple_websocket.Client.connect(url, subprotocols=["realtime"])
+    try:
+        assert json.loads(ws.receive(timeout=30))["type"] == "transcription_session.created"
+        audio = pcm24k(speech["english"])
+        for start in range(0, len(audio), 9600):
+            chunk = base64.b64encode(audio[start : start + 9600]).decode()
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+        completed = receive(ws, "conversation.item.input_audio_transcription.completed")[-1]
+        assert {"fox", "forest"} <= set(re.findall(r"[a-z]+", completed["transcript"].lower()))
+    finally:
+        ws.close()

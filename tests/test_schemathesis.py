@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 # Beyond schemathesis' defaults, two answers the spec documents but cannot rule out by schema:
 # - a schema-valid upload need not be audio (or an image): 415/422 answer such bytes;
 # - DELETE /jobs/<id> cancels a job and keeps it readable in state `cancelled` (documented),
-#   so the job is not expected to be gone afterwards ("use after free" does not apply there).
+#   so the job is not expected to be gone afterwards ("use after free" does not apply there);
+# - GET /v1/realtime is a WebSocket handshake: plain HTTP gets the documented 426.
 CONFIG = """
 [[operations]]
 include-path-regex = "^/(transcribe-audio|speech-to-image|v1/audio/.*)$"
@@ -30,6 +31,12 @@ checks.positive_data_acceptance.expected-statuses = [
 [[operations]]
 include-path-regex = "^/jobs/"
 checks.use_after_free.enabled = false
+
+[[operations]]
+include-path-regex = "^/v1/realtime$"
+checks.positive_data_acceptance.expected-statuses = [
+  "2XX", "3XX", 401, 403, 404, 409, 426, 429, "5XX",
+]
 """
 
 

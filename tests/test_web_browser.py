@@ -84,7 +84,8 @@ def spoken_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory, model_cache, tiny_models) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """The real app (tiny image models, Whisper base) on a loopback port."""
     root = tmp_path_factory.mktemp("browser-app")
-    yield from _serve(create_app(_test_settings(root, model_cache, tiny_models)))
+    # Drafts as small as the images (the default 256 px takes seconds a step on tiny models).
+    yield from _serve(create_app(_test_settings(root, model_cache, tiny_models, draft_size=64)))
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +335,24 @@ def test_history_is_paged(server, page) -> None:
     sync_api.expect(page.locator("#newer")).to_be_enabled()
     page.click("#newer")
     sync_api.expect(page.locator("#page-info")).to_contain_text("Page 1 of")
+
+
+def test_live_words_and_draft_while_speaking(server, page, spoken_wav, artifacts) -> None:
+    """The transcript appears while speaking (realtime WebSocket), a draft of the picture is
+    drawn from it, and the final image is still made when the person stops."""
+    _open(page, server)
+    page.click("#record")
+    live = page.locator("#live-transcript")
+    sync_api.expect(live).to_contain_text("cliff", timeout=60_000)
+    sync_api.expect(page.locator("#stop")).to_be_enabled()  # still recording
+    draft = page.locator("#draft-image")
+    sync_api.expect(draft).to_have_attribute("data-state", "draft", timeout=60_000)
+    sync_api.expect(draft).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+    assert "cliff" in page.locator("#draft-caption").inner_text().lower()
+    page.screenshot(path=artifacts / "3-live-draft.png", full_page=True)
+    before = _gallery_size(page)
+    page.click("#stop")
+    sync_api.expect(page.locator("#stage")).to_have_text("Done", timeout=60_000)
+    sync_api.expect(page.locator("#images img")).to_have_attribute("src", BLOB)
+    # Drafts are not kept: the history gains the final image only.
+    sync_api.expect(page.locator("#gallery figure")).to_have_count(before + 1)

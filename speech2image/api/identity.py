@@ -27,12 +27,18 @@ __all__ = [
 LOCAL_OWNER = "local"
 
 log = logging.getLogger(__name__)
+WS_KEY_PREFIX = "openai-insecure-api-key."
 
 
 def _presented_key() -> str | None:
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip() or None
+    # A browser's WebSocket cannot send headers: OpenAI's realtime convention is the key as a
+    # subprotocol, `openai-insecure-api-key.KEY` (api/realtime.py).
+    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        if protocol.strip().startswith(WS_KEY_PREFIX):
+            return protocol.strip()[len(WS_KEY_PREFIX) :] or None
     return request.headers.get("X-API-Key") or None
 
 

@@ -237,6 +237,26 @@ def _owned(job_id: str) -> Job:
     return job
 
 
+def without_preview(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot without its preview frame (they go only to event streams that ask)."""
+    partial = snapshot.get("partial")
+    if partial and "preview" in partial:
+        snapshot = snapshot | {"partial": {k: v for k, v in partial.items() if k != "preview"}}
+    return snapshot
+
+
+class EventsQuery(BaseModel):
+    """Options of a job's event stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    previews: bool = Field(
+        False,
+        description="Also send preview frames while an image denoises, as "
+        "`partial.preview.b64_png` (a PNG) in `progress` events.",
+    )
+
+
 def _jobs_query(app: Any) -> type[BaseModel]:
     return create_model(
         "JobListQuery",
@@ -276,7 +296,7 @@ def list_jobs(query: Any) -> ResponseReturnValue:
 @endpoint(responses={200: JobView}, errors=(404,), tags=("jobs",), path=JOB_ID)
 def get_job(job_id: str) -> ResponseReturnValue:
     """State, progress (step, total, ETA) and, once done, the result or the error."""
-    return jsonify(_owned(job_id).snapshot())
+    return jsonify(without_preview(_owned(job_id).snapshot()))
 
 
 @bp.delete("/jobs/<job_id>")
@@ -309,8 +329,9 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
     errors=(404, 429, 503),
     tags=("jobs",),
     path=JOB_ID,
+    query=EventsQuery,
 )
-def job_events(job_id: str) -> ResponseReturnValue:
+def job_events(job_id: str, query: EventsQuery) -> ResponseReturnValue:
     """Server-Sent Events: one `progress` event per change, then the final state; then close."""
     job = _owned(job_id)
     runner = get_job_runner(current_app)
@@ -324,6 +345,8 @@ def job_events(job_id: str) -> ResponseReturnValue:
                 if snapshot is None:
                     yield ": keep-alive\n\n"
                     continue
+                if not query.previews:
+                    snapshot = without_preview(snapshot)
                 state = snapshot["state"]
                 event = state if state in ("succeeded", "failed", "cancelled") else "progress"
                 yield f"event: {event}\ndata: {json.dumps(snapshot)}\n\n"

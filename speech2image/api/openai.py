@@ -39,9 +39,10 @@ from .gpt_image import (
 )
 from .identity import client_owner
 from .jobs import submit, wait_for
-from .openapi import Upload, endpoint
+from .openapi import Content, Upload, endpoint
 from .speech import _without_none, language_type, submit_with_upload
-from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
+from .streams import SSE_STREAM, TRANSCRIPT_OR_STREAM, image_stream, transcript_stream
+from .transcript_formats import RESPONSE_FORMATS, render_transcript
 
 __all__ = [
     "IMAGE_ALIASES",
@@ -69,6 +70,7 @@ IMAGE_FORMATS = ("url", "b64_json")
 IGNORED_IMAGE_FIELDS = ("style",)
 VARIATION_PROMPT = "a variation of this picture"
 VARIATION_STRENGTH = 0.6
+MAX_PARTIAL_IMAGES = 3  # as OpenAI
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SEGMENT_FIELDS = (
     "id",
@@ -224,6 +226,14 @@ def _audio_form(app: Any) -> type[BaseModel]:
                 description="word and/or segment (repeat the field); word adds `words`.",
             ),
         ),
+        stream=(
+            bool,
+            Field(
+                False,
+                description="Server-sent events: `transcript.text.delta` as segments are "
+                "decoded, then `transcript.text.done`.",
+            ),
+        ),
     )
 
 
@@ -269,6 +279,18 @@ def _image_body(app: Any) -> type[BaseModel]:
         user=(safe_text(256) | None, Field(None, description="Accepted; the API key is who.")),
         style=(str | None, Field(None, description="Accepted and ignored.")),
         **gpt_image_body_fields(),
+        stream=(
+            bool | None,
+            Field(
+                None,
+                description="Server-sent events: `image_generation.partial_image` per preview "
+                "frame, then `image_generation.completed` per image (as b64_json).",
+            ),
+        ),
+        partial_images=(
+            whole(ge=0, le=MAX_PARTIAL_IMAGES) | None,
+            Field(None, description="Preview frames to stream (with `stream`); default 0."),
+        ),
         **extras,
     )
 
@@ -370,6 +392,8 @@ def _audio(task: str, form: Any) -> ResponseReturnValue:
         form.language or None, task, "word" in granularities, form.prompt, form.temperature
     )
     job = submit_with_upload(form.file, "transcribe", TranscribeWork(options))
+    if form.stream:
+        return transcript_stream(job)
     return _render_transcript(wait_for(job), response_format, "word" in granularities)
 
 
@@ -399,7 +423,7 @@ def _render_transcript(body: dict[str, Any], response_format: str, words: bool) 
 _AUDIO_ENDPOINT = {
     "form": _audio_form,
     "responses": {
-        200: TRANSCRIPT_RESPONSE,
+        200: TRANSCRIPT_OR_STREAM,
         **_errors(*ERROR_STATUSES),
     },
     "tags": ("openai",),
@@ -449,13 +473,22 @@ def _openai_param(field: str | None) -> str | None:
 @images_bp.post("/images/generations")
 @endpoint(
     body=_image_body,
-    responses={200: ImagesResponse, **_errors(*ERROR_STATUSES)},
+    responses={
+        200: Content(
+            {"application/json": ImagesResponse, "text/event-stream": SSE_STREAM},
+            "The images; with `stream`, server-sent events (`image_generation.partial_image`, "
+            "then `image_generation.completed`)",
+        ),
+        **_errors(*ERROR_STATUSES),
+    },
     tags=("openai",),
     idempotent=True,
 )
 def create_image(body: Any) -> ResponseReturnValue:
     """Generate images (OpenAI's createImage), plus this service's extra fields."""
-    fields, response_format = _image_fields(body.model_dump(exclude_none=True))
+    payload = body.model_dump(exclude_none=True)
+    stream, partial_images = payload.pop("stream", False), payload.pop("partial_images", 0)
+    fields, response_format = _image_fields(payload)
     service = get_image_service(current_app)
     settings = current_app.config["S2I_SETTINGS"]
     default_steps = (
@@ -472,7 +505,11 @@ def create_image(body: Any) -> ResponseReturnValue:
         for error in details.get("errors") or []:
             error["field"] = _openai_param(error["field"])
         raise InvalidRequest(exc.description, details=details or None) from None
-    result = wait_for(submit("generate", item))
+    job = submit("generate", item)
+    if stream:
+        size = f"{item.request.width}x{item.request.height}"
+        return image_stream(job, partial_images, size, _b64_images)
+    result = wait_for(job)
     return images_answer(result, response_format, output)
 
 
@@ -494,6 +531,11 @@ def images_answer(
         size=f"{parameters['width']}x{parameters['height']}",
         usage=usage(result["prompt"], len(data), parameters["width"], parameters["height"]),
     )
+
+
+def _b64_images(result: dict[str, Any]) -> list[str]:
+    """The images of a generation result as base64 PNGs (for streamed answers)."""
+    return [_image_item(image, "b64_json", "")["b64_json"] for image in result["images"]]
 
 
 def _image_item(

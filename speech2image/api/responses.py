@@ -162,6 +162,11 @@ class JobView(_Open):
     progress: JobProgress
     model: str | None = None
     queued_seconds: float | None = None
+    partial: dict[str, Any] | None = Field(
+        None,
+        description="What the job has so far: `text` (the transcript), and in event streams "
+        "asked with `previews=true`, `preview` (a frame: `b64_png`, `step`, `total`).",
+    )
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 

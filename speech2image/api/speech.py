@@ -35,7 +35,8 @@ from ..speech_service import (
 from .jobs import respond, submit, wait_for, wants_async
 from .openapi import Upload, endpoint
 from .responses import Generation, JobAccepted
-from .transcript_formats import RESPONSE_FORMATS, TRANSCRIPT_RESPONSE, render_transcript
+from .streams import TRANSCRIPT_OR_STREAM, transcript_stream
+from .transcript_formats import RESPONSE_FORMATS, render_transcript
 
 __all__ = ["RESPONSE_FORMATS", "bp", "language_type", "pipeline_bp"]
 
@@ -43,7 +44,7 @@ bp = Blueprint("speech", __name__)
 # Its own blueprint, so it carries the generation rate limit rather than transcription's.
 pipeline_bp = Blueprint("pipeline", __name__)
 
-VERBOSE_ONLY = ("segments", "words", "duration_after_vad")
+VERBOSE_ONLY = ("segments", "words", "duration_after_vad", "batch_size")
 
 
 def _language(value: Any) -> Any:
@@ -134,6 +135,14 @@ def _transcribe_form(app: Any) -> type[BaseModel]:
             Literal[RESPONSE_FORMATS],  # type: ignore[valid-type]
             Field("json", description="json, text, srt, vtt or verbose_json."),
         ),
+        stream=(
+            bool,
+            Field(
+                False,
+                description="Answer server-sent events: `transcript.text.delta` per decoded "
+                "segment, then `transcript.text.done` with the text and the whole result.",
+            ),
+        ),
     )
 
 
@@ -215,7 +224,7 @@ def submit_with_upload(upload: Any, kind: str, work: Any) -> Job:
 @endpoint(
     form=_transcribe_form,
     responses={
-        200: TRANSCRIPT_RESPONSE,
+        200: TRANSCRIPT_OR_STREAM,
         202: JobAccepted,
     },
     errors=(409, 415, 422, 503),
@@ -226,6 +235,8 @@ def transcribe_audio(form: Any) -> ResponseReturnValue:
     """Transcribe (or translate to English) the uploaded audio."""
     options = _options(form)
     job = submit_with_upload(form.audio or form.file, "transcribe", TranscribeWork(options))
+    if form.stream:
+        return transcript_stream(job, result=True)
     if wants_async():
         return respond(job)
     return render(wait_for(job), form.response_format)

@@ -43,6 +43,7 @@ from .families import (
     few_step_of,
     safetensors_header,
 )
+from .previews import step_latents
 
 __all__ = [
     "SCHEDULERS",
@@ -811,6 +812,7 @@ def generate(
     def step_end(_pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             on_step(index + 1, spec.steps)
+        step_latents(_pipe, spec, index + 1, spec.steps, tensors.get("latents"))
         return tensors
 
     call: dict[str, Any] = {

@@ -76,6 +76,10 @@ class Family:
     single_file: str = "all-in-one"  # "all-in-one", or "denoiser": the rest come from `config`
     #: The edits its text-to-image pipeline can be turned into (diffusers ``from_pipe``).
     edits: tuple[str, ...] = ("img2img", "inpaint")
+    # Previews without extra weights: RGB = latent channels x preview_rgb + preview_bias, a
+    # linear fit of the family's VAE decoder (the factors ComfyUI and A1111 use).
+    preview_rgb: tuple[tuple[float, float, float], ...] = ()
+    preview_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def weight_bytes(self, bytes_per_param: int = 2) -> int:
         """Bytes of the reference checkpoint's weights at ``bytes_per_param``."""
@@ -97,6 +101,60 @@ class Family:
         }
 
 
+# Latent -> RGB projections, as ComfyUI ships them (comfy/latent_formats.py); SD 1 and 2
+# share one VAE.
+_SD_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+_SDXL_RGB = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
+)
+_SDXL_BIAS = (0.1084, -0.0175, -0.0011)
+_SD3_RGB = (
+    (-0.0922, -0.0175, 0.0749),
+    (0.0311, 0.0633, 0.0954),
+    (0.1994, 0.0927, 0.0458),
+    (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496),
+    (-0.0006, 0.1104, 0.0309),
+    (0.0978, 0.0306, 0.0427),
+    (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669),
+    (-0.0488, 0.0130, -0.0268),
+    (0.0922, 0.0988, 0.0951),
+    (-0.0278, 0.0524, -0.0542),
+    (0.0911, 0.0445, 0.0399),
+    (-0.0104, -0.0156, -0.0227),
+    (0.0308, -0.0202, -0.0055),
+    (-0.0291, 0.0185, -0.0084),
+)
+_SD3_BIAS = (0.2394, 0.2135, 0.1925)
+_FLUX_RGB = (
+    (-0.0346, 0.0244, 0.0681),
+    (0.0034, 0.0210, 0.0687),
+    (0.0275, -0.0668, -0.0433),
+    (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329),
+    (0.0004, 0.0383, 0.0115),
+    (0.0405, 0.0861, 0.0915),
+    (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180),
+    (0.1008, 0.0755, -0.0421),
+    (-0.0515, 0.0201, 0.0011),
+    (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749),
+    (-0.1264, -0.0522, -0.1103),
+    (-0.0280, -0.0881, -0.0499),
+    (-0.1262, -0.0982, -0.0778),
+)
+_FLUX_BIAS = (-0.0329, -0.0718, -0.0851)
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -114,6 +172,7 @@ FAMILIES: dict[str, Family] = {
             negative_prompt=True,
             size_multiple=8,
             params_millions={"unet": 859.5, "text_encoder": 123.1, "vae": 83.7},
+            preview_rgb=_SD_RGB,
         ),
         Family(
             name="sd2",
@@ -129,6 +188,7 @@ FAMILIES: dict[str, Family] = {
             negative_prompt=True,
             size_multiple=8,
             params_millions={"unet": 865.9, "text_encoder": 354.0, "vae": 83.7},
+            preview_rgb=_SD_RGB,
         ),
         Family(
             name="sdxl",
@@ -149,6 +209,8 @@ FAMILIES: dict[str, Family] = {
                 "text_encoder_2": 694.7,
                 "vae": 83.7,
             },
+            preview_rgb=_SDXL_RGB,
+            preview_bias=_SDXL_BIAS,
         ),
         Family(
             name="sd3",
@@ -175,6 +237,8 @@ FAMILIES: dict[str, Family] = {
             few_step_t5_tokens=256,
             few_step_guidance=0.0,
             few_step_scheduler="flow_euler",
+            preview_rgb=_SD3_RGB,
+            preview_bias=_SD3_BIAS,
         ),
         Family(
             name="flux",
@@ -201,6 +265,8 @@ FAMILIES: dict[str, Family] = {
             few_step_guidance=0.0,
             few_step_scheduler="flow_euler",
             single_file="denoiser",
+            preview_rgb=_FLUX_RGB,
+            preview_bias=_FLUX_BIAS,
         ),
     )
 }

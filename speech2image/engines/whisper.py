@@ -84,6 +84,7 @@ class Transcript:
     duration_after_vad: float
     segments: list[TranscriptSegment]
     task: str
+    batch_size: int = 0  # segments decoded per batch (0: sequential)
 
 
 def _assemble_base(cache_dir: Path) -> Path:
@@ -312,25 +313,40 @@ def transcribe(
     on_segment: Callable[[float], None] | None = None,
     initial_prompt: str | None = None,
     temperature: float | None = None,
+    on_text: Callable[[str], None] | None = None,
+    batch_size: int = 0,
 ) -> Transcript:
     """Run faster-whisper on 16 kHz mono samples and collect every segment.
 
     ``initial_prompt`` primes the decoder with spellings (names, jargon); ``temperature`` fixes
-    the sampling temperature instead of the fallback ladder.
+    the sampling temperature instead of the fallback ladder. ``on_text`` gets each segment's
+    text as it is decoded. With ``batch_size``, faster-whisper's batched pipeline decodes
+    VAD-cut chunks of at most 30 s in batches of that many (long audio; same output).
     """
     duration = len(samples) / 16_000
-    segments_iter, info = model.transcribe(
-        samples,
-        language=language,
-        task=task,
-        beam_size=beam_size,
-        word_timestamps=word_timestamps,
-        vad_filter=vad,
-        temperature=TEMPERATURE_FALLBACK if temperature is None else temperature,
-        initial_prompt=initial_prompt or None,
-        condition_on_previous_text=False,
-        max_new_tokens=max_new_tokens_for(duration),
-    )
+    options: dict[str, Any] = {
+        "language": language,
+        "task": task,
+        "beam_size": beam_size,
+        "word_timestamps": word_timestamps,
+        "temperature": TEMPERATURE_FALLBACK if temperature is None else temperature,
+        "initial_prompt": initial_prompt or None,
+        "condition_on_previous_text": False,
+    }
+    if batch_size:
+        from faster_whisper import BatchedInferencePipeline
+
+        segments_iter, info = BatchedInferencePipeline(model=model).transcribe(
+            samples,
+            batch_size=batch_size,
+            vad_filter=True,  # the batches are VAD-cut chunks
+            max_new_tokens=max_new_tokens_for(30.0),
+            **options,
+        )
+    else:
+        segments_iter, info = model.transcribe(
+            samples, vad_filter=vad, max_new_tokens=max_new_tokens_for(duration), **options
+        )
     segments: list[TranscriptSegment] = []
     for seg in segments_iter:
         words = None
@@ -354,6 +370,8 @@ def transcribe(
                 words=words,
             )
         )
+        if on_text is not None:
+            on_text(seg.text)
         if on_segment is not None:
             on_segment(seg.end)
     return Transcript(
@@ -364,4 +382,5 @@ def transcribe(
         duration_after_vad=round(info.duration_after_vad, 3),
         segments=segments,
         task=task,
+        batch_size=batch_size,
     )

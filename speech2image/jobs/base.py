@@ -75,6 +75,7 @@ class Job:
     batch_key: Hashable | None = None
     images: int = 1  # how much of a batch it takes
     steps: int = 1  # expected denoising steps (for estimates)
+    priority: int = 0  # started before lower ones (drafts: -1)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     created_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
     input: Path | None = None
@@ -99,6 +100,9 @@ class Job:
     finished_at: float | None = None
     version: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # reported by a worker
+    # What the job shows while it runs (the transcript so far, the latest preview frame):
+    # the newest only, carried by its snapshots and events, never stored in its row.
+    partial: dict[str, Any] | None = None
     _stage_started: float = dataclasses.field(default=0.0, repr=False)
     _exception: BaseException | None = dataclasses.field(default=None, repr=False)
     _finishing: bool = dataclasses.field(default=False, repr=False)
@@ -136,6 +140,13 @@ class Job:
         if self.cancel_requested:
             raise JobCancelled(self.id)
 
+    def show(self, **partial: Any) -> None:
+        """Update what the job shows while it runs (merged into ``partial``); watchers wake."""
+        with self._cond:
+            self.partial = {**(self.partial or {}), **partial}
+            self._bump()
+        self._tell("progress")
+
     def succeed(self, result: dict[str, Any]) -> None:
         """Finish with ``result``."""
         self._finish(JobState.SUCCEEDED, result=result)
@@ -160,6 +171,7 @@ class Job:
             self.error = snapshot.get("error")
             self.model = snapshot.get("model", self.model)
             self.extra = {k: snapshot[k] for k in ("queued_seconds", "worker") if k in snapshot}
+            self.partial = snapshot.get("partial", self.partial)
             if self.error is not None:
                 self._exception = error_from_body(self.error)
             if self.done:
@@ -251,6 +263,8 @@ class Job:
             if self.started_at is not None:
                 body["queued_seconds"] = round(self.started_at - self.queued_at, 3)
             body.update(self.extra)
+            if self.partial is not None:
+                body["partial"] = self.partial
             if self.result is not None:
                 body["result"] = self.result
             if self.error is not None:

@@ -57,6 +57,7 @@ class Schedule:
     batch_key: Hashable | None = None  # equal keys may share one pipeline call; None: alone
     images: int = 1  # how much of a batch it takes
     steps: int = 1  # expected denoising steps (for wait estimates)
+    priority: int = 0  # the runner starts higher first; drafts are below everything else
 
 
 class JobKind(abc.ABC):

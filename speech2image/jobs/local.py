@@ -339,11 +339,14 @@ class LocalJobRunner:
         return max(1.0, steps * self.seconds_per_step / max(1, len(self._workers)))
 
     def _pick(self) -> Job:
-        """Oldest job past the fairness window, else the oldest with a resident model."""
-        oldest = self._queue[0]
+        """Of the highest priority: the oldest job past the fairness window, else the oldest
+        with a resident model."""
+        top = max(job.priority for job in self._queue)
+        queue = [job for job in self._queue if job.priority == top]
+        oldest = queue[0]
         if time.monotonic() - oldest.queued_at >= self.fairness_seconds:
             return oldest
-        for job in self._queue:
+        for job in queue:
             if job.model is None or self.is_resident(job.model):
                 return job
         return oldest

@@ -1,4 +1,4 @@
-"""The service's job kinds: transcribe, generate, speech-to-image.
+"""The service's job kinds: transcribe, generate, speech-to-image, draft.
 
 Each kind is one object (see :class:`~speech2image.jobs.kinds.JobKind`): how a job is made
 from a validated request, its work as JSON, its queue, and how a batch of it runs.
@@ -10,12 +10,14 @@ from __future__ import annotations
 from ..image_service import ImageService
 from ..jobs.kinds import JobKind, JobKinds
 from ..speech_service import SpeechService
+from .draft import DraftKind
 from .edit import EditKind
 from .generate import GenerateKind
 from .speech_to_image import SpeechToImageKind, SpeechToImageWork
 from .transcribe import TranscribeKind, TranscribeWork
 
 __all__ = [
+    "DraftKind",
     "EditKind",
     "GenerateKind",
     "SpeechToImageKind",
@@ -37,6 +39,7 @@ def service_kinds(
             GenerateKind(images),
             SpeechToImageKind(speech, images),
             EditKind(images),
+            DraftKind(images),
             *(extra or []),
         ]
     )

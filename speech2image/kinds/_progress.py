@@ -5,16 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..engines.diffusers_sd import GenerationCancelled
+from ..engines.previews import Previewer, b64, previews_to
 from ..errors import DATABASE_ERRORS, DatabaseUnavailable, StorageUnavailable
 from ..jobs import Job, JobCancelled
 from ..speech_service import SpeechService, TranscribeOptions, TranscriptionResult
 
-__all__ = ["elapsed", "progress_all", "queued_seconds", "store_retrying", "transcribe_input"]
+__all__ = [
+    "elapsed",
+    "previews_for",
+    "progress_all",
+    "queued_seconds",
+    "store_retrying",
+    "transcribe_input",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +64,19 @@ def transcribe_input(
     path: Path | None = job.input
     assert path is not None, f"a {job.kind} job needs its upload"
     job.progress("transcribing", 0, 0)  # the stage is known before the audio is decoded
+    heard: list[str] = []
+
+    def show_text(text: str) -> None:  # the transcript so far, for streams (api/streams.py)
+        heard.append(text)
+        job.show(text="".join(heard).lstrip())
+
     return speech.transcribe_file(
         path,
         options,
         on_progress=lambda done, total: job.progress("transcribing", done, total),
         english=english,
         on_english_progress=lambda done, total: job.progress("translating", done, total),
+        on_text=show_text,
     )
 
 
@@ -90,3 +105,52 @@ def store_retrying(job: Job, store: Callable[[], T], seconds: float) -> T:
                 job.progress("storing", 0, 0)
             time.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+
+@contextlib.contextmanager
+def previews_for(jobs: list[Job], items: list[Any], previewer: Previewer | None) -> Iterator[None]:
+    """Around a kind's pipeline call: each job shows preview frames of its first image
+    (``partial["preview"]``) while it denoises, within the previewer's time budget.
+
+    ``items`` are the jobs' prepared requests (``PreparedImage``), in the same order. A frame
+    goes to a job only when its own prompt and seeds are found in the call, so a job never
+    shows another request's image.
+    """
+    if previewer is None or not previewer.enabled:
+        yield
+        return
+    budget = previewer.budget()
+    keys = [
+        [(i.request.prompt, i.request.negative_prompt, seed) for seed in i.request.seeds()]
+        for i in items
+    ]
+
+    def sink(pipe: Any, spec: Any, step: int, total: int, latents: Any) -> None:
+        if not budget.due(step, total):
+            return
+        started = time.perf_counter()
+        call = list(zip(spec.prompts, spec.negative_prompts, spec.seeds, strict=True))
+        found = [
+            (job, start)
+            for job, key in zip(jobs, keys, strict=True)
+            for start in range(len(call) - len(key) + 1)
+            if call[start : start + len(key)] == key and not job.cancel_requested
+        ]
+        found = list({job.id: (job, start) for job, start in found}.values())  # first match
+        if not found:
+            return
+        try:
+            pngs, method = previewer.frames(pipe, spec, latents, [start for _, start in found])
+        except Exception:
+            log.warning("previews: a frame failed; none more for this call", exc_info=True)
+            budget.max_fraction = 0
+            return
+        frame = budget.frames
+        for (job, _), png in zip(found, pngs, strict=True):
+            preview = {"b64_png": b64(png), "step": step, "total": total, "frame": frame}
+            job.show(preview=preview | {"method": method})
+        budget.spend(time.perf_counter() - started)
+
+    with previews_to(sink):
+        yield
+    log.debug("previews: %s", budget.as_dict())

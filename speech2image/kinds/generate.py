@@ -8,12 +8,13 @@ import logging
 from typing import Any
 
 from ..engines.diffusers_sd import GenerationCancelled
+from ..engines.previews import Previewer
 from ..errors import ServiceError
 from ..image_service import ImageRequest, ImageService, PreparedImage, model_key
 from ..jobs import Job
 from ..jobs.kinds import JobKind, Schedule
 from ..style import StyleChoice
-from ._progress import elapsed, progress_all, queued_seconds, store_retrying
+from ._progress import elapsed, previews_for, progress_all, queued_seconds, store_retrying
 
 __all__ = ["GenerateKind", "image_work", "image_work_document"]
 
@@ -44,6 +45,7 @@ class GenerateKind(JobKind):
 
     def __init__(self, images: ImageService) -> None:
         self.images = images
+        self.previewer = Previewer.from_settings(images.settings)
 
     def schedule(self, work: PreparedImage) -> Schedule:
         """The chosen model's queue; merged with requests of an equal batch key."""
@@ -68,9 +70,11 @@ class GenerateKind(JobKind):
         items: list[PreparedImage] = [job.work for job in jobs]
         try:
             progress_all(jobs, "generating", 0, items[0].request.steps)  # stage known at once
-            output = images.run_batch(
-                items, on_step=lambda done, total: progress_all(jobs, "generating", done, total)
-            )
+            with previews_for(jobs, items, self.previewer):
+                output = images.run_batch(
+                    items,
+                    on_step=lambda done, total: progress_all(jobs, "generating", done, total),
+                )
         except GenerationCancelled:
             for job in jobs:
                 job.mark_cancelled()

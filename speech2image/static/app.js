@@ -2,6 +2,7 @@
 // Plain ES module, no dependencies, no build step. Talks only to this server's API.
 
 import { initConversation } from "./conversation.js";
+import { showPreview, startLive, stopLive } from "./live.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "speech2image.apiKey";
@@ -307,13 +308,15 @@ async function follow(job) {
   render(job);
   let last = job;
   try {
-    const response = await api(job.events || `/jobs/${job.id}/events`, {
+    // With preview frames while the picture is drawn (only this job's owner gets them).
+    const response = await api(`${job.events || `/jobs/${job.id}/events`}?previews=true`, {
       signal: stream.signal,
       headers: { Accept: "text/event-stream" },
     });
     for await (const snapshot of serverSentEvents(response)) {
       last = snapshot;
       render(snapshot);
+      showPreview(snapshot);
       if (FINAL_STATES.has(snapshot.state)) return;
     }
   } catch (error) {
@@ -583,6 +586,7 @@ async function startRecording() {
   }, 50);
 
   recorder.addEventListener("stop", () => {
+    stopLive();
     clearInterval(meter);
     for (const track of stream.getTracks()) track.stop();
     audio.close();
@@ -594,6 +598,8 @@ async function startRecording() {
     submitSpeech(blob, `recording.${extension}`);
   });
   recorder.start(250);
+  // The words while the person speaks, and drafts of the picture (when WebSockets work).
+  startLive(stream, state.key, () => authHeaders());
   state.recording = recorder;
   $("record").disabled = true;
   $("record").classList.add("live");
