@@ -16,6 +16,8 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
+from .accounts import Accounts
+from .api import accounts as accounts_api
 from .api import errors, identity, images, jobs, openai, openapi, speech, system, web
 from .api import metrics as metrics_api
 from .config import Settings, load_settings
@@ -165,6 +167,13 @@ def create_app(
     if role in ("embedded", "api") and settings.cleanup_interval_seconds > 0:
         maintenance.start(settings.cleanup_interval_seconds)
 
+    accounts = Accounts(settings, storage, redis=_quota_redis(settings) if role == "api" else None)
+    accounts.init_app(app)
+    if role in ("embedded", "api"):
+        from .accounts.metrics import UsageCollector
+
+        metrics.registry.register(UsageCollector(accounts))
+
     dependencies = Dependencies({"database": storage.ping, "image_store": storage.images.check})
     dependencies.init_app(app)
     if role == "api":
@@ -273,6 +282,7 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     app.register_blueprint(metrics_api.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(accounts_api.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
@@ -298,6 +308,13 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
 def _raise_unless_ok(check: dict[str, Any]) -> None:
     if not check["ok"]:
         raise ConnectionError(check.get("problem", "not answering"))
+
+
+def _quota_redis(settings: Settings) -> Any:
+    """The Redis client that counts quota reservations of every API process."""
+    from .jobs.celery import redis_client
+
+    return redis_client(settings.broker_url, settings.redis_timeout_seconds)
 
 
 def _broker(settings: Settings) -> Any:

@@ -420,6 +420,16 @@ class Settings(BaseSettings):
         description="Comma-separated keys that may also use /status and POST /cleanup.",
     )
     ratelimit_enabled: bool = True
+    auth_required: bool = Field(
+        False,
+        description="Require a key even when S2I_API_KEYS is empty (keys made with "
+        "`speech2image keys create` or POST /admin/keys).",
+    )
+    quota_default: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="Caps of every key without its own, as METRIC:PERIOD=CAP pairs, e.g. "
+        "images:day=100,pixel_steps:month=5e9,audio_seconds:day=3600; empty: none.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated origins a browser may call from (or *); empty: no CORS.",
@@ -440,6 +450,15 @@ class Settings(BaseSettings):
         le=10,
         description="Reverse proxies in front that set X-Forwarded-For/-Proto; 0: trust none.",
     )
+
+    @field_validator("quota_default", mode="before")
+    @classmethod
+    def _parse_quotas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from .accounts.quotas import parse_quotas
+
+            return parse_quotas(value)
+        return value
 
     @field_validator(
         "preload_models",

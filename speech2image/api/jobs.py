@@ -16,6 +16,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
+from ..accounts import admit
 from ..errors import (
     DATABASE_ERRORS,
     InvalidRequest,
@@ -134,7 +135,9 @@ def submit(kind: str, work: Any, *, input: Path | None = None) -> Job:
     """Make the caller's job and hand it to the runner, which removes the input when the
     job ends; if it is not accepted, the input is removed now."""
     try:
-        return get_job_runner(current_app).submit(new_job(kind, work, input=input))
+        job = new_job(kind, work, input=input)
+        admit(job)  # the key's models and quotas, before any model work
+        return get_job_runner(current_app).submit(job)
     except BaseException:
         discard_file(input)
         raise

@@ -1,0 +1,234 @@
+"""Keys at run time (/admin/keys) and usage per key (/usage)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from flask import Blueprint, current_app, g, jsonify
+from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import Forbidden
+
+from ..accounts import get_accounts
+from ..accounts.quotas import check_quota_dict, period_window
+from ..errors import ResourceNotFound, ServiceError
+from ..jobs.records import database_down
+from ..schemas import UtcDateTime
+from ..storage.accounts import SCOPES, DuplicateKeyName
+from ..storage.base import utcnow
+from .identity import client_owner, operators_only
+from .openapi import endpoint
+from .responses import _Open
+
+__all__ = ["bp"]
+
+bp = Blueprint("accounts", __name__)
+
+KEY_ID = {"key_id": "The key's id, name or prefix"}
+Scope = Literal["transcribe", "generate", "edit", "admin"]
+
+
+class KeyNameTaken(ServiceError):
+    """Another key has this name."""
+
+    code = 409
+    error = "key_name_taken"
+
+
+def _quotas(value: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if value is None else check_quota_dict(value)
+
+
+class KeyCreate(BaseModel):
+    """A new key."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w.@-]+$")
+    scopes: list[Scope] = Field(default_factory=lambda: ["transcribe", "generate", "edit"])
+    models: list[str] | None = Field(None, description="Allowed image/speech models; null: all.")
+    quotas: dict[str, float] | None = Field(
+        None, description='Caps such as {"images:day": 100}; null: S2I_QUOTA_DEFAULT.'
+    )
+    expires_at: UtcDateTime | None = None
+    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
+
+    @field_validator("quotas")
+    @classmethod
+    def _check_quotas(cls, value: dict[str, Any] | None) -> dict[str, float] | None:
+        return _quotas(value)
+
+
+class KeyChange(BaseModel):
+    """Fields to change (rename, scopes, models, quotas, expiry, webhook)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[\w.@-]+$")
+    scopes: list[Scope] | None = None
+    models: list[str] | None = None
+    quotas: dict[str, float] | None = None
+    expires_at: UtcDateTime | None = None
+    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
+
+    @field_validator("quotas")
+    @classmethod
+    def _check_quotas(cls, value: dict[str, Any] | None) -> dict[str, float] | None:
+        return _quotas(value)
+
+
+class KeyView(_Open):
+    """A key as lists show it: never its secret or hash."""
+
+    id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    revoked_at: str | None
+
+
+class KeyCreated(KeyView):
+    """A new key, with its secret (shown this once)."""
+
+    secret: str
+
+
+class KeyList(_Open):
+    """Every key."""
+
+    keys: list[KeyView]
+
+
+class UsageQuery(BaseModel):
+    """Which key and period."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str | None = Field(None, max_length=100, description="A key's id, name or prefix (admin)")
+    period: Literal["day", "month"] = "day"
+    date: dt.date | None = Field(None, description="A day within the period; default: today")
+
+
+class UsageView(_Open):
+    """Totals of one key over one period."""
+
+    key: str | None
+    period: str
+    start: str
+    end: str
+    usage: dict[str, float]
+
+
+def _key(ref: str) -> Any:
+    record = get_accounts().keys.get(ref)
+    if record is None:
+        raise ResourceNotFound("no such key")
+    return record
+
+
+def _scopes_known(scopes: list[str]) -> list[str]:
+    return [s for s in SCOPES if s in scopes]
+
+
+@bp.post("/admin/keys")
+@endpoint(
+    body=KeyCreate,
+    responses={201: KeyCreated},
+    errors=(403, 409),
+    tags=("accounts",),
+    operators=True,
+)
+@operators_only
+def create_key(body: Any) -> ResponseReturnValue:
+    """Make a key; its secret is in this answer only (only a hash is kept)."""
+    try:
+        record, secret = get_accounts().keys.create(
+            body.name,
+            _scopes_known(body.scopes),
+            models=body.models,
+            quotas=body.quotas,
+            expires_at=body.expires_at,
+            webhook_url=body.webhook_url,
+        )
+    except DuplicateKeyName:
+        raise KeyNameTaken(f"a key named {body.name!r} exists", details={"field": "name"}) from None
+    answer = record.as_dict() | {"secret": secret, "webhook_secret": record.webhook_secret}
+    return jsonify(answer), 201
+
+
+@bp.get("/admin/keys")
+@endpoint(responses={200: KeyList}, errors=(403,), tags=("accounts",), operators=True)
+@operators_only
+def list_keys() -> ResponseReturnValue:
+    """Every key (prefix, scopes, last use, revocation), oldest first."""
+    return jsonify(keys=[r.as_dict() for r in get_accounts().keys.list()])
+
+
+@bp.patch("/admin/keys/<key_id>")
+@endpoint(
+    body=KeyChange,
+    responses={200: KeyView},
+    errors=(403, 404, 409),
+    tags=("accounts",),
+    path=KEY_ID,
+    operators=True,
+)
+@operators_only
+def change_key(key_id: str, body: Any) -> ResponseReturnValue:
+    """Rename a key, or change its scopes, models, quotas, expiry or webhook."""
+    record = _key(key_id)
+    fields = body.model_dump(exclude_unset=True)
+    if "scopes" in fields:
+        fields["scopes"] = _scopes_known(fields["scopes"] or [])
+    if fields.get("name") is None:
+        fields.pop("name", None)
+    try:
+        changed = get_accounts().keys.change(record.id, **fields)
+    except DuplicateKeyName:
+        raise KeyNameTaken("another key has this name", details={"field": "name"}) from None
+    if changed is None:
+        raise ResourceNotFound("no such key")
+    return jsonify(changed.as_dict())
+
+
+@bp.delete("/admin/keys/<key_id>")
+@endpoint(
+    responses={200: KeyView}, errors=(403, 404), tags=("accounts",), path=KEY_ID, operators=True
+)
+@operators_only
+def revoke_key(key_id: str) -> ResponseReturnValue:
+    """Revoke a key: refused from its next request on, in every process."""
+    record = get_accounts().keys.revoke(_key(key_id).id)
+    if record is None:
+        raise ResourceNotFound("no such key")
+    return jsonify(record.as_dict())
+
+
+@bp.get("/usage")
+@endpoint(query=UsageQuery, responses={200: UsageView}, errors=(403, 404), tags=("accounts",))
+def usage(query: Any) -> ResponseReturnValue:
+    """What the caller's key used in a day or month (admins: any key's, with `key`)."""
+    owner, name = client_owner(), getattr(g, "key_name", None)
+    if query.key is not None:
+        if not getattr(g, "is_admin", False):
+            raise Forbidden("only an admin may read another key's usage")
+        record = _key(query.key)
+        owner, name = record.owner, record.name
+    day = query.date or utcnow().date()
+    moment = dt.datetime(day.year, day.month, day.day, 12, tzinfo=dt.UTC)
+    start, end = period_window(query.period, moment)
+    try:
+        totals = get_accounts().used(owner, start, end)
+    except SQLAlchemyError as exc:
+        raise database_down() from exc
+    settings = current_app.config["S2I_SETTINGS"]
+    caps = dict(settings.quota_default)
+    if getattr(g, "api_key", None) is not None and query.key is None:
+        caps.update(g.api_key.quotas or {})
+    return jsonify(
+        key=name,
+        period=query.period,
+        start=start.isoformat(),
+        end=end.isoformat(),
+        usage=totals,
+        quotas={k: v for k, v in caps.items() if k.endswith(":" + query.period)},
+    )
