@@ -32,6 +32,7 @@ from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .metrics import Metrics, start_metrics_server
 from .model_loader import ModelLoader
+from .moderation import Moderation
 from .server import ServerState
 from .speech_service import SpeechService
 from .storage import Storage
@@ -160,6 +161,9 @@ def create_app(
     chooser = StyleChooser(settings.style_cues, settings.style_models, settings.style_default)
     image_service = ImageService(settings, loader, storage, chooser)
     image_service.init_app(app)
+    moderation = Moderation(settings, metrics.registry)
+    moderation.init_app(app)
+    image_service.moderation = moderation
     job_kinds = service_kinds(speech_service, image_service, kinds)
     app.extensions["job_kinds"] = job_kinds
     maintenance = Maintenance(settings, storage, loader)
@@ -173,6 +177,7 @@ def create_app(
         from .accounts.metrics import UsageCollector
 
         metrics.registry.register(UsageCollector(accounts))
+        accounts.resume_deliveries()  # webhooks an earlier process left unsent
 
     dependencies = Dependencies({"database": storage.ping, "image_store": storage.images.check})
     dependencies.init_app(app)

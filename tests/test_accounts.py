@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import pytest
 from click.testing import CliRunner
 
 from speech2image.cli import main
@@ -105,3 +106,52 @@ def test_usage_row_is_written_once_with_the_job(make_app) -> None:
     with Session(storage.engine) as session:
         rows = session.query(UsageRecord).filter_by(job_id=job_id).all()
     assert [(r.images, r.pixel_steps, r.owner) for r in rows] == [(2, 8, "key:x")]
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_keys_and_quotas_across_api_processes(make_app, live_server, tmp_path) -> None:
+    from .distributed_cluster import REDIS_URL, Cluster, http, postgres_problem, redis_problem
+
+    problem = redis_problem() or postgres_problem()
+    if problem:
+        pytest.skip(problem)
+    shared = Cluster(tmp_path, {})  # for its prefix, schema and clean-up; no process
+    shared.create_schema()
+    try:
+        first, second = (
+            live_server(
+                make_app(
+                    broker_url=REDIS_URL,
+                    queue_prefix=shared.prefix,
+                    database_url=shared.database_url,
+                    admin_api_keys=["ops-secret-0123456789"],
+                )
+            )
+            for _ in range(2)
+        )
+        ops = _bearer("ops-secret-0123456789")
+        status, _, made = http(
+            "POST",
+            f"{first}/admin/keys",
+            {"name": "alice", "quotas": {"images:day": 2}},
+            headers=ops,
+        )
+        assert status == 201, made
+        alice = _bearer(made["secret"])
+        # No worker consumes this prefix: the jobs stay queued, their reservations count.
+        for url in (first, second):
+            status, _, body = http(
+                "POST", f"{url}/generate-image", {**ONE_STEP, "async": True}, headers=alice
+            )
+            assert status == 202, body
+        status, _, body = http("POST", f"{first}/generate-image", ONE_STEP, headers=alice)
+        assert (status, body["error"]["code"]) == (429, "quota_exceeded"), body
+        assert body["error"]["details"]["used"] == 2
+        # Revoked on one API process, refused at the next request on the other.
+        status, _, _ = http("DELETE", f"{second}/admin/keys/alice", headers=ops)
+        assert status == 200
+        status, _, body = http("GET", f"{first}/jobs", headers=alice)
+        assert status == 401, body
+    finally:
+        shared.stop()

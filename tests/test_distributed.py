@@ -580,3 +580,19 @@ def test_every_distributed_job_is_a_row_that_answers_after_redis_forgets_it(
     status, _, body = http("GET", f"{second}/jobs/{job['id']}")
     assert status == 200, body
     assert body["state"] == "succeeded" and body["result"] == done["result"]
+
+
+def test_usage_rows_are_written_by_the_worker_and_read_by_any_api(cluster: Cluster) -> None:
+    first, second = _urls(cluster)
+    status, _, before = http("GET", f"{second}/usage")
+    assert status == 200, before
+    status, _, body = http(
+        "POST", f"{first}/generate-image", {"prompt": "a lighthouse", "steps": 2, "seed": 5}
+    )
+    assert status == 200, body
+    status, _, after = http("GET", f"{second}/usage")
+    assert after["usage"]["images"] - before["usage"]["images"] == 1
+    assert after["usage"]["pixel_steps"] - before["usage"]["pixel_steps"] == 64 * 64 * 2
+    assert after["usage"]["device_seconds"] > before["usage"]["device_seconds"]
+    status, _, text = http("GET", f"{second}/metrics")
+    assert b's2i_usage_images_total{key="local"}' in text

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from flask import Blueprint, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import Forbidden
 
 from ..accounts import get_accounts
-from ..accounts.quotas import check_quota_dict, period_window
+from ..accounts.quotas import METRICS, PERIODS, period_window
+from ..accounts.webhooks import url_syntax_problem
 from ..errors import ResourceNotFound, ServiceError
 from ..jobs.records import database_down
 from ..schemas import UtcDateTime
@@ -37,8 +46,60 @@ class KeyNameTaken(ServiceError):
     error = "key_name_taken"
 
 
-def _quotas(value: dict[str, Any] | None) -> dict[str, float] | None:
-    return None if value is None else check_quota_dict(value)
+def _text_only(value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 string")
+    return value
+
+
+def _iso_date(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"must be a date as YYYY-MM-DD, not {value!r}") from None
+    return value
+
+
+def _webhook_url(value: Any) -> Any:
+    if isinstance(value, str):
+        problem = url_syntax_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+    return value
+
+
+WebhookUrl = Annotated[
+    str,
+    Field(max_length=2048, pattern=r"^https?://[^\s\x00-\x1f]+$"),
+    AfterValidator(_webhook_url),
+]
+ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\w.:/@-]+$")]
+#: An expiry: an ISO 8601 string only (never a number of seconds).
+Expiry = Annotated[UtcDateTime, BeforeValidator(_text_only)]
+Day = Annotated[
+    dt.date,
+    BeforeValidator(_iso_date),
+    WithJsonSchema({"type": "string", "format": "date", "description": "YYYY-MM-DD"}),
+]
+
+#: Caps by name, e.g. {"images:day": 100}: only the known metric and period pairs.
+QuotaCaps = create_model(
+    "QuotaCaps",
+    __config__=ConfigDict(extra="forbid", populate_by_name=False),
+    **{
+        f"{metric}_{period}": (
+            float | None,
+            Field(None, ge=0, allow_inf_nan=False, alias=f"{metric}:{period}"),
+        )
+        for metric in METRICS
+        for period in PERIODS
+    },
+)
+
+
+def _caps(value: Any) -> dict[str, float] | None:
+    return None if value is None else value.model_dump(by_alias=True, exclude_none=True)
 
 
 class KeyCreate(BaseModel):
@@ -47,17 +108,14 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=100, pattern=r"^[\w.@-]+$")
     scopes: list[Scope] = Field(default_factory=lambda: ["transcribe", "generate", "edit"])
-    models: list[str] | None = Field(None, description="Allowed image/speech models; null: all.")
-    quotas: dict[str, float] | None = Field(
+    models: list[ModelName] | None = Field(
+        None, max_length=50, description="Allowed image/speech models; null: all."
+    )
+    quotas: QuotaCaps | None = Field(  # type: ignore[valid-type]
         None, description='Caps such as {"images:day": 100}; null: S2I_QUOTA_DEFAULT.'
     )
-    expires_at: UtcDateTime | None = None
-    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
-
-    @field_validator("quotas")
-    @classmethod
-    def _check_quotas(cls, value: dict[str, Any] | None) -> dict[str, float] | None:
-        return _quotas(value)
+    expires_at: Expiry | None = None
+    webhook_url: WebhookUrl | None = None
 
 
 class KeyChange(BaseModel):
@@ -66,15 +124,10 @@ class KeyChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[\w.@-]+$")
     scopes: list[Scope] | None = None
-    models: list[str] | None = None
-    quotas: dict[str, float] | None = None
-    expires_at: UtcDateTime | None = None
-    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
-
-    @field_validator("quotas")
-    @classmethod
-    def _check_quotas(cls, value: dict[str, Any] | None) -> dict[str, float] | None:
-        return _quotas(value)
+    models: list[ModelName] | None = Field(None, max_length=50)
+    quotas: QuotaCaps | None = None  # type: ignore[valid-type]
+    expires_at: Expiry | None = None
+    webhook_url: WebhookUrl | None = None
 
 
 class KeyView(_Open):
@@ -105,7 +158,7 @@ class UsageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str | None = Field(None, max_length=100, description="A key's id, name or prefix (admin)")
     period: Literal["day", "month"] = "day"
-    date: dt.date | None = Field(None, description="A day within the period; default: today")
+    date: Day | None = Field(None, description="A day within the period; default: today")
 
 
 class UsageView(_Open):
@@ -145,7 +198,7 @@ def create_key(body: Any) -> ResponseReturnValue:
             body.name,
             _scopes_known(body.scopes),
             models=body.models,
-            quotas=body.quotas,
+            quotas=_caps(body.quotas),
             expires_at=body.expires_at,
             webhook_url=body.webhook_url,
         )
@@ -177,6 +230,8 @@ def change_key(key_id: str, body: Any) -> ResponseReturnValue:
     """Rename a key, or change its scopes, models, quotas, expiry or webhook."""
     record = _key(key_id)
     fields = body.model_dump(exclude_unset=True)
+    if "quotas" in fields:
+        fields["quotas"] = _caps(body.quotas)
     if "scopes" in fields:
         fields["scopes"] = _scopes_known(fields["scopes"] or [])
     if fields.get("name") is None:

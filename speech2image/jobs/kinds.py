@@ -87,6 +87,10 @@ class JobKind(abc.ABC):
     def run(self, jobs: list[Job]) -> None:
         """Run a batch (one job unless the schedule gave a batch key) and finish each job."""
 
+    def prompts(self, work: Any) -> list[str]:
+        """The prompts of a job with this ``work`` that moderation checks at admission."""
+        return []
+
     def estimate_usage(self, work: Any) -> dict[str, float]:
         """The most a job of this ``work`` may use (``images``, ``pixel_steps``,
         ``audio_seconds``): quotas reserve it at admission. Default: nothing known."""
@@ -196,6 +200,10 @@ class JobKinds:
     def run(self, jobs: list[Job]) -> None:
         """Run a batch of jobs of one kind."""
         self._kinds[jobs[0].kind].run(jobs)
+
+    def prompts(self, job: Job) -> list[str]:
+        """The prompts of ``job`` that moderation checks at admission."""
+        return self._kinds[job.kind].prompts(job.work)
 
     def estimate_usage(self, job: Job) -> dict[str, float]:
         """The most ``job`` may use (its kind's estimate)."""

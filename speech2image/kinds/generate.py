@@ -54,6 +54,10 @@ class GenerateKind(JobKind):
             steps=work.request.steps,
         )
 
+    def prompts(self, work: PreparedImage) -> list[str]:
+        """The typed prompt."""
+        return [work.request.prompt]
+
     def estimate_usage(self, work: PreparedImage) -> dict[str, float]:
         """Its images and pixel-steps, known from the validated request."""
         r = work.request

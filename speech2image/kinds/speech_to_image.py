@@ -107,6 +107,8 @@ class SpeechToImageKind(JobKind):
             )
         # Long speech is truncated like a long typed prompt, never refused after the work.
         limit = images.settings.max_prompt_chars
+        if images.moderation is not None:  # a spoken prompt is known only now
+            images.moderation.check_prompt(spoken.prompt, "spoken prompt")
         prompt = clip_prompt(spoken.prompt, limit)
         negative = clip_prompt(spoken.negative_prompt, limit) if spoken.negative_prompt else None
         request = images.validate(
