@@ -104,9 +104,12 @@ class Moderation:
                 )
                 from transformers import CLIPImageProcessor
 
-                model = StableDiffusionSafetyChecker.from_pretrained(
-                    self.checker_dir / "safety_checker"
-                ).eval()
+                from .model_loader import MODEL_LOAD_LOCK
+
+                with MODEL_LOAD_LOCK:  # never beside another load (meta-device tensors)
+                    model = StableDiffusionSafetyChecker.from_pretrained(
+                        self.checker_dir / "safety_checker"
+                    ).eval()
                 if self.adjustment:  # a lower threshold is a higher score
                     model.concept_embeds_weights.data -= self.adjustment
                     model.special_care_embeds_weights.data -= self.adjustment

@@ -73,6 +73,9 @@ def cluster(
         "S2I_JOB_MAX_ATTEMPTS": 2,
         "S2I_JOB_LEASE_SECONDS": 4,  # a dead worker's job is queued again within seconds
         "S2I_RECONCILE_INTERVAL_SECONDS": 1,
+        "S2I_WEBHOOK_ALLOW_PRIVATE": "true",  # the test's receiver is on loopback
+        "S2I_WEBHOOK_SECRET": "cluster-webhook-secret",
+        "S2I_WEBHOOK_POLL_SECONDS": 0.2,
     }
     cluster = Cluster(root, settings)
     cluster.create_schema()
@@ -596,3 +599,29 @@ def test_usage_rows_are_written_by_the_worker_and_read_by_any_api(cluster: Clust
     assert after["usage"]["device_seconds"] > before["usage"]["device_seconds"]
     status, _, text = http("GET", f"{second}/metrics")
     assert b's2i_usage_images_total{key="local"}' in text
+
+
+def test_a_webhook_is_sent_by_the_api_when_a_worker_ends_the_job(cluster: Cluster) -> None:
+    from .test_webhooks import Receiver
+
+    first, second = _urls(cluster)
+    receiver = Receiver()
+    receiver.failures_left = 0
+    try:
+        status, _, job = http(
+            "POST",
+            f"{first}/generate-image",
+            {"prompt": "a windmill", "steps": 1, "async": True},
+            headers={"Callback-URL": receiver.url},
+        )
+        assert status == 202, job
+        receiver.wait_for(1, timeout=120)
+        headers, body = receiver.received[0]
+        document = json.loads(body)
+        assert document["id"] == job["id"] and document["state"] == "succeeded"
+        assert headers["X-S2I-Signature"].startswith("t=")
+        status, _, seen = http("GET", f"{second}/jobs/{job['id']}")
+        assert seen["webhooks"][0]["url"] == receiver.url
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
