@@ -76,6 +76,10 @@ def test_keys_at_run_time_usage_and_metrics(make_app, tmp_path, monkeypatch) -> 
     assert client.get("/images", headers=_bearer(alice)).status_code == 401
     listing = CliRunner().invoke(main, ["keys", "list"])
     assert "alice2" in listing.output and "revoked" in listing.output
+    assert CliRunner().invoke(main, ["keys", "rename", "ops", "ops2"]).exit_code == 0
+    assert CliRunner().invoke(main, ["keys", "revoke", "ops2"]).exit_code == 0
+    assert client.get("/admin/keys", headers=_bearer(admin)).status_code == 401
+    assert CliRunner().invoke(main, ["keys", "revoke", "nobody"]).exit_code != 0
 
 
 def test_quotas_refuse_before_any_work(make_app) -> None:

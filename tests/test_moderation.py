@@ -56,3 +56,18 @@ def test_flagged_images_are_never_stored(make_app, safety_checker) -> None:
     relaxed = make_app(moderation_safety_checker=safety_checker).test_client()
     kept = relaxed.post("/generate-image", json={"prompt": "a harbour", **ONE_STEP}).json
     assert len(kept["images"]) == 1 and kept["filtered"] == 0
+
+
+def test_a_spoken_prompt_is_checked_once_heard(make_app, speech) -> None:
+    app = make_app(moderation_terms=["red fox"], whisper_model="tiny.en")
+    client = app.test_client()
+    with open(speech["english"], "rb") as fh:  # "A red fox jumps over the lazy dog ..."
+        blocked = client.post(
+            "/speech-to-image",
+            data={"audio": (fh, "clip.wav"), "steps": "1"},
+            content_type="multipart/form-data",
+        )
+    assert blocked.status_code == 400, blocked.json
+    error = blocked.json["error"]
+    assert error["code"] == "moderation_blocked" and error["details"]["field"] == "spoken prompt"
+    assert client.get("/images").json["total"] == 0  # no image, no transcript row
