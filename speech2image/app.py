@@ -16,6 +16,8 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
+from .accounts import Accounts
+from .api import accounts as accounts_api
 from .api import conversations as conversations_api
 from .api import (
     drafts,
@@ -44,6 +46,7 @@ from .logging_setup import configure_logging
 from .maintenance import Maintenance
 from .metrics import Metrics, start_metrics_server
 from .model_loader import ModelLoader
+from .moderation import Moderation
 from .server import ServerState
 from .speech_service import SpeechService
 from .storage import Storage
@@ -172,12 +175,23 @@ def create_app(
     chooser = StyleChooser(settings.style_cues, settings.style_models, settings.style_default)
     image_service = ImageService(settings, loader, storage, chooser)
     image_service.init_app(app)
+    moderation = Moderation(settings, metrics.registry)
+    moderation.init_app(app)
+    image_service.moderation = moderation
     job_kinds = service_kinds(speech_service, image_service, kinds)
     app.extensions["job_kinds"] = job_kinds
     maintenance = Maintenance(settings, storage, loader)
     maintenance.init_app(app)
     if role in ("embedded", "api") and settings.cleanup_interval_seconds > 0:
         maintenance.start(settings.cleanup_interval_seconds)
+
+    accounts = Accounts(settings, storage, redis=_quota_redis(settings) if role == "api" else None)
+    accounts.init_app(app)
+    if role in ("embedded", "api"):
+        from .accounts.metrics import UsageCollector
+
+        metrics.registry.register(UsageCollector(accounts))
+        accounts.resume_deliveries()  # webhooks an earlier process left unsent
 
     dependencies = Dependencies({"database": storage.ping, "image_store": storage.images.check})
     dependencies.init_app(app)
@@ -297,6 +311,7 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
     app.register_blueprint(web.bp)
     app.register_blueprint(edit_api.bp)
     app.register_blueprint(conversations_api.bp)
+    app.register_blueprint(accounts_api.bp)
     openapi.register_openapi(app)
     app.url_map.merge_slashes = False  # "//etc/passwd" must be a 404, not a redirect
     errors.register_error_handlers(app)
@@ -322,6 +337,13 @@ def _init_http(app: Flask, settings: Settings, metrics: Metrics) -> None:
 def _raise_unless_ok(check: dict[str, Any]) -> None:
     if not check["ok"]:
         raise ConnectionError(check.get("problem", "not answering"))
+
+
+def _quota_redis(settings: Settings) -> Any:
+    """The Redis client that counts quota reservations of every API process."""
+    from .jobs.celery import redis_client
+
+    return redis_client(settings.broker_url, settings.redis_timeout_seconds)
 
 
 def _broker(settings: Settings) -> Any:

@@ -459,3 +459,88 @@ def db_current() -> None:
     finally:
         engine.dispose()
     click.echo(f"current: {current or 'none'}\nhead: {migrate.head_revision()}")
+
+
+@main.group()
+def keys() -> None:
+    """API keys kept in the database: create, list, rename, revoke."""
+
+
+def _key_store() -> Any:
+    from .storage import migrate
+    from .storage.accounts import KeyStore
+
+    engine = _history_engine()
+    migrate.upgrade(engine)
+    return KeyStore(engine)
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["transcribe", "generate", "edit", "admin"]),
+    help="Repeat for several; default: transcribe, generate, edit.",
+)
+@click.option("--model", "models", multiple=True, help="Allowed model (repeat); default: all.")
+def keys_create(name: str, scopes: tuple[str, ...], models: tuple[str, ...]) -> None:
+    """Make a key and print its secret (shown this once)."""
+    from .storage.accounts import DuplicateKeyName
+
+    try:
+        record, secret = _key_store().create(
+            name, list(scopes or ("transcribe", "generate", "edit")), models=list(models) or None
+        )
+    except DuplicateKeyName:
+        raise click.ClickException(f"a key named {name!r} exists") from None
+    click.echo(f"id: {record.id}\nname: {record.name}\nscopes: {','.join(record.scopes)}")
+    click.echo(f"secret: {secret}")
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_list(as_json: bool) -> None:
+    """Every key: prefix, name, scopes, last use, revoked."""
+    records = [r.as_dict() for r in _key_store().list()]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        state = "revoked" if r["revoked_at"] else "active"
+        click.echo(
+            f"{r['prefix']}  {r['name']}  {','.join(r['scopes'])}  {state}  "
+            f"last used: {r['last_used_at'] or 'never'}"
+        )
+
+
+def _one_key(store: Any, ref: str) -> Any:
+    record = store.get(ref)
+    if record is None:
+        raise click.ClickException(f"no key {ref!r} (give its id, name or prefix)")
+    return record
+
+
+@keys.command("rename")
+@click.argument("key")
+@click.argument("new_name")
+def keys_rename(key: str, new_name: str) -> None:
+    """Rename a key (by id, name or prefix)."""
+    from .storage.accounts import DuplicateKeyName
+
+    store = _key_store()
+    try:
+        store.change(_one_key(store, key).id, name=new_name)
+    except DuplicateKeyName:
+        raise click.ClickException(f"a key named {new_name!r} exists") from None
+    click.echo(f"renamed to {new_name}")
+
+
+@keys.command("revoke")
+@click.argument("key")
+def keys_revoke(key: str) -> None:
+    """Revoke a key (by id, name or prefix): refused from its next request on."""
+    store = _key_store()
+    record = store.revoke(_one_key(store, key).id)
+    click.echo(f"revoked {record.prefix} ({record.name})")

@@ -469,6 +469,48 @@ class Settings(BaseSettings):
         description="Comma-separated keys that may also use /status and POST /cleanup.",
     )
     ratelimit_enabled: bool = True
+    auth_required: bool = Field(
+        False,
+        description="Require a key even when S2I_API_KEYS is empty (keys made with "
+        "`speech2image keys create` or POST /admin/keys).",
+    )
+    moderation_prompts: bool = Field(
+        True, description="Refuse prompts with the policy's words (400 moderation_blocked)."
+    )
+    moderation_terms: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated words or phrases the operator adds to the word list.",
+    )
+    moderation_images: bool = Field(
+        True, description="Withhold images the safety checker flags (where its weights are)."
+    )
+    moderation_safety_checker: Path | None = Field(
+        None,
+        description="Folder with safety_checker/ and feature_extractor/ (an SD 1.x "
+        "checkpoint's); empty: images are not checked.",
+    )
+    moderation_image_adjustment: float = Field(
+        0.0, ge=-2.0, le=4.0, description="Added to the checker's scores: higher is stricter."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback URLs on private, loopback and link-local addresses."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signs webhooks of keys without their own secret (S2I_API_KEYS, none)."
+    )
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="Per delivery attempt.")
+    webhook_max_attempts: int = Field(8, ge=1, le=50, description="Attempts before giving up.")
+    webhook_retry_seconds: float = Field(
+        2.0, gt=0, le=3600, description="First back-off of a failed delivery (doubles, to 1 h)."
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often due webhook deliveries are looked for."
+    )
+    quota_default: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="Caps of every key without its own, as METRIC:PERIOD=CAP pairs, e.g. "
+        "images:day=100,pixel_steps:month=5e9,audio_seconds:day=3600; empty: none.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated origins a browser may call from (or *); empty: no CORS.",
@@ -490,12 +532,22 @@ class Settings(BaseSettings):
         description="Reverse proxies in front that set X-Forwarded-For/-Proto; 0: trust none.",
     )
 
+    @field_validator("quota_default", mode="before")
+    @classmethod
+    def _parse_quotas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from .accounts.quotas import parse_quotas
+
+            return parse_quotas(value)
+        return value
+
     @field_validator(
         "preload_models",
         "api_keys",
         "admin_api_keys",
         "worker_models",
         "cors_origins",
+        "moderation_terms",
         mode="before",
     )
     @classmethod

@@ -148,6 +148,7 @@ class GenerationResult:
     choice: StyleChoice
     truncated: bool
     timings: dict[str, float]
+    filtered: int = 0  # images the safety checker withheld (never stored)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON answer of a generation (sync response and job result alike)."""
@@ -181,6 +182,7 @@ class GenerationResult:
                 "loras": _lora_list(r),
             },
             "timings": self.timings,
+            "filtered": self.filtered,
         }
 
 
@@ -194,6 +196,8 @@ class ImageService:
         self.loader = loader
         self.storage = storage
         self.chooser = chooser
+        #: The content policy (speech2image.moderation.Moderation), set by create_app.
+        self.moderation: Any = None
         self.models = register_image_models(loader, settings)
         #: The LoRA files requests may name (S2I_LORA_DIR).
         self.loras = LoraCatalog(settings.lora_dir)
@@ -559,6 +563,11 @@ class ImageService:
         """
         request, choice = item.request, item.choice
         started = time.perf_counter()
+        keep, filtered = (
+            self.moderation.keep_safe(images)
+            if self.moderation is not None
+            else (range(len(images)), 0)
+        )
         records = self.storage.save_images(
             owner,
             [
@@ -572,6 +581,7 @@ class ImageService:
                     edit=edit,
                 )
                 for i, (image, seed) in enumerate(zip(images, request.seeds(), strict=True))
+                if i in keep
             ],
             transcript=transcript,
         )
@@ -584,7 +594,12 @@ class ImageService:
             choice.model,
         )
         return GenerationResult(
-            records, request, choice, truncated, {k: round(v, 4) for k, v in timings.items()}
+            records,
+            request,
+            choice,
+            truncated,
+            {k: round(v, 4) for k, v in timings.items()},
+            filtered,
         )
 
     def _generate_with_retry(

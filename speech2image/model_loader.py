@@ -24,6 +24,7 @@ from .errors import ModelUnavailable
 from .observe import NULL_OBSERVER, Observer
 
 __all__ = [
+    "MODEL_LOAD_LOCK",
     "DeviceOutOfMemory",
     "Lease",
     "ModelFactory",
@@ -36,6 +37,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+#: Held while any model loads in this process (see ModelLoader._load_lock).
+MODEL_LOAD_LOCK = threading.RLock()
 
 # The interpreter's modules are process-wide, so is the lock that guards importing them.
 _ENGINE_IMPORT_LOCK = threading.Lock()
@@ -179,7 +183,11 @@ class ModelLoader:
         self._factories: dict[str, ModelFactory] = {}
         self._entries: dict[str, _Entry] = {}
         self._cond = threading.Condition()
-        self._load_lock = threading.Lock()  # one load at a time: memory readings stay honest
+        # One load at a time in the whole process, whichever loader (or other code, through
+        # MODEL_LOAD_LOCK) loads: memory readings stay honest, and accelerate's empty-weights
+        # context (patched into torch process-wide while diffusers/transformers load with
+        # low_cpu_mem_usage) never leaves another thread's model on the meta device.
+        self._load_lock = MODEL_LOAD_LOCK
         self.events: list[tuple[str, str, str]] = []  # (action, name, device), newest last
 
     # --- registry ------------------------------------------------------------------------

@@ -75,6 +75,9 @@ def cluster(
         "S2I_JOB_MAX_ATTEMPTS": 2,
         "S2I_JOB_LEASE_SECONDS": 4,  # a dead worker's job is queued again within seconds
         "S2I_RECONCILE_INTERVAL_SECONDS": 1,
+        "S2I_WEBHOOK_ALLOW_PRIVATE": "true",  # the test's receiver is on loopback
+        "S2I_WEBHOOK_SECRET": "cluster-webhook-secret",
+        "S2I_WEBHOOK_POLL_SECONDS": 0.2,
     }
     cluster = Cluster(root, settings)
     cluster.create_schema()
@@ -604,3 +607,45 @@ def test_realtime_session_on_an_api_process_transcribes_on_a_worker(
         assert {"fox", "forest"} <= set(re.findall(r"[a-z]+", completed["transcript"].lower()))
     finally:
         ws.close()
+
+
+def test_usage_rows_are_written_by_the_worker_and_read_by_any_api(cluster: Cluster) -> None:
+    first, second = _urls(cluster)
+    status, _, before = http("GET", f"{second}/usage")
+    assert status == 200, before
+    status, _, body = http(
+        "POST", f"{first}/generate-image", {"prompt": "a lighthouse", "steps": 2, "seed": 5}
+    )
+    assert status == 200, body
+    status, _, after = http("GET", f"{second}/usage")
+    assert after["usage"]["images"] - before["usage"]["images"] == 1
+    assert after["usage"]["pixel_steps"] - before["usage"]["pixel_steps"] == 64 * 64 * 2
+    assert after["usage"]["device_seconds"] > before["usage"]["device_seconds"]
+    status, _, text = http("GET", f"{second}/metrics")
+    assert b's2i_usage_images_total{key="local"}' in text
+
+
+def test_a_webhook_is_sent_by_the_api_when_a_worker_ends_the_job(cluster: Cluster) -> None:
+    from .test_webhooks import Receiver
+
+    first, second = _urls(cluster)
+    receiver = Receiver()
+    receiver.failures_left = 0
+    try:
+        status, _, job = http(
+            "POST",
+            f"{first}/generate-image",
+            {"prompt": "a windmill", "steps": 1, "async": True},
+            headers={"Callback-URL": receiver.url},
+        )
+        assert status == 202, job
+        receiver.wait_for(1, timeout=120)
+        headers, body = receiver.received[0]
+        document = json.loads(body)
+        assert document["id"] == job["id"] and document["state"] == "succeeded"
+        assert headers["X-S2I-Signature"].startswith("t=")
+        status, _, seen = http("GET", f"{second}/jobs/{job['id']}")
+        assert seen["webhooks"][0]["url"] == receiver.url
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

@@ -12,11 +12,13 @@ from typing import Any
 
 from flask import Flask, current_app, g, request
 from limits import parse
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from ..errors import AuthFailuresLimited
 
 __all__ = [
+    "ENDPOINT_SCOPES",
     "LOCAL_OWNER",
     "client_owner",
     "operators_only",
@@ -61,17 +63,57 @@ def _is_public(endpoint: str | None) -> bool:
     return bool(getattr(getattr(view, "__openapi__", None), "public", False))
 
 
+#: The scopes a database key needs per endpoint (all of them); endpoints not named here need
+#: only a valid key, and operator endpoints the ``admin`` scope (``operators_only``).
+ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
+    "speech.transcribe_audio": ("transcribe",),
+    "pipeline.speech_to_image": ("transcribe", "generate"),
+    "images.generate_image": ("generate",),
+    "openai_audio.create_transcription": ("transcribe",),
+    "openai_audio.create_translation": ("transcribe",),
+    "openai_images.create_image": ("generate",),
+}
+
+
+def _database_key(presented: str) -> bool:
+    """Identify a key made at run time (looked up on every request: revocation is at once)."""
+    from ..storage.accounts import KEY_PREFIX
+
+    accounts = current_app.extensions.get("accounts")
+    if accounts is None or not presented.startswith(KEY_PREFIX):
+        return False
+    try:
+        record = accounts.keys.by_secret(presented)
+    except SQLAlchemyError as exc:
+        from ..jobs.records import database_down
+
+        raise database_down() from exc
+    if record is None or not record.usable():
+        return False
+    g.owner = record.owner
+    g.is_admin = "admin" in record.scopes
+    g.api_key = record
+    g.key_name = record.name
+    missing = [s for s in ENDPOINT_SCOPES.get(request.endpoint or "", ()) if s not in record.scopes]
+    if missing:
+        raise Forbidden(f"this key lacks the scope {', '.join(missing)} this endpoint needs")
+    return True
+
+
 def _identify() -> None:
     settings = current_app.config["S2I_SETTINGS"]
     keys: list[str] = settings.api_keys + settings.admin_api_keys
     g.owner = LOCAL_OWNER
-    g.is_admin = not keys  # auth off: the one local identity may do everything
-    if not keys or _is_public(request.endpoint):
+    auth = bool(keys) or settings.auth_required
+    g.is_admin = not auth  # auth off: the one local identity may do everything
+    if not auth or _is_public(request.endpoint):
         return
     if request.method == "OPTIONS":  # a CORS preflight never carries credentials
         return
     presented = _presented_key()
     given = (presented or "").encode("utf-8", "surrogateescape")
+    if presented is not None and _database_key(presented):
+        return
     if presented is not None and _matches(given, keys):
         # A valid key is never refused for others' failures: behind one proxy or NAT, every
         # client shares the address, and anyone could lock everyone out. Keys are long random
@@ -130,7 +172,10 @@ def operators_only(view: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(view)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         if not getattr(g, "is_admin", False):
-            raise Forbidden("an operator endpoint: it needs a key from S2I_ADMIN_API_KEYS")
+            raise Forbidden(
+                "an operator endpoint: it needs a key from S2I_ADMIN_API_KEYS or with the "
+                "admin scope"
+            )
         return view(*args, **kwargs)
 
     return guarded

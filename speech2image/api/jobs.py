@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import select
@@ -16,6 +17,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import Conflict
 
+from ..accounts import admit, deliveries_of, drop_callback, register_callback
 from ..errors import (
     DATABASE_ERRORS,
     InvalidRequest,
@@ -133,10 +135,16 @@ def new_job(kind: str, work: Any, *, input: Path | None = None) -> Job:
 def submit(kind: str, work: Any, *, input: Path | None = None) -> Job:
     """Make the caller's job and hand it to the runner, which removes the input when the
     job ends; if it is not accepted, the input is removed now."""
+    delivery = None
     try:
-        return get_job_runner(current_app).submit(new_job(kind, work, input=input))
+        job = new_job(kind, work, input=input)
+        admit(job)  # the key's models and quotas, before any model work
+        delivery = register_callback(job)  # its webhook, written before the job is accepted
+        return get_job_runner(current_app).submit(job)
     except BaseException:
         discard_file(input)
+        with contextlib.suppress(Exception):
+            drop_callback(delivery)
         raise
 
 
@@ -296,7 +304,11 @@ def list_jobs(query: Any) -> ResponseReturnValue:
 @endpoint(responses={200: JobView}, errors=(404,), tags=("jobs",), path=JOB_ID)
 def get_job(job_id: str) -> ResponseReturnValue:
     """State, progress (step, total, ETA) and, once done, the result or the error."""
-    return jsonify(without_preview(_owned(job_id).snapshot()))
+    document = without_preview(_owned(job_id).snapshot())
+    webhooks = deliveries_of(job_id)
+    if webhooks:
+        document["webhooks"] = webhooks
+    return jsonify(document)
 
 
 @bp.delete("/jobs/<job_id>")

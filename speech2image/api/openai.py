@@ -340,7 +340,7 @@ def http_error(exc: HTTPException) -> Response:
             status,
             exc.description or exc.name,
             param=(exc.details or {}).get("field"),
-            code=exc.error,
+            code=getattr(exc, "openai_code", exc.error),
         )
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))

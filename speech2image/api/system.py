@@ -228,7 +228,9 @@ def config() -> ResponseReturnValue:
             "upload_bytes": {"max": int(settings.max_upload_bytes)},
             "audio_seconds": {"max": settings.max_audio_seconds},
         },
-        auth={"required": bool(settings.api_keys or settings.admin_api_keys)},
+        auth={
+            "required": bool(settings.api_keys or settings.admin_api_keys) or settings.auth_required
+        },
     )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "pipeline_queue_name",
     "pipeline_queues",
     "queue_name",
+    "usage_from_result",
 ]
 
 
@@ -88,6 +89,35 @@ class JobKind(abc.ABC):
     @abc.abstractmethod
     def run(self, jobs: list[Job]) -> None:
         """Run a batch (one job unless the schedule gave a batch key) and finish each job."""
+
+    def prompts(self, work: Any) -> list[str]:
+        """The prompts of a job with this ``work`` that moderation checks at admission."""
+        return []
+
+    def estimate_usage(self, work: Any) -> dict[str, float]:
+        """The most a job of this ``work`` may use (``images``, ``pixel_steps``,
+        ``audio_seconds``): quotas reserve it at admission. Default: nothing known."""
+        return {}
+
+    def usage(self, job: Job, result: dict[str, Any] | None) -> dict[str, float]:
+        """What the finished ``job`` used (its usage row); by default read from its result."""
+        return usage_from_result(result)
+
+
+def usage_from_result(result: dict[str, Any] | None) -> dict[str, float]:
+    """Images, pixel-steps and audio seconds a job's result shows (an image or speech result)."""
+    if not result:
+        return {}
+    images = [i for i in result.get("images") or [] if isinstance(i, dict)]
+    steps = int((result.get("parameters") or {}).get("steps") or 0)
+    transcript = result.get("transcript") if isinstance(result.get("transcript"), dict) else {}
+    audio = result.get("duration", (transcript or {}).get("duration")) or 0.0
+    return {
+        "images": len(images),
+        "pixel_steps": sum(int(i.get("width", 0)) * int(i.get("height", 0)) for i in images)
+        * steps,
+        "audio_seconds": float(audio),
+    }
 
 
 class JobKinds:
@@ -173,3 +203,16 @@ class JobKinds:
     def run(self, jobs: list[Job]) -> None:
         """Run a batch of jobs of one kind."""
         self._kinds[jobs[0].kind].run(jobs)
+
+    def prompts(self, job: Job) -> list[str]:
+        """The prompts of ``job`` that moderation checks at admission."""
+        return self._kinds[job.kind].prompts(job.work)
+
+    def estimate_usage(self, job: Job) -> dict[str, float]:
+        """The most ``job`` may use (its kind's estimate)."""
+        return self._kinds[job.kind].estimate_usage(job.work)
+
+    def usage(self, job: Job, result: dict[str, Any] | None) -> dict[str, float]:
+        """What the finished ``job`` used (its kind's account)."""
+        kind = self._kinds.get(job.kind)
+        return kind.usage(job, result) if kind is not None else usage_from_result(result)

@@ -84,7 +84,7 @@ class LocalJobRunner:
         self.keep_finished_seconds = keep_finished_seconds
         self.worker_name = local_worker_name()
         self.recorder = (
-            JobRecorder(store, self.worker_name, keep_finished_seconds) if store else None
+            JobRecorder(store, self.worker_name, keep_finished_seconds, kinds) if store else None
         )
         self._queue: list[Job] = []
         self._jobs: dict[str, Job] = {}

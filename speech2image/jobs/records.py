@@ -194,8 +194,15 @@ def job_event(job: Job, worker: str | None = None) -> dict[str, Any]:
 class JobRecorder:
     """Keeps the rows of one runner's jobs in step with the jobs."""
 
-    def __init__(self, store: JobStore, worker: str, keep_finished_seconds: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        worker: str,
+        keep_finished_seconds: float,
+        kinds: JobKinds | None = None,
+    ) -> None:
         self.store = store
+        self.kinds = kinds  # with kinds, a job's final write carries its usage row
         self.worker = worker
         self.keep = dt.timedelta(seconds=keep_finished_seconds)
         self._lock = threading.Lock()
@@ -228,7 +235,10 @@ class JobRecorder:
             elif event == "finish":
                 with self._lock:
                     self._last_saved.pop(job.id, None)
-                self.finish(job.id, self.final_fields(job, final))
+                fields = self.final_fields(job, final)
+                if self.kinds is not None:
+                    fields["usage"] = self.usage(job, final)
+                self.finish(job.id, fields)
             elif self._due(job):
                 self.store.update(
                     job.id,
@@ -253,6 +263,15 @@ class JobRecorder:
             "error": final.get("error"),
             "lease_expires_at": None,
         }
+
+    def usage(self, job: Job, final: dict[str, Any]) -> dict[str, float]:
+        """What ``job`` used: its kind's account plus its device time (its share of a batch)."""
+        assert self.kinds is not None
+        use = dict(self.kinds.usage(job, final.get("result")))
+        if job.started_at is not None:
+            device = (time.monotonic() - job.started_at) / max(1, job.batch_size)
+            use["device_seconds"] = round(device, 3)
+        return use
 
     def finish(self, job_id: str, fields: dict[str, Any]) -> bool:
         """Record a job's end now, or retry in the background until the database answers.

@@ -56,6 +56,15 @@ class GenerateKind(JobKind):
             steps=work.request.steps,
         )
 
+    def prompts(self, work: PreparedImage) -> list[str]:
+        """The typed prompt."""
+        return [work.request.prompt]
+
+    def estimate_usage(self, work: PreparedImage) -> dict[str, float]:
+        """Its images and pixel-steps, known from the validated request."""
+        r = work.request
+        return {"images": r.num_images, "pixel_steps": r.width * r.height * r.steps * r.num_images}
+
     def dump(self, work: PreparedImage) -> dict[str, Any]:
         """The validated request and the model choice."""
         return image_work_document(work)

@@ -48,6 +48,15 @@ class SpeechToImageKind(JobKind):
         """Whisper first; never merged (its image request is known only after transcribing)."""
         return Schedule(model=self.speech.model_name)
 
+    def estimate_usage(self, work: SpeechToImageWork) -> dict[str, float]:
+        """Its images and pixel-steps (the audio's length is known only once decoded)."""
+        fields, settings = work.image_fields, self.images.settings
+        n = int(fields.get("num_images") or 1)
+        width = int(fields.get("width") or settings.default_width or 512)
+        height = int(fields.get("height") or settings.default_height or 512)
+        steps = int(fields.get("steps") or settings.default_steps or 30)
+        return {"images": n, "pixel_steps": width * height * steps * n}
+
     def dump(self, work: SpeechToImageWork) -> dict[str, Any]:
         """Options, image fields and the understanding steps."""
         return {
@@ -98,6 +107,8 @@ class SpeechToImageKind(JobKind):
             )
         # Long speech is truncated like a long typed prompt, never refused after the work.
         limit = images.settings.max_prompt_chars
+        if images.moderation is not None:  # a spoken prompt is known only now
+            images.moderation.check_prompt(spoken.prompt, "spoken prompt")
         prompt = clip_prompt(spoken.prompt, limit)
         negative = clip_prompt(spoken.negative_prompt, limit) if spoken.negative_prompt else None
         request = images.validate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import layout, migrate, space
+from . import accounts, layout, migrate, space
 from .base import Base, keyed_id, new_id, utcnow
 from .history import (
     FILENAME_PATTERN,
@@ -30,6 +30,7 @@ __all__ = [
     "NewTranscript",
     "Storage",
     "TranscriptRecord",
+    "accounts",
     "get_storage",
     "keyed_id",
     "layout",

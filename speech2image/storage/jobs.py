@@ -170,13 +170,36 @@ class JobStore:
         with self._sessions.begin() as session:
             return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
-    def finish(self, job_id: str, state: str, **fields: Any) -> bool:
-        """Record the end of a job (once: a finished row is never changed again)."""
+    def finish(
+        self, job_id: str, state: str, *, usage: dict[str, float] | None = None, **fields: Any
+    ) -> bool:
+        """Record the end of a job (once: a finished row is never changed again).
+
+        ``usage``: what it used, written as its usage row in the same transaction, so a job
+        counts once whatever redeliveries and crashes happen around it.
+        """
         if state not in FINISHED_STATES:
             raise ValueError(f"not a final state: {state!r}")
-        return self.update(
-            job_id, only_if=ACTIVE_STATES, state=state, finished_at=utcnow(), **fields
-        )
+        if usage is None:
+            return self.update(
+                job_id, only_if=ACTIVE_STATES, state=state, finished_at=utcnow(), **fields
+            )
+        from .accounts import add_usage
+
+        now = utcnow()
+        with self._sessions.begin() as session:
+            changed = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state.in_(list(ACTIVE_STATES)))
+                .values(state=state, finished_at=now, updated_at=now, **fields)
+            ).rowcount  # type: ignore[attr-defined]
+            if not changed:
+                return False
+            owner, kind = session.execute(
+                select(JobRecord.owner, JobRecord.kind).where(JobRecord.id == job_id)
+            ).one()
+            add_usage(session, job_id, owner, kind, state, usage)
+        return True
 
     def claim(self, record: JobRecord, worker: str) -> JobRecord | None:
         """Take an unfinished job over from a dead process (only one claimant wins).

@@ -141,7 +141,7 @@ class JobWorker:
         self.rows = rows
         self.inputs = inputs
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.recorder = JobRecorder(rows, self.name, settings.job_keep_seconds)
+        self.recorder = JobRecorder(rows, self.name, settings.job_keep_seconds, kinds)
         self.keeper = LeaseKeeper(rows, broker, self.name, settings.job_lease_seconds)
         self.shutting_down = threading.Event()
         self._delivery_tags: dict[str, str] = {}
