@@ -1,7 +1,7 @@
 """Accounts: API keys (hashed), usage rows per finished job, webhook deliveries.
 
 Revision ID: 0005_accounts
-Revises: 0003_job_leases
+Revises: 0004_edits_conversations
 Create Date: 2026-12-04
 """
 
