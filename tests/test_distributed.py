@@ -649,3 +649,17 @@ def test_a_webhook_is_sent_by_the_api_when_a_worker_ends_the_job(cluster: Cluste
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+def test_an_edit_runs_on_a_worker_with_its_source_image_as_input(cluster: Cluster) -> None:
+    first, second = _urls(cluster)
+    status, _, made = http("POST", f"{first}/generate-image", {"prompt": "a red fox", "seed": 5})
+    assert status == 200, made
+    parent = made["images"][0]["id"]
+    fields = {"image_id": parent, "prompt": "a red fox at night", "seed": "5", "strength": "0.5"}
+    body, content_type = multipart(fields, {})
+    status, _, edited = http(
+        "POST", f"{second}/edit-image", data=body, headers={"Content-Type": content_type}
+    )
+    assert status == 200, edited  # the image input is not checked as audio, the worker gets it
+    assert edited["parent_id"] == parent and edited["edit"]["mode"] == "img2img"
+    status, _, lineage = http("GET", f"{first}/lineage/{edited['images'][0]['id']}")
+    assert [a["id"] for a in lineage["ancestors"]] == [parent]

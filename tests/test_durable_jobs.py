@@ -117,6 +117,32 @@ def test_start_up_reruns_or_fails_what_a_dead_process_left(make_app, tmp_path) -
         attempts=MAX_ATTEMPTS,
         **common,
     )
+    # An edit: its source image is the row's input, handed back to the rerun like audio is.
+    from PIL import Image
+
+    from speech2image.editing import prepare_edit
+
+    work, packed = prepare_edit(
+        app.extensions["images"],
+        {"prompt": "a lighthouse at night", "seed": 11, "steps": 2},
+        Image.new("RGB", (64, 64), "navy"),
+        None,
+        strength=0.5,
+        parent_id="b" * 32,
+    )
+    upload_dir = Path(app.config["S2I_SETTINGS"].upload_dir)
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    source = upload_dir / f"upload-{uuid.uuid4().hex}"
+    source.write_bytes(packed)
+    ids["edit"] = uuid.uuid4().hex
+    store.add(
+        id=ids["edit"],
+        kind="edit",
+        work=app.extensions["job_kinds"]["edit"].dump(work),
+        input=str(source),
+        state="running",
+        **common,
+    )
     living = app.extensions["jobs"].worker_name  # a process that still runs: not touched
     store.add(
         id=ids["alive"], kind="generate", work={"request": request}, owner=owner, worker=living
@@ -126,6 +152,9 @@ def test_start_up_reruns_or_fails_what_a_dead_process_left(make_app, tmp_path) -
     rerun = wait_state(client, ids["rerun"], {"succeeded", "failed"}, ALPHA)
     assert rerun["state"] == "succeeded", rerun
     assert rerun["result"]["images"][0]["seed"] == 11
+    edit = wait_state(client, ids["edit"], {"succeeded", "failed"}, ALPHA)
+    assert edit["state"] == "succeeded", edit
+    assert edit["result"]["parent_id"] == "b" * 32 and not source.exists()
     for name in ("gone", "poison"):
         body = client.get(f"/jobs/{ids[name]}", headers=ALPHA).json
         assert body["state"] == "failed" and body["error"]["code"] == "interrupted", body

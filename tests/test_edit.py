@@ -154,3 +154,21 @@ def test_compatible_edits_share_a_batch_key(edit_app) -> None:
     assert key("a boat", 1, 0.5) == key("a kite", 2, 0.5)
     assert key("a boat", 1, 0.5) != key("a boat", 1, 0.6)
     assert key("a boat", 1, 0.5) != key("a boat", 1, 0.5, with_mask=True)
+
+
+def test_a_family_without_an_edit_kind_is_a_clear_400(edit_app, monkeypatch) -> None:
+    import dataclasses
+
+    from speech2image.engines.families import FAMILIES
+
+    monkeypatch.setitem(FAMILIES, "sd1", dataclasses.replace(FAMILIES["sd1"], edits=("img2img",)))
+    client = edit_app.test_client()
+    image = png(Image.new("RGB", (64, 64), "blue"))
+    mask = png(Image.new("L", (64, 64), 255))
+    response = post_edit(
+        client, files={"image": (image, "a.png"), "mask": (mask, "m.png")}, prompt="a boat"
+    )
+    assert response.status_code == 400, response.json
+    assert (
+        response.json["error"]["message"] == "Stable Diffusion 1.x models cannot do inpaint edits"
+    )

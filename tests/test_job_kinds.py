@@ -18,6 +18,16 @@ def _echo(kinds: JobKinds, owner: str, times: int, steps: int = 3):  # type: ign
     return kinds.new(owner=owner, name="echo", work={"word": "hi", "times": times, "steps": steps})
 
 
+def _edit_work(images):  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from speech2image.editing import prepare_edit
+
+    source, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
+    fields = {"prompt": "a fox at night", "seed": 3}
+    return prepare_edit(images, fields, source, mask, strength=0.6, parent_id="a" * 32)[0]
+
+
 def test_every_service_kind_round_trips_its_document(make_app) -> None:
     """One decoder for the row and the Celery payload: dump, JSON, load gives the same work."""
     from speech2image.kinds import SpeechToImageWork, TranscribeWork
@@ -33,6 +43,7 @@ def test_every_service_kind_round_trips_its_document(make_app) -> None:
         "speech_to_image": SpeechToImageWork(
             TranscribeOptions(), {"steps": 2, "model": "tiny-photo"}, UnderstandSteps(clean=False)
         ),
+        "edit": _edit_work(images),
     }
     assert set(kinds.names()) == set(works)
     for name, work in works.items():
