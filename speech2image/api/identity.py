@@ -72,6 +72,14 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "openai_audio.create_transcription": ("transcribe",),
     "openai_audio.create_translation": ("transcribe",),
     "openai_images.create_image": ("generate",),
+    "openai_images.create_image_edit": ("edit",),
+    "openai_images.create_image_variation": ("edit",),
+    "edit.edit_image": ("edit",),
+    "conversations.create_conversation": ("generate",),
+    "conversations.take_turn": ("generate", "edit"),
+    "conversations.undo_turn": ("edit",),
+    "drafts.create_draft": ("generate",),
+    "realtime.realtime": ("transcribe",),
 }
 
 

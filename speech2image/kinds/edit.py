@@ -39,6 +39,15 @@ class EditKind(JobKind):
             steps=work.item.request.steps,
         )
 
+    def prompts(self, work: EditWork) -> list[str]:
+        """The final prompt (for a conversation turn, the one composed from the instruction)."""
+        return [work.item.request.prompt]
+
+    def estimate_usage(self, work: EditWork) -> dict[str, float]:
+        """Its images and pixel-steps, known from the validated request."""
+        r = work.item.request
+        return {"images": r.num_images, "pixel_steps": r.width * r.height * r.steps * r.num_images}
+
     def dump(self, work: EditWork) -> dict[str, Any]:
         """The prepared request, the model choice and the edit settings."""
         return image_work_document(work.item) | {"edit": work.describe()}
