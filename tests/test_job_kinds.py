@@ -45,6 +45,7 @@ def test_every_service_kind_round_trips_its_document(make_app) -> None:
         ),
         "edit": _edit_work(images),
     }
+    works["draft"] = works["generate"]  # a draft's work is a prepared image request
     assert set(kinds.names()) == set(works)
     for name, work in works.items():
         document = json.loads(json.dumps(kinds[name].dump(work)))
@@ -54,6 +55,8 @@ def test_every_service_kind_round_trips_its_document(make_app) -> None:
     assert (job.model, job.images, job.steps) == ("sd:tiny-art", 1, 4)
     assert job.batch_key == works["generate"].batch_key()
     assert kinds.new("transcribe", "me", works["transcribe"], input=Path("x")).batch_key is None
+    draft = kinds.new("draft", "me", works["draft"])
+    assert draft.priority < job.priority and draft.batch_key != job.batch_key
     with pytest.raises(ValueError, match="needs its input"):
         kinds.new("transcribe", "me", works["transcribe"])
 

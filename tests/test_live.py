@@ -157,3 +157,27 @@ def test_drafts_run_last_and_supersede_each_other(make_app) -> None:
     assert client.get("/images").get_json()["total"] == 2
     assert client.post("/drafts", json={"prompt": " "}).status_code == 400
     assert client.post("/drafts", json={"prompt": "x", "steps": 30}).status_code == 400
+
+
+def test_preview_frames_from_a_tiny_autoencoder_and_packed_flux_latents(tmp_path) -> None:
+    """The engine's two other frame paths: AutoencoderTiny when configured (a random tiny one
+    here), and FLUX's packed latents (2x2 patches in a sequence) through the projection."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from speech2image.engines.diffusers_sd import GenerationSpec
+    from speech2image.engines.previews import Previewer
+
+    blocks = {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4}
+    AutoencoderTiny(
+        **blocks, num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4
+    ).save_pretrained(tmp_path / "taesd")
+
+    def spec(family: str) -> GenerationSpec:
+        return GenerationSpec(["a"], [None], [1], 64, 64, 2, 1.0, "euler", family=family)
+
+    tiny = Previewer(1, 0.1, {"sd1": str(tmp_path / "taesd")})
+    pngs, method = tiny.frames(None, spec("sd1"), torch.randn(2, 4, 8, 8), [1])
+    assert method == "tiny_vae" and Image.open(io.BytesIO(pngs[0])).size == (64, 64)
+    pngs, method = Previewer(1, 0.1, {}).frames(None, spec("flux"), torch.randn(1, 16, 64), [0])
+    assert method == "projection" and Image.open(io.BytesIO(pngs[0])).size == (64, 64)

@@ -9,11 +9,11 @@ running at once across all clients; past it, 429 `drafts_busy` (the page skips t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, current_app, jsonify, url_for
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from werkzeug.exceptions import TooManyRequests
 
 from ..errors import ServiceError
@@ -36,33 +36,36 @@ class DraftsBusy(ServiceError, TooManyRequests):
     error = "drafts_busy"
 
 
-DraftPrompt = safe_text(1000, required=True)
-ModelName = safe_text(200)
-Seed = whole(ge=0, le=2**32 - 1)
-
-
-class DraftRequest(BaseModel):
-    """The transcript so far, and optionally the model and seed of the final image."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: DraftPrompt = Field(description="The words so far.")  # type: ignore[valid-type]
-    model: ModelName | None = Field(  # type: ignore[valid-type]
-        None, description="A configured model, or auto (the default)."
-    )
-    seed: Seed | None = Field(
-        None, description="Fixed seed (default S2I_DRAFT_SEED): drafts differ only by words."
+def _draft_body(app: Any) -> type[BaseModel]:
+    """The request: the words so far, and optionally a configured model and the seed."""
+    models = ("auto", *sorted(get_image_service(app).models))
+    return create_model(
+        "DraftRequest",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        prompt=(safe_text(1000, required=True), Field(description="The words so far.")),
+        model=(
+            Literal[models] | None,  # type: ignore[valid-type]
+            Field(None, description="A configured model, or auto (the default)."),
+        ),
+        seed=(
+            whole(ge=0, le=2**32 - 1) | None,
+            Field(
+                None,
+                description="Fixed seed (default S2I_DRAFT_SEED): drafts differ only "
+                "by their words.",
+            ),
+        ),
     )
 
 
 @bp.post("/drafts")
 @endpoint(
-    body=DraftRequest,
+    body=_draft_body,
     responses={202: JobAccepted},
     errors=(409, 422, 429, 503),
     tags=("images",),
 )
-def create_draft(body: DraftRequest) -> ResponseReturnValue:
+def create_draft(body: Any) -> ResponseReturnValue:
     """Draw a quick draft of the words so far; earlier drafts of the caller are cancelled."""
     settings = current_app.config["S2I_SETTINGS"]
     service = get_image_service(current_app)
