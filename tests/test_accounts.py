@@ -122,9 +122,10 @@ def test_keys_and_quotas_across_api_processes(make_app, live_server, tmp_path) -
         pytest.skip(problem)
     shared = Cluster(tmp_path, {})  # for its prefix, schema and clean-up; no process
     shared.create_schema()
+    apps = []
     try:
-        first, second = (
-            live_server(
+        for _ in range(2):
+            apps.append(
                 make_app(
                     broker_url=REDIS_URL,
                     queue_prefix=shared.prefix,
@@ -132,8 +133,7 @@ def test_keys_and_quotas_across_api_processes(make_app, live_server, tmp_path) -
                     admin_api_keys=["ops-secret-0123456789"],
                 )
             )
-            for _ in range(2)
-        )
+        first, second = (live_server(app) for app in apps)
         ops = _bearer("ops-secret-0123456789")
         status, _, made = http(
             "POST",
@@ -158,4 +158,7 @@ def test_keys_and_quotas_across_api_processes(make_app, live_server, tmp_path) -
         status, _, body = http("GET", f"{first}/jobs", headers=alice)
         assert status == 401, body
     finally:
+        for app in apps:  # nothing of theirs runs on after the schema is gone
+            app.extensions["reconciler"].stop()
+            app.extensions["storage"].close()
         shared.stop()

@@ -8,6 +8,8 @@ from click.testing import CliRunner
 
 from speech2image.cli import main
 
+from .test_jobs import wait_state
+
 ONE_STEP = {"steps": "1", "width": "64", "height": "64"}
 
 
@@ -82,5 +84,7 @@ def test_edit_routes_need_the_edit_scope(make_app, tmp_path, monkeypatch) -> Non
         headers=_bearer(painter),
     )
     assert refused.status_code == 403 and "edit" in refused.json["error"]["message"]
-    drafts = client.post("/drafts", json={"prompt": "a boat"}, headers=_bearer(painter))
-    assert drafts.status_code != 403, drafts.json  # drafts need only `generate`
+    draft = client.post("/drafts", json={"prompt": "a boat"}, headers=_bearer(painter))
+    assert draft.status_code == 202, draft.json  # drafts need only `generate`
+    ended = wait_state(client, draft.json["id"], {"succeeded"}, headers=_bearer(painter))
+    assert ended["kind"] == "draft"  # nothing of this app runs on after the test

@@ -593,7 +593,7 @@ def test_realtime_session_on_an_api_process_transcribes_on_a_worker(
     """The API process (no model library) cuts utterances; a worker's Whisper transcribes."""
     import simple_websocket
 
-    from .test_realtime import pcm24k, receive
+    from .test_realtime import close, pcm24k, receive
 
     url = cluster.apis[1].url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
     ws = simple_websocket.Client.connect(url, subprotocols=["realtime"])
@@ -606,11 +606,18 @@ def test_realtime_session_on_an_api_process_transcribes_on_a_worker(
         completed = receive(ws, "conversation.item.input_audio_transcription.completed")[-1]
         assert {"fox", "forest"} <= set(re.findall(r"[a-z]+", completed["transcript"].lower()))
     finally:
-        ws.close()
+        close(ws)
 
 
 def test_usage_rows_are_written_by_the_worker_and_read_by_any_api(cluster: Cluster) -> None:
     first, second = _urls(cluster)
+    # Earlier tests' jobs of the same (local) owner must not end while this one counts.
+    deadline = time.monotonic() + 120
+    while any(
+        http("GET", f"{second}/jobs?state={state}")[2]["total"] for state in ("queued", "running")
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     status, _, before = http("GET", f"{second}/usage")
     assert status == 200, before
     status, _, body = http(
@@ -649,6 +656,8 @@ def test_a_webhook_is_sent_by_the_api_when_a_worker_ends_the_job(cluster: Cluste
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
 def test_an_edit_runs_on_a_worker_with_its_source_image_as_input(cluster: Cluster) -> None:
     first, second = _urls(cluster)
     status, _, made = http("POST", f"{first}/generate-image", {"prompt": "a red fox", "seed": 5})

@@ -37,6 +37,15 @@ def connect(server: Server, key: str | None = KEY) -> Any:
     )
 
 
+def close(ws: Any) -> None:
+    """Close a client, and its socket even when the server closed first (simple-websocket
+    leaves it open then)."""
+    with contextlib.suppress(simple_websocket.ConnectionClosed):
+        ws.close()
+    with contextlib.suppress(OSError):
+        ws.sock.close()
+
+
 def handshake_status(server: Server, key: str | None = KEY) -> int:
     """The status a WebSocket handshake gets (a refusal is plain HTTP, before the upgrade)."""
     headers = {
@@ -133,14 +142,16 @@ def test_realtime_transcription_session(realtime_server: Server, speech) -> None
             ws.receive(timeout=10)
         assert closed.value.reason == 1007
     finally:
-        with contextlib.suppress(simple_websocket.ConnectionClosed):
-            ws.close()
+        close(ws)
 
     # No key: refused before the upgrade. A plain GET: 426.
     assert handshake_status(server, key=None) == 401
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     connection.request("GET", "/v1/realtime", headers={"Authorization": f"Bearer {KEY}"})
-    response = connection.getresponse()
-    assert response.status == 426 and json.loads(response.read())["error"]["code"] == (
-        "upgrade_required"
-    )
+    try:
+        response = connection.getresponse()
+        assert response.status == 426 and json.loads(response.read())["error"]["code"] == (
+            "upgrade_required"
+        )
+    finally:
+        connection.close()
