@@ -71,6 +71,25 @@ def test_gpt_image_generation_edits_with_mask_and_variations(gpt_app, live_serve
     assert (out[:, 32:] == sent[:, 32:]).all()  # opaque in the mask: unchanged
     assert (out[:, :32] != sent[:, :32]).any()
 
+    # Streamed (issue 16): preview frames of the edit as it denoises, then the edited image,
+    # whose unmasked half is still the source's.
+    events = list(
+        client.images.edit(
+            image=("in.png", image_png.getvalue(), "image/png"),
+            mask=("mask.png", mask_png.getvalue(), "image/png"),
+            prompt="a yellow sun",
+            size="64x64",
+            quality="high",
+            stream=True,
+            partial_images=2,
+        )
+    )
+    partial = [e for e in events if e.type == "image_edit.partial_image"]
+    (completed,) = [e for e in events if e.type == "image_edit.completed"]
+    assert events[-1] is completed and 1 <= len(partial) <= 2
+    streamed = np.asarray(decoded(completed).convert("RGB"), dtype=np.int16)
+    assert (streamed[:, 32:] == sent[:, 32:]).all()
+
     as_url = client.images.edit(
         image=("in.png", image_png.getvalue(), "image/png"),
         prompt="a yellow sun",

@@ -639,6 +639,18 @@ def _edit_form(app: Any, *, variations: bool = False) -> type[BaseModel]:
         )
         for name, (annotation, info) in gpt_image_body_fields().items():
             fields[name] = (_without_none(annotation), info)
+        fields["stream"] = (
+            bool,
+            Field(
+                None,
+                description="Server-sent events: `image_edit.partial_image` per preview frame, "
+                "then `image_edit.completed` per image (as b64_json).",
+            ),
+        )
+        fields["partial_images"] = (
+            whole(ge=0, le=MAX_PARTIAL_IMAGES),
+            Field(None, description="Preview frames to stream (with `stream`); default 0."),
+        )
 
     def needs_image(form: Any) -> Any:
         if form.image is None and form.images is None:
@@ -681,6 +693,7 @@ def _edit_answer(form: Any, prompt: str, mask: Any | None, strength: float) -> R
     fields: dict[str, Any] = {"prompt": prompt}
     payload = form.model_dump(exclude_none=True, by_alias=False)
     payload.pop("prompt", None)
+    stream, partial_images = payload.pop("stream", False), payload.pop("partial_images", 0)
     native, response_format = _image_fields(
         {k: v for k, v in payload.items() if k not in ("image", "images", "mask")}
     )
@@ -693,6 +706,10 @@ def _edit_answer(form: Any, prompt: str, mask: Any | None, strength: float) -> R
     )
     fields, output = gpt_image_fields(fields, default_steps, settings.max_steps)
     job = submit_edit(fields, source, mask, strength=strength)
+    if stream:
+        request = job.work.item.request
+        size = f"{request.width}x{request.height}"
+        return image_stream(job, partial_images, size, _b64_images, events="image_edit")
     return images_answer(wait_for(job), response_format, output)
 
 

@@ -163,9 +163,12 @@ def image_stream(
     partial_images: int,
     size: str,
     finished: Callable[[dict[str, Any]], list[str]],
+    *,
+    events: str = "image_generation",
 ) -> Response:
     """OpenAI's image events: ``image_generation.partial_image`` for up to ``partial_images``
-    preview frames as the job denoises, then ``image_generation.completed`` per image.
+    preview frames as the job denoises, then ``image_generation.completed`` per image
+    (``events="image_edit"``: the ``image_edit.*`` events of an edit).
 
     ``finished(result)`` turns the job's result into the images' base64 PNGs (it runs in the
     request's context). Reusable by any image kind whose jobs show ``partial["preview"]``.
@@ -182,7 +185,7 @@ def image_stream(
             "output_format": "png",
         }
 
-    def events(snapshot: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def answer(snapshot: dict[str, Any]) -> Iterator[dict[str, Any]]:
         nonlocal shown, last_frame
         state = snapshot["state"]
         if state in ("failed", "cancelled"):
@@ -192,7 +195,7 @@ def image_stream(
         if preview and shown < partial_images and preview.get("frame") != last_frame:
             last_frame = preview.get("frame")
             yield {
-                "type": "image_generation.partial_image",
+                "type": f"{events}.partial_image",
                 "b64_json": preview["b64_png"],
                 "partial_image_index": shown,
                 **common(),
@@ -207,10 +210,10 @@ def image_stream(
             }
             for b64 in finished(snapshot["result"]):
                 yield {
-                    "type": "image_generation.completed",
+                    "type": f"{events}.completed",
                     "b64_json": b64,
                     "usage": usage,
                     **common(),
                 }
 
-    return event_stream(job, events)
+    return event_stream(job, answer)

@@ -8,11 +8,12 @@ from typing import Any
 
 from ..editing import EditWork, unpack_input
 from ..engines.diffusers_sd import GenerationCancelled
+from ..engines.previews import Previewer
 from ..errors import ServiceError
 from ..image_service import ImageService, model_key
 from ..jobs import Job
 from ..jobs.kinds import JobKind, Schedule
-from ._progress import elapsed, progress_all, queued_seconds, store_retrying
+from ._progress import elapsed, previews_for, progress_all, queued_seconds, store_retrying
 from .generate import image_work, image_work_document
 
 __all__ = ["EditKind"]
@@ -29,6 +30,7 @@ class EditKind(JobKind):
 
     def __init__(self, images: ImageService) -> None:
         self.images = images
+        self.previewer = Previewer.from_settings(images.settings)
 
     def schedule(self, work: EditWork) -> Schedule:
         """The chosen model's queue; merged with edits of an equal batch key."""
@@ -74,11 +76,12 @@ class EditKind(JobKind):
                 assert job.input is not None, "an edit job needs its source image"
                 sources.append(unpack_input(job.input.read_bytes(), work))
             progress_all(jobs, "editing", 0, items[0].request.steps)
-            output = images.run_batch(
-                items,
-                on_step=lambda done, total: progress_all(jobs, "editing", done, total),
-                sources=sources,
-            )
+            with previews_for(jobs, items, self.previewer):
+                output = images.run_batch(
+                    items,
+                    on_step=lambda done, total: progress_all(jobs, "editing", done, total),
+                    sources=sources,
+                )
         except GenerationCancelled:
             for job in jobs:
                 job.mark_cancelled()
