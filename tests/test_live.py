@@ -15,6 +15,7 @@ from speech2image.api.identity import LOCAL_OWNER
 from speech2image.app import create_app
 
 from .conftest import _test_settings
+from .test_jobs import wait_state
 from .test_openai import sdk, words
 
 
@@ -157,6 +158,30 @@ def test_drafts_run_last_and_supersede_each_other(make_app) -> None:
     assert client.get("/images").get_json()["total"] == 2
     assert client.post("/drafts", json={"prompt": " "}).status_code == 400
     assert client.post("/drafts", json={"prompt": "x", "steps": 30}).status_code == 400
+
+
+def test_drafts_have_their_own_limit_across_clients(make_app) -> None:
+    app = make_app(api_keys=["a", "b"], job_workers=1, draft_size=64, drafts_max_active=1)
+    client = app.test_client()
+    busy = client.post(
+        "/generate-image",
+        json={"prompt": "a lighthouse", "steps": 8, "async": True},
+        headers={"X-API-Key": "a"},
+    ).get_json()
+    queued = client.post("/drafts", json={"prompt": "a red"}, headers={"X-API-Key": "a"})
+    assert queued.status_code == 202
+    refused = client.post("/drafts", json={"prompt": "a boat"}, headers={"X-API-Key": "b"})
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "drafts_busy"
+    # Other work is not limited by drafts.
+    other = client.post(
+        "/generate-image",
+        json={"prompt": "a boat", "steps": 1, "async": True},
+        headers={"X-API-Key": "b"},
+    )
+    assert other.status_code == 202
+    for key, job in (("a", busy), ("a", queued.get_json()), ("b", other.get_json())):
+        done = wait_state(client, job["id"], {"succeeded", "failed"}, headers={"X-API-Key": key})
+        assert done["state"] == "succeeded", done
 
 
 def test_preview_frames_from_a_tiny_autoencoder_and_packed_flux_latents(tmp_path) -> None:

@@ -20,6 +20,7 @@ from ..errors import ServiceError
 from ..image_service import get_image_service
 from ..jobs import JobState, get_job_runner
 from ..schemas import safe_text, whole
+from ..storage import get_storage
 from .identity import client_owner
 from .jobs import submit
 from .openapi import endpoint
@@ -86,7 +87,8 @@ def create_draft(body: Any) -> ResponseReturnValue:
     for job in earlier:
         if job.kind == "draft":
             runner.cancel(owner, job.id)
-    active = runner.stats().by_kind.get("draft", {})
+    # Counted from the job rows: the same in both modes, across every API process.
+    active = get_storage(current_app).jobs.count_active(kind="draft")
     if sum(active.values()) >= settings.drafts_max_active:
         raise DraftsBusy(
             f"{settings.drafts_max_active} drafts are being drawn already; skip this one",

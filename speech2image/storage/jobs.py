@@ -287,11 +287,13 @@ class JobStore:
         with self._sessions() as session:
             return list(session.scalars(statement))
 
-    def count_active(self, owner: str | None = None) -> dict[str, int]:
-        """Queued and running jobs (of ``owner``, if given), by state."""
+    def count_active(self, owner: str | None = None, kind: str | None = None) -> dict[str, int]:
+        """Queued and running jobs (of ``owner``, of ``kind``, if given), by state."""
         conditions = [JobRecord.state.in_(list(ACTIVE_STATES))]
         if owner is not None:
             conditions.append(JobRecord.owner == owner)
+        if kind is not None:
+            conditions.append(JobRecord.kind == kind)
         with self._sessions() as session:
             rows = session.execute(
                 select(JobRecord.state, func.count()).where(*conditions).group_by(JobRecord.state)
