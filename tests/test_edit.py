@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -172,3 +173,30 @@ def test_a_family_without_an_edit_kind_is_a_clear_400(edit_app, monkeypatch) -> 
     assert (
         response.json["error"]["message"] == "Stable Diffusion 1.x models cannot do inpaint edits"
     )
+
+
+def test_edits_report_progress_and_can_be_cancelled(make_app) -> None:
+    """A running edit stops between denoising steps; a queued one never runs; neither leaves
+    an image, a row or its input behind."""
+    from .test_jobs import LONG
+
+    app = make_app(job_workers=1)
+    client = app.test_client()
+    picture = Image.new("RGB", (64, 64), (30, 120, 200))
+    fields = {"prompt": "a harbour at night", "steps": LONG, "async": "true"}
+    running = post_edit(client, {"image": (png(picture), "a.png")}, strength=1, **fields).json
+    # Another strength: not merged into the running batch, so it waits.
+    queued = post_edit(client, {"image": (png(picture), "a.png")}, strength=0.9, **fields).json
+    wait_state(client, running["id"], {"running"})
+    deadline = time.monotonic() + 60
+    while not (started := client.get(f"/jobs/{running['id']}").json)["progress"].get("step"):
+        assert time.monotonic() < deadline, started
+        time.sleep(0.05)
+    assert started["kind"] == "edit" and started["progress"]["stage"] == "editing", started
+    assert client.delete(f"/jobs/{queued['id']}").json["state"] == "cancelled"
+    assert client.delete(f"/jobs/{running['id']}").status_code in (200, 202)
+    final = wait_state(client, running["id"], {"cancelled", "succeeded"})
+    assert final["state"] == "cancelled" and final["progress"]["step"] < LONG
+    assert client.get("/images").json["total"] == 0
+    uploads = app.config["S2I_SETTINGS"].upload_dir
+    assert not uploads.exists() or list(uploads.iterdir()) == []
