@@ -670,18 +670,19 @@ def test_a_queued_job_whose_input_vanished_with_the_broker_fails_with_a_reason(
     _still_works(cluster)
 
 
-def test_an_ack_after_the_broker_connection_was_torn_down_does_not_stop_a_worker(
+def test_work_left_for_a_torn_down_broker_connection_does_not_stop_a_worker(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis dies while a finished task's ack waits: kombu tears the connection down, and the
-    ack then raised AttributeError, which Celery treats as unrecoverable (the worker exited).
-    The worker's Celery app skips such an ack; the message stays for redelivery."""
+    """Redis dies while a finished task's ack (or the periodic restore of unacked messages)
+    waits in the worker's event loop: Celery tears the connection down, and kombu then raised
+    AttributeError, which Celery treats as unrecoverable (the worker shut down). The worker's
+    Celery app makes it a connection error, which those paths already handle."""
     import logging
 
     from kombu import Connection
-    from kombu.message import Message
+    from kombu.transport import redis as kombu_redis
 
-    from speech2image.jobs.celery.app import guard_acks_on_a_lost_connection
+    from speech2image.jobs.celery.app import guard_a_torn_down_connection
 
     broker = RedisServer(tmp_path)
     broker.start()
@@ -694,16 +695,23 @@ def test_an_ack_after_the_broker_connection_was_torn_down_does_not_stop_a_worker
         with contextlib.suppress(Exception):
             connection.collect(socket_timeout=1)  # what Celery does on a connection error
         connection.close()
-        message.channel._disconnect_pools()  # the channel's half of the teardown
+        channel = message.channel
+        channel._disconnect_pools()  # the channel's half of the teardown
         logger = logging.getLogger("test")
-        unguarded = getattr(Message.ack_log_error, "__wrapped__", Message.ack_log_error)
-        with pytest.raises(AttributeError):  # kombu as it is
-            unguarded(message, logger, connection.connection_errors)
-        guard_acks_on_a_lost_connection()
-        guard_acks_on_a_lost_connection()  # once is enough; twice changes nothing
-        with caplog.at_level(logging.WARNING):
-            message.ack_log_error(logger, connection.connection_errors)
-            message.reject_log_error(logger, connection.connection_errors, requeue=True)
-        assert "its broker connection is gone" in caplog.text
+        guarded = kombu_redis.Channel._connparams
+        unguarded = getattr(guarded, "__wrapped__", guarded)
+        kombu_redis.Channel._connparams = unguarded  # kombu as it is
+        try:
+            with pytest.raises(AttributeError):
+                message.ack_log_error(logger, connection.connection_errors)
+        finally:
+            kombu_redis.Channel._connparams = guarded
+        guard_a_torn_down_connection()
+        guard_a_torn_down_connection()  # once is enough; twice changes nothing
+        with caplog.at_level(logging.CRITICAL):
+            message.ack_log_error(logger, connection.connection_errors)  # logged, not raised
+        assert "Couldn't ack" in caplog.text and "torn down" in caplog.text
+        with pytest.raises(connection.connection_errors):  # kombu's sweep skips its tick
+            channel.qos.restore_visible(num=1, interval=1)
     finally:
         broker.stop()

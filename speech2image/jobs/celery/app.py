@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 from celery import Celery, Task
-from kombu.message import Message
 
 from ...config import Settings
 
-__all__ = ["TASK_NAME", "celery_init_app", "guard_acks_on_a_lost_connection", "send_job"]
+__all__ = ["TASK_NAME", "celery_init_app", "guard_a_torn_down_connection", "send_job"]
 
-log = logging.getLogger(__name__)
 
 TASK_NAME = "speech2image.run_job"
 
@@ -21,7 +18,7 @@ TASK_NAME = "speech2image.run_job"
 def celery_init_app(app: Any) -> Celery:
     """Build the Celery app from the Flask settings; each task runs in the app context."""
     settings: Settings = app.config["S2I_SETTINGS"]
-    guard_acks_on_a_lost_connection()
+    guard_a_torn_down_connection()
 
     class FlaskTask(Task):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,42 +98,31 @@ def send_job(
     )
 
 
-def _connection_gone(message: Message) -> bool:
-    transport = getattr(message.channel, "connection", None)
-    return transport is None or getattr(transport, "client", None) is None
+def guard_a_torn_down_connection() -> None:
+    """Make kombu's Redis channel report a torn-down connection as a connection error.
 
-
-def guard_acks_on_a_lost_connection() -> None:
-    """Let an ack or reject that finds its broker connection torn down be skipped, not fatal.
-
-    When Redis goes away while a finished task's ack waits in the worker's event loop, kombu
-    (5.7) tears the connection down first and the ack then raises ``AttributeError`` (its
-    transport has no client any more). Celery takes that for an unrecoverable error and the
-    worker exits. A message left unacked is safe here: the broker gives it back after the
-    visibility timeout, or the reconciler resends the job, and a delivery of a finished job
-    is dropped by its row. So such an ack is logged and skipped. Idempotent.
+    When Redis goes away, Celery tears the broker connection down (its transport loses its
+    client) while the worker's event loop still holds work for the old channel: a finished
+    task's ack, the periodic sweep that restores unacked messages. kombu (5.7) then builds a
+    Redis client from the missing connection and raises ``AttributeError``, which Celery takes
+    for an unrecoverable error: the worker shuts down. Raised as a Redis ``ConnectionError``,
+    it is what those paths already handle (an ack is logged and skipped: the broker or the
+    reconciler gives the message back and its job's row decides; a sweep is retried next
+    tick). Idempotent.
     """
-    if getattr(Message.ack_log_error, "_s2i_guarded", False):
+    import redis
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel
+    if getattr(channel._connparams, "_s2i_guarded", False):
         return
+    original = channel._connparams
 
-    def guarded(method: Any) -> Any:
-        @functools.wraps(method)
-        def call(self: Message, logger: Any, errors: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(self, logger, errors, *args, **kwargs)
-            except AttributeError:
-                if not _connection_gone(self):
-                    raise
-                log.warning(
-                    "could not %s task message %s: its broker connection is gone; the broker "
-                    "or the reconciler gives it back and its job's row decides what happens",
-                    method.__name__.split("_")[0],
-                    self.delivery_tag,
-                )
-                return None
+    @functools.wraps(original)
+    def connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.connection is None or getattr(self.connection, "client", None) is None:
+            raise redis.exceptions.ConnectionError("the broker connection was torn down")
+        return original(self, *args, **kwargs)
 
-        call._s2i_guarded = True  # type: ignore[attr-defined]
-        return call
-
-    Message.ack_log_error = guarded(Message.ack_log_error)  # type: ignore[method-assign]
-    Message.reject_log_error = guarded(Message.reject_log_error)  # type: ignore[method-assign]
+    connparams._s2i_guarded = True  # type: ignore[attr-defined]
+    channel._connparams = connparams
