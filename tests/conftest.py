@@ -95,16 +95,30 @@ def _test_settings(
 
 
 @pytest.fixture
-def make_app(tmp_path: Path, model_cache: Path, tiny_models: dict[str, Path]) -> AppFactory:
-    """Build a fresh app with test settings plus ``overrides``."""
+def make_app(
+    tmp_path: Path, model_cache: Path, tiny_models: dict[str, Path]
+) -> Iterator[AppFactory]:
+    """Build a fresh app with test settings plus ``overrides``.
+
+    At the end of the test, the reconcilers of distributed apps stop (they would go on polling
+    a schema the test has dropped, in threads that outlive it) and every app's connection pool
+    is closed (its open connections would otherwise be collected in a later test)."""
+    apps: list[Flask] = []
 
     def build(
         *, role: str | None = None, kinds: list[Any] | None = None, **overrides: Any
     ) -> Flask:
         settings = _test_settings(tmp_path, model_cache, tiny_models, **overrides)
-        return create_app(settings, role, kinds=kinds)
+        app = create_app(settings, role, kinds=kinds)
+        apps.append(app)
+        return app
 
-    return build
+    yield build
+    for app in apps:
+        reconciler = app.extensions.get("reconciler")
+        if reconciler is not None:
+            reconciler.stop()
+        app.extensions["storage"].close()
 
 
 @pytest.fixture(scope="session")
