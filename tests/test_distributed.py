@@ -591,12 +591,11 @@ def test_realtime_session_on_an_api_process_transcribes_on_a_worker(
     cluster: Cluster, speech: dict[str, Path]
 ) -> None:
     """The API process (no model library) cuts utterances; a worker's Whisper transcribes."""
-    import simple_websocket
 
-    from .test_realtime import close, pcm24k, receive
+    from .test_realtime import Client, close, pcm24k, receive
 
     url = cluster.apis[1].url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
-    ws = simple_websocket.Client.connect(url, subprotocols=["realtime"])
+    ws = Client.connect(url, subprotocols=["realtime"])
     try:
         assert json.loads(ws.receive(timeout=30))["type"] == "transcription_session.created"
         audio = pcm24k(speech["english"])

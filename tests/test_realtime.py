@@ -30,9 +30,21 @@ def pcm24k(path: Path, silence_seconds: float = 1.0) -> bytes:
     return (np.clip(upsampled, -1, 1) * 32767).astype("<i2").tobytes()
 
 
+class Client(simple_websocket.Client):
+    """simple-websocket's client, keeping frames that arrive with the handshake's answer.
+
+    Its handshake stops at the answer and leaves a frame read in the same ``recv`` (our
+    ``transcription_session.created``, sent at once) in wsproto's buffer, where its reader
+    thread sees it only when more data comes: the first event could wait forever."""
+
+    def _thread(self) -> None:
+        self.connected = self._handle_events()
+        super()._thread()
+
+
 def connect(server: Server, key: str | None = KEY) -> Any:
     protocols = ["realtime"] + ([f"openai-insecure-api-key.{key}"] if key else [])
-    return simple_websocket.Client.connect(
+    return Client.connect(
         f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription", subprotocols=protocols
     )
 
